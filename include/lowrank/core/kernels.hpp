@@ -1,0 +1,278 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+/// \file
+/// The two SIMD GEMM micro-kernel families every low-rank operation reduces to, each with the plain
+/// scalar reference it is tested against.
+///
+/// - `gemm_bcast`: `C (+)= alpha · A · B` with B row-major. Vectorised along the columns of B and C;
+///   each element of A is broadcast. A has arbitrary row and column strides, so the same kernel
+///   computes `A·B` (A row-major) and `Aᵀ·B` (A read transposed) without copying A.
+/// - `gemm_dot`: `C (+)= alpha · A · Bᵀ` with both A and B contiguous along the shared dimension
+///   k. Vectorised along k with one accumulator per output; used when k is long (the shrink
+///   `X Vᵀ` reduces over the input features).
+///
+/// Both are templates on `Arch` (an xsimd architecture tag, default: what the compiler flags
+/// enable). Neither allocates; both are `noexcept`, and rely on their callers' argument checks.
+///
+/// Aliasing: C must not overlap A or B.
+
+#include <xsimd/xsimd.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "view.hpp"
+
+namespace lowrank::core {
+
+/// Blocking parameters, in one place.
+/// - `mr`: rows of C per micro-tile of gemm_bcast. 6 rows × 2 vectors = 12 accumulators leaves 4 of
+///   AVX2's 16 vector registers for the two B loads and the broadcast (the BLIS Haswell shape).
+/// - `kc`: depth of one pass over k. A kc × (2 vectors) panel of B is 8 KiB in float at kc = 256 on
+///   AVX2, so it stays in a 32 KiB L1 while the micro-tiles of one column block run over it.
+/// - `mc`: rows of C per block (16 micro-tiles): C is swept in mc-row bands so that the rows of A
+///   a band broadcasts stay in L1/L2 and C is touched in short, prefetchable column strips.
+/// - `nc`: columns of C per block, chosen so a kc × nc block of B (512 KiB in float) stays in L2.
+/// - `dot_mr` × `dot_nr`: outputs per micro-tile of gemm_dot (12 accumulators, 7 loads per 12 FMAs).
+/// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
+///   256 KiB in float, an L2-sized share).
+struct blocking {
+    static constexpr Index mr = 6;
+    static constexpr Index mc = 96;
+    static constexpr Index kc = 256;
+    static constexpr Index nc_bytes = 512 * 1024;
+    static constexpr Index dot_mr = 3;
+    static constexpr Index dot_nr = 4;
+    static constexpr Index dot_kc = 1024;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Scalar references. Plain loops, double-checked by tests against naive double-precision products.
+// ------------------------------------------------------------------------------------------------
+
+/// Reference for gemm_bcast: C[i,j] = (accumulate ? C[i,j] : 0) + alpha Σ_p A(i,p) B[p,j],
+/// with A(i,p) = a[i*rsa + p*csa].
+template <class T>
+void gemm_bcast_ref(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index csa,
+                    const T* b, Index ldb, T* c, Index ldc, bool accumulate) noexcept {
+    for (Index i = 0; i < m; ++i)
+        for (Index j = 0; j < n; ++j) {
+            T acc(0);
+            for (Index p = 0; p < k; ++p) acc += a[i * rsa + p * csa] * b[p * ldb + j];
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : T(0)) + alpha * acc;
+        }
+}
+
+/// Reference for gemm_dot: C[i,j] = (accumulate ? C[i,j] : 0) + alpha Σ_p A[i,p] B[j,p].
+template <class T>
+void gemm_dot_ref(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb,
+                  T* c, Index ldc, bool accumulate) noexcept {
+    for (Index i = 0; i < m; ++i)
+        for (Index j = 0; j < n; ++j) {
+            T acc(0);
+            for (Index p = 0; p < k; ++p) acc += a[i * lda + p] * b[j * ldb + p];
+            c[i * ldc + j] = (accumulate ? c[i * ldc + j] : T(0)) + alpha * acc;
+        }
+}
+
+namespace detail {
+
+/// One micro-tile of gemm_bcast: rows [0, MR) of C, NV vectors of columns, over kc steps of k.
+/// Stores only the first `ncols` columns (a partial last vector goes through a small buffer).
+template <int MR, int NV, class T, class Arch>
+inline void bcast_tile(Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b, Index ldb,
+                       T* c, Index ldc, bool accumulate, Index ncols) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = batch(T(0));
+    for (Index p = 0; p < kc; ++p) {
+        batch bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = batch::load_unaligned(b + p * ldb + v * W);
+        for (int i = 0; i < MR; ++i) {
+            const batch ai(a[i * rsa + p * csa]);
+            for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(ai, bv[v], acc[i][v]);
+        }
+    }
+    const batch scale(alpha);
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) {
+            T* dst = c + i * ldc + v * W;
+            const Index valid = std::min<Index>(W, ncols - v * W);
+            if (valid <= 0) break;
+            if (valid == W) {
+                batch r = acc[i][v] * scale;
+                if (accumulate) r += batch::load_unaligned(dst);
+                r.store_unaligned(dst);
+            } else {
+                alignas(64) std::array<T, W> tmp;
+                (acc[i][v] * scale).store_aligned(tmp.data());
+                for (Index j = 0; j < valid; ++j) dst[j] = (accumulate ? dst[j] : T(0)) + tmp[j];
+            }
+        }
+}
+
+/// Dispatches the row remainder (m < MR) of a column block to the matching micro-tile.
+template <int NV, class T, class Arch>
+inline void bcast_rows(Index m, Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b,
+                       Index ldb, T* c, Index ldc, bool accumulate, Index ncols) noexcept {
+    constexpr int MR = int(blocking::mr);
+    Index i = 0;
+    for (; i + MR <= m; i += MR)
+        bcast_tile<MR, NV, T, Arch>(kc, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc,
+                                    accumulate, ncols);
+    const Index rest = m - i;
+    const T* ai = a + i * rsa;
+    T* ci = c + i * ldc;
+    switch (rest) {
+        case 0: break;
+        case 1: bcast_tile<1, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
+        case 2: bcast_tile<2, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
+        case 3: bcast_tile<3, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
+        case 4: bcast_tile<4, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
+        default: bcast_tile<5, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
+    }
+    static_assert(blocking::mr == 6, "bcast_rows: the remainder switch covers 1..5 rows");
+}
+
+}  // namespace detail
+
+/// `C (+)= alpha · A · B`. C is m × n (row-major, ldc), B is k × n (row-major, ldb), and
+/// A(i, p) = a[i*rsa + p*csa] (rsa = lda, csa = 1 for a row-major A; rsa = 1, csa = lda to read
+/// a row-major k × m matrix as Aᵀ). With `accumulate == false` C is overwritten (and may hold
+/// garbage on entry). k = 0 sets C to zero (or leaves it when accumulating).
+/// Cost: 2·m·n·k flops; B is read ⌈m / 6⌉ times per column block, from cache when it fits.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index csa, const T* b,
+                Index ldb, T* c, Index ldc, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        if (!accumulate)
+            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
+        return;
+    }
+    const Index nc = std::max<Index>(2 * W, (blocking::nc_bytes / Index(sizeof(T)) / blocking::kc) /
+                                                (2 * W) * (2 * W));
+    // The last < W columns read B through a zero-padded copy, so full-width loads stay in bounds.
+    alignas(64) std::array<T, blocking::kc * W> tail_panel;
+    const Index n_full = n / W * W;
+    for (Index pc = 0; pc < k; pc += blocking::kc) {
+        const Index kc = std::min(blocking::kc, k - pc);
+        const bool acc = accumulate || pc > 0;
+        const T* a_p = a + pc * csa;
+        const T* b_p = b + pc * ldb;
+        for (Index jc = 0; jc < n_full; jc += nc) {
+            const Index jend = std::min(n_full, jc + nc);
+            for (Index ic = 0; ic < m; ic += blocking::mc) {
+                const Index mb = std::min(blocking::mc, m - ic);
+                const T* a_i = a_p + ic * rsa;
+                T* c_i = c + ic * ldc;
+                Index j = jc;
+                for (; j + 2 * W <= jend; j += 2 * W)
+                    detail::bcast_rows<2, T, Arch>(mb, kc, alpha, a_i, rsa, csa, b_p + j, ldb,
+                                                   c_i + j, ldc, acc, 2 * W);
+                if (j < jend)
+                    detail::bcast_rows<1, T, Arch>(mb, kc, alpha, a_i, rsa, csa, b_p + j, ldb,
+                                                   c_i + j, ldc, acc, W);
+            }
+        }
+        if (n_full < n) {
+            const Index rem = n - n_full;
+            for (Index p = 0; p < kc; ++p) {
+                T* dst = tail_panel.data() + p * W;
+                std::copy_n(b_p + p * ldb + n_full, rem, dst);
+                std::fill(dst + rem, dst + W, T(0));
+            }
+            detail::bcast_rows<1, T, Arch>(m, kc, alpha, a_p, rsa, csa, tail_panel.data(), W,
+                                           c + n_full, ldc, acc, rem);
+        }
+    }
+}
+
+namespace detail {
+
+/// One micro-tile of gemm_dot: MR rows of A against NR rows of B, over kc (a multiple of W).
+template <int MR, int NR, class T, class Arch>
+inline void dot_tile(Index kc, const T* a, Index lda, const T* b, Index ldb, T out[MR][NR]) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = batch(T(0));
+    for (Index p = 0; p < kc; p += W) {
+        batch av[MR];
+        for (int i = 0; i < MR; ++i) av[i] = batch::load_unaligned(a + i * lda + p);
+        for (int j = 0; j < NR; ++j) {
+            const batch bv = batch::load_unaligned(b + j * ldb + p);
+            for (int i = 0; i < MR; ++i) acc[i][j] = xsimd::fma(av[i], bv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) out[i][j] = xsimd::hadd(acc[i][j]);
+}
+
+template <int MR, int NR, class T, class Arch>
+inline void dot_block(Index kc, Index kv, T alpha, const T* a, Index lda, const T* b, Index ldb,
+                      T* c, Index ldc, bool accumulate) noexcept {
+    T out[MR][NR];
+    dot_tile<MR, NR, T, Arch>(kv, a, lda, b, ldb, out);
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            T s = out[i][j];
+            for (Index p = kv; p < kc; ++p) s += a[i * lda + p] * b[j * ldb + p];  // k tail
+            T& dst = c[i * ldc + j];
+            dst = (accumulate ? dst : T(0)) + alpha * s;
+        }
+}
+
+template <int MR, class T, class Arch>
+inline void dot_row_block(Index n, Index kc, Index kv, T alpha, const T* a, Index lda, const T* b,
+                          Index ldb, T* c, Index ldc, bool accumulate) noexcept {
+    constexpr int NR = int(blocking::dot_nr);
+    Index j = 0;
+    for (; j + NR <= n; j += NR)
+        dot_block<MR, NR, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+    for (; j < n; ++j)
+        dot_block<MR, 1, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+}
+
+}  // namespace detail
+
+/// `C (+)= alpha · A · Bᵀ`: C is m × n, A is m × k and B is n × k, both row-major (contiguous
+/// along k). With `accumulate == false` C is overwritten. Cost: 2·m·n·k flops.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb,
+              T* c, Index ldc, bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr int MR = int(blocking::dot_mr);
+    static_assert(blocking::dot_mr == 3, "gemm_dot: the row remainder below covers 1..2 rows");
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        if (!accumulate)
+            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
+        return;
+    }
+    for (Index pc = 0; pc < k; pc += blocking::dot_kc) {
+        const Index kc = std::min(blocking::dot_kc, k - pc);
+        const Index kv = kc / W * W;  // vectorised part of this pass; the rest is a scalar tail
+        const bool acc = accumulate || pc > 0;
+        const T* a_p = a + pc;
+        const T* b_p = b + pc;
+        Index i = 0;
+        for (; i + MR <= m; i += MR)
+            detail::dot_row_block<MR, T, Arch>(n, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                               c + i * ldc, ldc, acc);
+        if (m - i == 2)
+            detail::dot_row_block<2, T, Arch>(n, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                              c + i * ldc, ldc, acc);
+        else if (m - i == 1)
+            detail::dot_row_block<1, T, Arch>(n, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                              c + i * ldc, ldc, acc);
+    }
+}
+
+}  // namespace lowrank::core

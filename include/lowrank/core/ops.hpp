@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+/// \file
+/// The low-rank operations every method is built from, on views:
+///
+///     shrink       T  = X Vᵀ            (n × w)   X: n × in,  V: w × in
+///     expand       Y += α T Uᵀ          (n × out) U: out × w
+///     project_back G  = dY U            (n × w)   dY: n × out
+///     grad_expand  dU (+)= α dYᵀ T      (out × w)
+///     grad_shrink  dV (+)= α Gᵀ X       (w × in)
+///     input_grad   dX (+)= α G V        (n × in)
+///     rank_update  W += α U V           (out × in)  (merge / unmerge)
+///
+/// Shapes are checked by LOWRANK_ASSERT only: these are the inner layer, called after the public
+/// entry points have validated their arguments. None allocates. Aliasing: the destination of each
+/// operation must not overlap any of its sources.
+
+#include <algorithm>
+#include <array>
+
+#include "kernels.hpp"
+
+namespace lowrank::core {
+
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). Eigen's GEMM for now; the fused
+/// small-batch kernel that streams W once is future work of the performance issue.
+template <class T>
+void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y) {
+    LOWRANK_ASSERT(x.cols == w.cols && y.rows == x.rows && y.cols == w.rows);
+    if (y.empty()) return;
+    eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
+}
+
+/// dX (+)= dY W (the base part of the input gradient).
+template <class T>
+void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T> dx,
+                     bool accumulate) {
+    LOWRANK_ASSERT(dy.cols == w.rows && dx.rows == dy.rows && dx.cols == w.cols);
+    if (dx.empty()) return;
+    if (accumulate)
+        eigen_map(dx).noalias() += eigen_map(dy) * eigen_map(w);
+    else
+        eigen_map(dx).noalias() = eigen_map(dy) * eigen_map(w);
+}
+
+/// T = X Vᵀ. Reads X and V once per pass over the input features (gemm_dot).
+template <class T, class Arch = xsimd::default_arch>
+void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
+    LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
+    gemm_dot<T, Arch>(x.rows, v.rows, x.cols, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false);
+}
+
+/// Y (+)= α T Uᵀ. U is stored out × w (PyTorch's `B`), so each block of its rows is transposed
+/// into a 32 KiB stack buffer and the broadcast kernel runs over all rows of T for that block:
+/// U is read once per call whatever n is.
+template <class T, class Arch = xsimd::default_arch>
+void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alpha = T(1),
+            bool accumulate = true) noexcept {
+    LOWRANK_ASSERT(t.cols == u.cols && y.rows == t.rows && y.cols == u.rows);
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
+    constexpr Index max_w = pack_elems / W;  // width of one pass: at least one vector of outputs
+    const Index w = t.cols, out = u.rows;
+    if (y.empty()) return;
+    if (w == 0) {
+        if (!accumulate)
+            for (Index i = 0; i < y.rows; ++i) std::fill_n(y.row(i), y.cols, T(0));
+        return;
+    }
+    alignas(64) std::array<T, pack_elems> packed;  // Uᵀ block: wc × ob, row-major
+    for (Index p0 = 0; p0 < w; p0 += max_w) {
+        const Index wc = std::min(max_w, w - p0);
+        const Index ob = std::max(W, pack_elems / wc / W * W);
+        for (Index o0 = 0; o0 < out; o0 += ob) {
+            const Index obb = std::min(ob, out - o0);
+            for (Index o = 0; o < obb; ++o) {
+                const T* src = u.row(o0 + o) + p0;
+                for (Index j = 0; j < wc; ++j) packed[j * ob + o] = src[j];
+            }
+            gemm_bcast<T, Arch>(t.rows, obb, wc, alpha, t.data + p0, t.ld, 1, packed.data(), ob,
+                                y.data + o0, y.ld, accumulate || p0 > 0);
+        }
+    }
+}
+
+/// G = dY U (the gradient reaching the transformed shrink output).
+template <class T, class Arch = xsimd::default_arch>
+void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g) noexcept {
+    LOWRANK_ASSERT(dy.cols == u.rows && g.rows == dy.rows && g.cols == u.cols);
+    gemm_bcast<T, Arch>(dy.rows, u.cols, dy.cols, T(1), dy.data, dy.ld, 1, u.data, u.ld, g.data,
+                        g.ld, false);
+}
+
+/// dU (+)= α dYᵀ T.
+template <class T, class Arch = xsimd::default_arch>
+void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du, T alpha,
+                 bool accumulate) noexcept {
+    LOWRANK_ASSERT(dy.rows == t.rows && du.rows == dy.cols && du.cols == t.cols);
+    gemm_bcast<T, Arch>(dy.cols, t.cols, dy.rows, alpha, dy.data, 1, dy.ld, t.data, t.ld, du.data,
+                        du.ld, accumulate);
+}
+
+/// dV (+)= α Gᵀ X.
+template <class T, class Arch = xsimd::default_arch>
+void grad_shrink(MatrixView<const T> g, MatrixView<const T> x, MatrixView<T> dv, T alpha,
+                 bool accumulate) noexcept {
+    LOWRANK_ASSERT(g.rows == x.rows && dv.rows == g.cols && dv.cols == x.cols);
+    gemm_bcast<T, Arch>(g.cols, x.cols, g.rows, alpha, g.data, 1, g.ld, x.data, x.ld, dv.data,
+                        dv.ld, accumulate);
+}
+
+/// dX (+)= α G V.
+template <class T, class Arch = xsimd::default_arch>
+void input_grad(MatrixView<const T> g, MatrixView<const T> v, MatrixView<T> dx, T alpha,
+                bool accumulate) noexcept {
+    LOWRANK_ASSERT(g.cols == v.rows && dx.rows == g.rows && dx.cols == v.cols);
+    gemm_bcast<T, Arch>(g.rows, v.cols, g.cols, alpha, g.data, g.ld, 1, v.data, v.ld, dx.data,
+                        dx.ld, accumulate);
+}
+
+/// W += α U V (merge with α = s, unmerge with α = −s). ΔW is formed tile by tile in registers and
+/// added to W in one read-modify-write pass; nothing of size out × in is allocated.
+/// The tile arithmetic does not depend on the sign of α, so an unmerge subtracts exactly the
+/// rounded ΔW the merge added.
+template <class T, class Arch = xsimd::default_arch>
+void rank_update(MatrixView<T> w, MatrixView<const T> u, MatrixView<const T> v, T alpha) noexcept {
+    LOWRANK_ASSERT(u.cols == v.rows && w.rows == u.rows && w.cols == v.cols);
+    gemm_bcast<T, Arch>(w.rows, w.cols, u.cols, alpha, u.data, u.ld, 1, v.data, v.ld, w.data, w.ld,
+                        true);
+}
+
+}  // namespace lowrank::core

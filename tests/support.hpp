@@ -1,0 +1,91 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+// Test helpers: seeded random matrices, naive double-precision products, and error bounds derived
+// from the floating-point arithmetic (never tuned by trial).
+
+#include <lowrank/core/random.hpp>
+#include <lowrank/core/view.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace lowrank::test {
+
+/// Uniform(-1, 1) entries from a seeded, platform-independent stream.
+template <class T>
+Matrix<T> random_matrix(Index rows, Index cols, std::uint64_t seed) {
+    Random rng(seed);
+    Matrix<T> m(rows, cols);
+    for (Index i = 0; i < rows; ++i)
+        for (Index j = 0; j < cols; ++j) m(i, j) = T(rng.uniform(-1.0, 1.0));
+    return m;
+}
+
+template <class T>
+constexpr double eps() {
+    return std::numeric_limits<T>::epsilon() / 2;  // unit roundoff u
+}
+
+/// Naive triple loop in double: C = A · B.
+inline Matrix<double> naive_product(const Matrix<double>& a, const Matrix<double>& b) {
+    Matrix<double> c = Matrix<double>::Zero(a.rows(), b.cols());
+    for (Index i = 0; i < a.rows(); ++i)
+        for (Index j = 0; j < b.cols(); ++j) {
+            double s = 0;
+            for (Index p = 0; p < a.cols(); ++p) s += a(i, p) * b(p, j);
+            c(i, j) = s;
+        }
+    return c;
+}
+
+template <class D>
+Matrix<double> to_double(const Eigen::MatrixBase<D>& m) {
+    return m.template cast<double>();
+}
+
+/// max |m_ij|, 0 for an empty matrix (Eigen's maxCoeff asserts on empty input).
+template <class D>
+double max_abs(const Eigen::MatrixBase<D>& m) {
+    return m.size() == 0 ? 0.0 : double(m.cwiseAbs().maxCoeff());
+}
+
+/// Checks |got − want| ≤ bound entrywise, reporting the worst entry. `bound` is a matrix of
+/// per-entry bounds (from the error analysis of the computation).
+template <class DG>
+void require_within(const Eigen::MatrixBase<DG>& got_in, const Matrix<double>& want,
+                    const Matrix<double>& bound, const std::string& what) {
+    const Matrix<double> got = got_in.template cast<double>();
+    REQUIRE(got.rows() == want.rows());
+    REQUIRE(got.cols() == want.cols());
+    double worst = 0;
+    Index wi = -1, wj = -1;
+    for (Index i = 0; i < got.rows(); ++i)
+        for (Index j = 0; j < got.cols(); ++j) {
+            const double err = std::abs(got(i, j) - want(i, j));
+            const double r = err / bound(i, j);
+            if (!(r <= worst) || std::isnan(err)) {
+                worst = std::isnan(err) ? std::numeric_limits<double>::infinity() : r;
+                wi = i;
+                wj = j;
+            }
+        }
+    INFO(what << ": worst entry (" << wi << ", " << wj << ") error/bound = " << worst);
+    REQUIRE(worst <= 1.0);
+}
+
+/// The standard bound for computed products: |fl(A·B) − A·B| ≤ γ · |A|·|B| entrywise, with
+/// γ = c · (k + 2) · u for a length-k reduction plus the scaling and accumulation (c = 2 covers
+/// FMA and non-FMA summation orders). `extra` adds terms such as the magnitude of a prior C.
+inline Matrix<double> product_bound(const Matrix<double>& abs_a, const Matrix<double>& abs_b,
+                                    double u, double scale = 1.0) {
+    constexpr double c = 2.0;
+    const double k = double(abs_a.cols());
+    Matrix<double> b = naive_product(abs_a, abs_b) * (c * (k + 2) * u * std::abs(scale));
+    b.array() += std::numeric_limits<double>::min();  // exact zeros compare with zero bound
+    return b;
+}
+
+}  // namespace lowrank::test

@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: Apache-2.0
+// Expression types: results equal the free functions, sums of weighted adapters, dense merges,
+// workspaces, user-defined terms, and the lifetime rules (checked at compile time).
+
+#include <lowrank/expr/expr.hpp>
+#include <lowrank/lora.hpp>
+
+#include "support.hpp"
+
+using namespace lowrank;
+using lowrank::test::eps;
+using lowrank::test::max_abs;
+using lowrank::test::naive_product;
+using lowrank::test::random_matrix;
+using lowrank::test::to_double;
+
+namespace {
+
+template <class T>
+Lora<T> random_lora(Index out, Index in, Index r, double alpha, std::uint64_t seed) {
+    Lora<T> lora(out, in, {.rank = r, .alpha = alpha, .seed = seed});
+    lora.B() = random_matrix<T>(out, r, seed + 100);
+    return lora;
+}
+
+template <class T>
+Lora<T> make_lora() {
+    return Lora<T>(4, 4, {.rank = 1});
+}
+
+/// A user-defined term outside the library: φ(T) = −T, i.e. ΔW = −U V. The evaluator needs no
+/// change to run it.
+template <class T>
+struct NegatedProduct {
+    using scalar = T;
+    static constexpr bool stored_by_value = false;
+    Matrix<T> U, V;
+    Index in_features() const { return V.cols(); }
+    Index out_features() const { return U.rows(); }
+    Index width() const { return V.rows(); }
+    MatrixView<const T> shrink_factor() const { return view(V); }
+    MatrixView<const T> expand_factor() const { return view(U); }
+    void transform(MatrixView<T> t, Index) const {
+        for (Index i = 0; i < t.rows; ++i)
+            for (Index j = 0; j < t.cols; ++j) t(i, j) = -t(i, j);
+    }
+    void validate(const char* fn, Index, Index in, Index out) const {
+        if (in != in_features() || out != out_features()) detail::fail(fn, ": bad NegatedProduct");
+    }
+    void merge_into(MatrixView<T> w, T alpha) const { core::rank_update<T>(w, view(U), view(V), -alpha); }
+};
+
+template <class L, class R>
+concept Addable = requires(L&& l, R&& r) { std::forward<L>(l) + std::forward<R>(r); };
+template <class S, class R>
+concept Scalable = requires(S s, R&& r) { s * std::forward<R>(r); };
+
+}  // namespace
+
+// Lifetime rules, at compile time: expressions never hold a temporary owning object.
+static_assert(Addable<const Matrix<float>&, const Lora<float>&>, "W + lora builds an expression");
+static_assert(!Addable<const Matrix<float>&, Lora<float>&&>, "W + make_lora() must not compile");
+static_assert(!Addable<Matrix<float>&&, const Lora<float>&>, "make_W() + lora must not compile");
+static_assert(!Scalable<double, Lora<float>&&>, "2 * make_lora() must not compile");
+static_assert(Scalable<double, const Lora<float>&>, "2 * lora builds a weighted term");
+static_assert(!Addable<const Matrix<double>&, const Lora<float>&>,
+              "mixing float and double does not compile");
+static_assert(Addable<Eigen::Map<const Matrix<float>>, const Lora<float>&>,
+              "a Map of live memory may be a temporary");
+static_assert(LowRankTerm<Lora<float>> && MergeableTerm<Lora<double>>, "Lora is a core term");
+
+TEMPLATE_TEST_CASE("linear(X, W + lora) equals forward, and sums of weighted adapters their sum",
+                   "[expr]", float, double) {
+    using T = TestType;
+    const Index n = GENERATE(0, 1, 17), out = 23, in = 19;
+    const Lora<T> l1 = random_lora<T>(out, in, 4, 8, 1), l2 = random_lora<T>(out, in, 2, 3, 2),
+                  l3 = random_lora<T>(out, in, 7, 1, 3);
+    const Matrix<T> X = random_matrix<T>(n, in, 4), W = random_matrix<T>(out, in, 5);
+
+    Matrix<T> Yf;
+    forward(X, W, l1, Yf);
+    const Matrix<T> Ye = linear(X, W + l1);
+    REQUIRE(Ye == Yf);  // the same kernels in the same order: bit-identical
+
+    const Matrix<T> Ysum = linear(X, W + l1 + 0.5 * l2 + l3 * -2);
+    auto delta = [&](const Lora<T>& l) {
+        return Matrix<double>(double(l.scale()) *
+                              naive_product(naive_product(to_double(X), to_double(l.A()).transpose()),
+                                            to_double(l.B()).transpose()));
+    };
+    const Matrix<double> want = naive_product(to_double(X), to_double(W).transpose()) + delta(l1) +
+                                0.5 * delta(l2) - 2 * delta(l3);
+    const double scale_of_terms = 1 + max_abs(want);
+    REQUIRE(max_abs(to_double(Ysum) - want) <= 16 * eps<T>() * in * scale_of_terms);
+
+    // Into a Map over a host buffer.
+    std::vector<T> host(std::size_t(n * out));
+    Eigen::Map<Matrix<T>> Ym(host.data(), n, out);
+    Ym = linear(X, W + l1 + 0.5 * l2 + l3 * -2);
+    REQUIRE(Matrix<T>(Ym) == Ysum);
+}
+
+TEMPLATE_TEST_CASE("dense(W + terms) is the merged weight", "[expr]", float, double) {
+    using T = TestType;
+    const Index out = 21, in = 18;
+    const Lora<T> l1 = random_lora<T>(out, in, 3, 6, 7), l2 = random_lora<T>(out, in, 5, 2, 8);
+    const Matrix<T> W = random_matrix<T>(out, in, 9);
+    const Matrix<T> Wd = dense(W + l1 + 0.25 * l2);
+    Matrix<T> Wm = W;
+    merge(Wm, l1);
+    merge(Wm, l2, T(0.25));
+    REQUIRE(Wd == Wm);
+
+    // In place: dense(W + lora) assigned to W itself is a merge.
+    Matrix<T> Wi = W;
+    Wi = dense(Wi + l1);
+    Matrix<T> Wj = W;
+    merge(Wj, l1);
+    REQUIRE(Wi == Wj);
+
+    // Linear in the weight: dense(W + 2·l) − W = 2 (dense(W + l) − W) up to rounding.
+    const Matrix<T> W2 = dense(W + 2 * l1), W1 = dense(W + l1);
+    const Matrix<double> d2 = to_double(W2) - to_double(W), d1 = to_double(W1) - to_double(W);
+    REQUIRE((d2 - 2 * d1).cwiseAbs().maxCoeff() <= 8 * eps<T>() * (1 + to_double(W).cwiseAbs().maxCoeff() + d2.cwiseAbs().maxCoeff()));
+}
+
+TEMPLATE_TEST_CASE("a user-defined term plugs into expressions", "[expr]", float, double) {
+    using T = TestType;
+    const Index n = 9, out = 12, in = 10;
+    NegatedProduct<T> neg{random_matrix<T>(out, 3, 1), random_matrix<T>(3, in, 2)};
+    const Lora<T> lora = random_lora<T>(out, in, 2, 2, 3);
+    const Matrix<T> X = random_matrix<T>(n, in, 4), W = random_matrix<T>(out, in, 5);
+    const Matrix<T> Y = linear(X, W + neg + lora);
+    const Matrix<double> want =
+        naive_product(to_double(X), to_double(W).transpose()) -
+        naive_product(naive_product(to_double(X), to_double(neg.V).transpose()), to_double(neg.U).transpose()) +
+        double(lora.scale()) *
+            naive_product(naive_product(to_double(X), to_double(lora.A()).transpose()), to_double(lora.B()).transpose());
+    REQUIRE((to_double(Y) - want).cwiseAbs().maxCoeff() <= 16 * eps<T>() * in * (1 + want.cwiseAbs().maxCoeff()));
+    const Matrix<T> Wd = dense(W + neg);
+    REQUIRE((to_double(Wd) - (to_double(W) - to_double(neg.U) * to_double(neg.V))).cwiseAbs().maxCoeff() <=
+            16 * eps<T>());
+}
+
+TEST_CASE("a supplied workspace stops allocating after the first call", "[expr]") {
+    const Index n = 32, out = 40, in = 30;
+    const Lora<float> l1 = random_lora<float>(out, in, 4, 8, 1), l2 = random_lora<float>(out, in, 6, 8, 2);
+    const Matrix<float> X = random_matrix<float>(n, in, 3), W = random_matrix<float>(out, in, 4);
+    Workspace<float> ws;
+    Matrix<float> Y(n, out);
+    Y = linear(X, W + l1 + l2, ws);
+    const auto cap = ws.capacity();
+    REQUIRE(cap >= std::size_t(n * 10));
+    const float* before = Y.data();
+    for (int i = 0; i < 3; ++i) Y = linear(X, W + l1 + l2, ws);
+    REQUIRE(ws.capacity() == cap);
+    REQUIRE(Y.data() == before);  // the destination is written in place, not reallocated
+    const Matrix<float> Ynows = linear(X, W + l1 + l2);
+    REQUIRE(Ynows == Y);
+}
+
+TEST_CASE("expressions validate their terms against X and W", "[expr][errors]") {
+    using Catch::Contains;
+    const Lora<float> lora(8, 6, {.rank = 2});
+    const Matrix<float> W(8, 6), Wbad(8, 7), X(4, 6), Xbad(4, 5);
+    REQUIRE_THROWS_WITH(Matrix<float>(linear(Xbad, W + lora)),
+                        Contains("lowrank::linear") && Contains("X is 4 x 5"));
+    REQUIRE_THROWS_WITH(Matrix<float>(linear(Matrix<float>(4, 7), Wbad + lora)),
+                        Contains("lowrank::linear") && Contains("applied to a 8 x 7 weight"));
+    REQUIRE_THROWS_WITH(Matrix<float>(dense(Wbad + lora)), Contains("lowrank::dense"));
+    REQUIRE_THROWS_WITH(Matrix<float>(linear(X, W + lora * NAN)), Contains("term weight must be finite"));
+    Matrix<float> Ywrong = Matrix<float>::Zero(8, 8);
+    REQUIRE_THROWS_WITH(Ywrong.topRows(3) = linear(X, W + lora), Contains("Y is 3 x 8"));
+}

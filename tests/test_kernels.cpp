@@ -1,0 +1,226 @@
+// SPDX-License-Identifier: Apache-2.0
+// The SIMD kernels and the core operations against their scalar references and against naive
+// double-precision products, over shapes that hit every edge: empty, one row, SIMD width ± 1,
+// more than one k-block, strided row blocks, and for every compiled architecture.
+
+#include <lowrank/core/ops.hpp>
+
+#include "support.hpp"
+
+using namespace lowrank;
+using lowrank::test::eps;
+using lowrank::test::naive_product;
+using lowrank::test::product_bound;
+using lowrank::test::random_matrix;
+using lowrank::test::require_within;
+using lowrank::test::to_double;
+
+template <class T, class Arch>
+struct Case {
+    using scalar = T;
+    using arch = Arch;
+};
+// SSE2 is on every x86-64; default_arch is what the build flags enable (AVX2+FMA with
+// -march=native here). With no extra flags both are SSE2 and the test simply runs twice.
+using FloatSse2 = Case<float, xsimd::sse2>;
+using DoubleSse2 = Case<double, xsimd::sse2>;
+using FloatDefault = Case<float, xsimd::default_arch>;
+using DoubleDefault = Case<double, xsimd::default_arch>;
+
+namespace {
+
+/// A rows × cols block at (1, 2) of a larger random matrix, so that ld ≠ cols and the data is not
+/// aligned: exercises leading dimensions and unaligned loads.
+template <class T>
+struct Strided {
+    Matrix<T> storage;
+    Index rows, cols;
+    Strided(Index r, Index c, std::uint64_t seed)
+        : storage(random_matrix<T>(r + 3, c + 5, seed)), rows(r), cols(c) {}
+    MatrixView<T> view() { return lowrank::view_mut(storage).block(1, 2, rows, cols); }
+    Matrix<double> value() const { return storage.block(1, 2, rows, cols).template cast<double>(); }
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("gemm_bcast matches the scalar reference and the exact product",
+                   "[kernels]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index m = GENERATE(0, 1, 5, 6, 7, 13, 100);
+    const Index n = GENERATE_COPY(Index(1), W - 1, W, W + 1, 2 * W + 3, Index(300));
+    const Index k = GENERATE(0, 1, 3, 8, 300);
+    const bool transposed_a = GENERATE(false, true);
+    const bool accumulate = GENERATE(false, true);
+    if (n <= 0) return;
+    CAPTURE(m, n, k, transposed_a, accumulate);
+
+    // A is m × k logically; stored either as m × k or as k × m (read transposed).
+    Strided<T> a_store(transposed_a ? k : m, transposed_a ? m : k, 11);
+    Strided<T> b(k, n, 12);
+    Strided<T> c(m, n, 13);
+    Strided<T> c_ref(m, n, 13);
+    const auto av = a_store.view();
+    const Index rsa = transposed_a ? 1 : av.ld, csa = transposed_a ? av.ld : 1;
+    const T alpha = T(-0.75);
+
+    const Matrix<double> a = transposed_a ? Matrix<double>(a_store.value().transpose())
+                                          : a_store.value();
+    const Matrix<double> c0 = c.value();
+    Matrix<double> want = alpha * naive_product(a, b.value());
+    if (accumulate) want += c0;
+    Matrix<double> bound = product_bound(a.cwiseAbs(), b.value().cwiseAbs(), eps<T>(), alpha);
+    if (accumulate) bound += 2 * eps<T>() * c0.cwiseAbs();
+
+    auto cv = c.view();
+    core::gemm_bcast<T, Arch>(m, n, k, alpha, av.data, rsa, csa, b.view().data, b.view().ld,
+                              cv.data, cv.ld, accumulate);
+    auto crv = c_ref.view();
+    core::gemm_bcast_ref<T>(m, n, k, alpha, av.data, rsa, csa, b.view().data, b.view().ld,
+                            crv.data, crv.ld, accumulate);
+    require_within(c.value(), want, bound, "simd vs exact");
+    require_within(c_ref.value(), want, bound, "scalar reference vs exact");
+    // Nothing outside the destination block was written.
+    const Matrix<T> fresh = random_matrix<T>(m + 3, n + 5, 13);
+    Matrix<T> outside = c.storage;
+    outside.block(1, 2, m, n) = fresh.block(1, 2, m, n);
+    REQUIRE(outside == fresh);
+}
+
+TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product", "[kernels]",
+                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index m = GENERATE(0, 1, 2, 3, 4, 11);
+    const Index n = GENERATE(1, 3, 4, 5, 9);
+    const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W, W + 1, Index(77), Index(1100));
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate);
+
+    Strided<T> a(m, k, 21), b(n, k, 22), c(m, n, 23), c_ref(m, n, 23);
+    const T alpha = T(1.25);
+    const Matrix<double> c0 = c.value();
+    Matrix<double> want = alpha * naive_product(a.value(), b.value().transpose());
+    if (accumulate) want += c0;
+    Matrix<double> bound =
+        product_bound(a.value().cwiseAbs(), b.value().transpose().cwiseAbs(), eps<T>(), alpha);
+    if (accumulate) bound += 2 * eps<T>() * c0.cwiseAbs();
+
+    auto av = a.view(), bv = b.view(), cv = c.view(), crv = c_ref.view();
+    core::gemm_dot<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld,
+                            accumulate);
+    core::gemm_dot_ref<T>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, crv.data, crv.ld,
+                          accumulate);
+    require_within(c.value(), want, bound, "simd vs exact");
+    require_within(c_ref.value(), want, bound, "scalar reference vs exact");
+}
+
+TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatSse2, DoubleSse2,
+                   FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index n = GENERATE_COPY(0, 1, 7, 33);
+    const Index in = GENERATE_COPY(Index(1), W + 1, Index(130));
+    const Index out = GENERATE(Index(1), W - 1 > 0 ? W - 1 : Index(2), Index(70));
+    const Index w = GENERATE(1, 3, 16);
+    CAPTURE(n, in, out, w);
+    const double u = eps<T>();
+
+    Strided<T> x(n, in, 31), v(w, in, 32), uf(out, w, 33), y(n, out, 34), dy(n, out, 35);
+    Strided<T> t(n, w, 36), g(n, w, 37), du(out, w, 38), dv(w, in, 39), dx(n, in, 40);
+    const Matrix<double> X = x.value(), V = v.value(), U = uf.value(), Y0 = y.value(),
+                         dY = dy.value();
+
+    SECTION("shrink T = X Vᵀ") {
+        core::shrink<T, Arch>(x.view(), v.view(), t.view());
+        require_within(t.value(), naive_product(X, V.transpose()),
+                       product_bound(X.cwiseAbs(), V.transpose().cwiseAbs(), u), "shrink");
+    }
+    SECTION("expand Y += α T Uᵀ") {
+        const Matrix<double> T0 = t.value();
+        core::expand<T, Arch>(t.view(), uf.view(), y.view(), T(0.5));
+        Matrix<double> bound = product_bound(T0.cwiseAbs(), U.transpose().cwiseAbs(), u, 0.5);
+        bound += 2 * u * Y0.cwiseAbs();
+        require_within(y.value(), Y0 + 0.5 * naive_product(T0, U.transpose()), bound, "expand");
+    }
+    SECTION("project_back G = dY U") {
+        core::project_back<T, Arch>(dy.view(), uf.view(), g.view());
+        require_within(g.value(), naive_product(dY, U),
+                       product_bound(dY.cwiseAbs(), U.cwiseAbs(), u), "project_back");
+    }
+    SECTION("grad_expand dU = α dYᵀ T") {
+        const Matrix<double> T0 = t.value();
+        core::grad_expand<T, Arch>(dy.view(), t.view(), du.view(), T(2), false);
+        require_within(du.value(), 2 * naive_product(dY.transpose(), T0),
+                       product_bound(dY.transpose().cwiseAbs(), T0.cwiseAbs(), u, 2),
+                       "grad_expand");
+    }
+    SECTION("grad_shrink dV += α Gᵀ X") {
+        const Matrix<double> G0 = g.value(), dV0 = dv.value();
+        core::grad_shrink<T, Arch>(g.view(), x.view(), dv.view(), T(-1), true);
+        Matrix<double> bound = product_bound(G0.transpose().cwiseAbs(), X.cwiseAbs(), u);
+        bound += 2 * u * dV0.cwiseAbs();
+        require_within(dv.value(), dV0 - naive_product(G0.transpose(), X), bound, "grad_shrink");
+    }
+    SECTION("input_grad dX = α G V") {
+        const Matrix<double> G0 = g.value();
+        core::input_grad<T, Arch>(g.view(), v.view(), dx.view(), T(3), false);
+        require_within(dx.value(), 3 * naive_product(G0, V),
+                       product_bound(G0.cwiseAbs(), V.cwiseAbs(), u, 3), "input_grad");
+    }
+}
+
+TEMPLATE_TEST_CASE("expand handles widths beyond one packing pass", "[ops]", float, double) {
+    using T = TestType;
+    const Index n = 5, out = 37, w = 1500;  // w > 32 KiB / sizeof(T) / W: several passes over w
+    const Matrix<T> t = random_matrix<T>(n, w, 1), U = random_matrix<T>(out, w, 2);
+    Matrix<T> y = random_matrix<T>(n, out, 3);
+    const Matrix<double> Y0 = to_double(y);
+    core::expand<T>(view(t), view(U), view_mut(y));
+    Matrix<double> bound =
+        product_bound(to_double(t).cwiseAbs(), to_double(U).transpose().cwiseAbs(), eps<T>());
+    bound += 2 * eps<T>() * Y0.cwiseAbs();
+    require_within(y, Y0 + naive_product(to_double(t), to_double(U).transpose()), bound,
+                   "wide expand");
+}
+
+TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |ΔW|)", "[ops]",
+                   float, double) {
+    using T = TestType;
+    const Index out = GENERATE(1, 9, 65), in = GENERATE(1, 17, 130), r = GENERATE(1, 4, 64);
+    CAPTURE(out, in, r);
+    Matrix<T> w = random_matrix<T>(out, in, 5);
+    const Matrix<T> w0 = w;
+    const Matrix<T> U = random_matrix<T>(out, r, 6), V = random_matrix<T>(r, in, 7);
+    const T s = T(1.7);
+    core::rank_update<T>(view_mut(w), view(U), view(V), s);
+    const Matrix<double> dW = s * naive_product(to_double(U), to_double(V));
+    require_within(w, to_double(w0) + dW,
+                   product_bound(to_double(U).cwiseAbs(), to_double(V).cwiseAbs(), eps<T>(), s) +
+                       2 * eps<T>() * to_double(w0).cwiseAbs(),
+                   "merged");
+    core::rank_update<T>(view_mut(w), view(U), view(V), -s);
+    // The documented round-trip bound (first order in u; the factor 1.01 covers the O(u²) term).
+    // |ΔW| is the rounded ΔW's magnitude: bounded by the exact one plus its product error.
+    const Matrix<double> dW_abs =
+        dW.cwiseAbs() +
+        product_bound(to_double(U).cwiseAbs(), to_double(V).cwiseAbs(), eps<T>(), s);
+    const Matrix<double> bound =
+        1.01 * eps<T>() * (2 * to_double(w0).cwiseAbs() + dW_abs).array() +
+        std::numeric_limits<double>::min();
+    require_within(w, to_double(w0), bound, "round trip");
+}
+
+TEST_CASE("kernels are no-ops on empty shapes", "[kernels]") {
+    Matrix<float> c = Matrix<float>::Constant(2, 3, 7.f);
+    const Matrix<float> a(2, 0), b(0, 3);
+    core::gemm_bcast<float>(0, 3, 0, 1.f, a.data(), 0, 1, b.data(), 3, c.data(), 3, false);
+    REQUIRE((c.array() == 7.f).all());
+    core::gemm_bcast<float>(2, 3, 0, 1.f, a.data(), 0, 1, b.data(), 3, c.data(), 3, true);
+    REQUIRE((c.array() == 7.f).all());
+    core::gemm_bcast<float>(2, 3, 0, 1.f, a.data(), 0, 1, b.data(), 3, c.data(), 3, false);
+    REQUIRE((c.array() == 0.f).all());  // k = 0 without accumulate: C = 0 · (empty sum)
+}
