@@ -148,7 +148,13 @@ TEMPLATE_TEST_CASE("forward into row blocks and host buffers; separate adapter i
     std::vector<T> host(8 * 20, T(-7));
     Eigen::Map<Matrix<T>, 0, Eigen::OuterStride<>> big(host.data(), 8, out, Eigen::OuterStride<>(20));
     forward(X.middleRows(2, 3), W, lora, big.middleRows(1, 3));
-    REQUIRE(big.middleRows(1, 3) == Yfull.middleRows(2, 3));
+    // Same rows, same kernels, a plain destination: bit-identical. (The full 6-row call may pick
+    // other kernels — they depend on the row count — so it agrees only to rounding.)
+    Matrix<T> Ysub;
+    forward(Matrix<T>(X.middleRows(2, 3)), W, lora, Ysub);
+    REQUIRE(big.middleRows(1, 3) == Ysub);
+    REQUIRE(max_abs(to_double(Ysub) - to_double(Yfull.middleRows(2, 3))) <=
+            8 * eps<T>() * in * (1 + max_abs(to_double(Yfull))));
     REQUIRE(big.row(0).isConstant(T(-7)));
     REQUIRE(big.row(4).isConstant(T(-7)));
     for (Index i = 0; i < 8; ++i)

@@ -43,11 +43,27 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
         eigen_map(dx).noalias() = eigen_map(dy) * eigen_map(w);
 }
 
-/// T = X Vᵀ. Reads X and V once per pass over the input features (gemm_dot).
+/// T = X Vᵀ. With few rows, dot products along the input features (gemm_dot: X and V read once
+/// per pass). With many rows, V is transposed block by block into a 32 KiB stack buffer and the
+/// broadcast kernel runs over all rows of X for each block (more FMAs per load; the copy costs
+/// w · in moves once per call, amortised over the rows).
 template <class T, class Arch = xsimd::default_arch>
 void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
-    gemm_dot<T, Arch>(x.rows, v.rows, x.cols, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false);
+    const Index n = x.rows, w = v.rows, in = x.cols;
+    if (!blocking::packed_shrink(n, w) || in == 0) {
+        gemm_dot<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false);
+        return;
+    }
+    constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
+    alignas(64) std::array<T, pack_elems> packed;  // Vᵀ block: kb × w, row-major
+    const Index kb = std::max<Index>(1, pack_elems / w);
+    for (Index p0 = 0; p0 < in; p0 += kb) {
+        const Index kc = std::min(kb, in - p0);
+        detail::transpose<T, Arch>(w, kc, v.data + p0, v.ld, packed.data(), w);
+        gemm_bcast<T, Arch>(n, w, kc, T(1), x.data + p0, x.ld, 1, packed.data(), w, t.data, t.ld,
+                            p0 > 0);
+    }
 }
 
 /// Y (+)= α T Uᵀ. U is stored out × w (PyTorch's `B`), so each block of its rows is transposed
@@ -67,16 +83,18 @@ void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alp
             for (Index i = 0; i < y.rows; ++i) std::fill_n(y.row(i), y.cols, T(0));
         return;
     }
+    if (blocking::narrow_dot(t.rows, w)) {  // too few rows to amortise a transposed copy
+        gemm_dot_narrow<T, Arch>(t.rows, out, w, alpha, t.data, t.ld, u.data, u.ld, y.data, y.ld,
+                                 accumulate);
+        return;
+    }
     alignas(64) std::array<T, pack_elems> packed;  // Uᵀ block: wc × ob, row-major
     for (Index p0 = 0; p0 < w; p0 += max_w) {
         const Index wc = std::min(max_w, w - p0);
         const Index ob = std::max(W, pack_elems / wc / W * W);
         for (Index o0 = 0; o0 < out; o0 += ob) {
             const Index obb = std::min(ob, out - o0);
-            for (Index o = 0; o < obb; ++o) {
-                const T* src = u.row(o0 + o) + p0;
-                for (Index j = 0; j < wc; ++j) packed[j * ob + o] = src[j];
-            }
+            detail::transpose<T, Arch>(obb, wc, u.row(o0) + p0, u.ld, packed.data(), ob);
             gemm_bcast<T, Arch>(t.rows, obb, wc, alpha, t.data + p0, t.ld, 1, packed.data(), ob,
                                 y.data + o0, y.ld, accumulate || p0 > 0);
         }

@@ -1,0 +1,597 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+/// \file
+/// Gathered low-rank kernels: several adapters in one batch, each acting on its own rows.
+///
+///     gathered_apply     Y[ρ_i] += α · w_i · (X[ρ_i] Vᵀ) Uᵀ        one adapter, rows ρ, weights w
+///     gathered_backward  dU, dV and dX[ρ_i] of the same
+///     bgmv               Y[t] += α_k (X[t] V_kᵀ) U_kᵀ, k = idx[t]   (Punica's BGMV; −1: no adapter)
+///     sgmv               the same for rows already grouped in segments      (Punica's SGMV)
+///
+/// How the work is laid out: the rows of one adapter are gathered into a small contiguous block
+/// (an m × in copy), the shrink and expand of core/ops.hpp (`gemm_dot`, packed `gemm_bcast`) run
+/// on the block, and the m × out result is scatter-added to Y. So each adapter's factors are
+/// streamed from memory once per call however its rows are scattered (the expand packs each block
+/// of U once and sweeps all m rows over it), a row with no adapter is never touched, and nothing is
+/// allocated per row: every scratch comes from a `GatherWorkspace`, which a caller reuses across
+/// calls. A contiguous range of rows (a segment) is used in place, without the copies.
+///
+/// Everything here is method-agnostic: an adapter is a pair of factor views and a scale
+/// (`GatheredFactors`); per-row weights make masked (TARA) and soft-masked terms the same kernel.
+/// Arguments are checked by the public entry points (compose.hpp); here only LOWRANK_ASSERT.
+/// Every kernel has a plain scalar reference (`…_ref`) that the tests hold it against.
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <span>
+#include <type_traits>
+#include <vector>
+
+#include "ops.hpp"
+#include "terms.hpp"
+
+namespace lowrank::core {
+
+/// One adapter as the gathered kernels see it: ΔY = α (X Vᵀ) Uᵀ.
+template <class T>
+struct GatheredFactors {
+    MatrixView<const T> v;  ///< shrink factor, w × in (LoRA's A)
+    MatrixView<const T> u;  ///< expand factor, out × w (LoRA's B)
+    T alpha = T(1);         ///< scale (LoRA's s)
+};
+
+/// A set of batch rows: an explicit list `rows[0..count)`, or (rows == nullptr) the contiguous
+/// range [first, first + count).
+struct RowSet {
+    const Index* rows = nullptr;
+    Index first = 0;
+    Index count = 0;
+
+    [[nodiscard]] Index operator[](Index i) const noexcept { return rows ? rows[i] : first + i; }
+    [[nodiscard]] bool contiguous() const noexcept { return rows == nullptr; }
+};
+
+/// Reusable scratch of the gathered kernels: values (gathered rows, shrink outputs) and indices
+/// (the grouping of rows by adapter). Allocates only when a call needs more than it holds.
+template <class T>
+class GatherWorkspace {
+public:
+    /// An uninitialised rows × cols block of values (valid until the next call that uses it).
+    [[nodiscard]] MatrixView<T> matrix(Index rows, Index cols) { return values_.matrix(rows, cols); }
+    /// `count` uninitialised indices.
+    [[nodiscard]] Index* indices(Index count) {
+        if (index_.size() < static_cast<std::size_t>(count)) index_.resize(static_cast<std::size_t>(count));
+        return index_.data();
+    }
+    /// `count` uninitialised per-row weights.
+    [[nodiscard]] T* weights(Index count) {
+        if (weight_.size() < static_cast<std::size_t>(count)) weight_.resize(static_cast<std::size_t>(count));
+        return weight_.data();
+    }
+
+private:
+    Workspace<T> values_;
+    std::vector<Index> index_;
+    std::vector<T> weight_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Kernels for a few rows: shrink (dot form) and expand (packed Uᵀ, SIMD transposes)
+// ------------------------------------------------------------------------------------------------
+
+namespace detail {
+
+/// A leading dimension ≥ cols whose row stride in bytes is an odd multiple of 32: rows of a scratch
+/// block then fall in different L1 sets (a power-of-two stride, e.g. 4096 floats, maps every row
+/// of a tile to the same set and slows the micro-kernels by up to 4x on this machine).
+template <class T>
+[[nodiscard]] constexpr Index padded_ld(Index cols) noexcept {
+    constexpr Index chunk = 32 / Index(sizeof(T));
+    Index ld = (std::max<Index>(cols, 1) + chunk - 1) / chunk * chunk;
+    if ((ld / chunk) % 2 == 0) ld += chunk;
+    return ld;
+}
+
+/// One tile of gathered_shrink: T[0..MR, 0..NR) (+)= X[0..MR) · V[0..NR)ᵀ over kc (kv vectorised).
+/// MR rows of X are held in registers; the NR rows of V are read as memory operands.
+template <int MR, int NR, class T, class Arch>
+inline void narrow_dot_tile(Index kc, Index kv, const T* x, Index ldx, const T* v, Index ldv, T* t,
+                            Index ldt, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch acc[MR][NR];
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) acc[i][j] = batch(T(0));
+    for (Index p = 0; p < kv; p += W) {
+        batch xv[MR];
+        for (int i = 0; i < MR; ++i) xv[i] = batch::load_unaligned(x + i * ldx + p);
+        for (int j = 0; j < NR; ++j) {
+            const batch vv = batch::load_unaligned(v + j * ldv + p);
+            for (int i = 0; i < MR; ++i) acc[i][j] = xsimd::fma(xv[i], vv, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int j = 0; j < NR; ++j) {
+            T s = xsimd::hadd(acc[i][j]);
+            for (Index p = kv; p < kc; ++p) s += x[i * ldx + p] * v[j * ldv + p];  // k tail
+            T& dst = t[i * ldt + j];
+            dst = accumulate ? dst + s : s;
+        }
+}
+
+template <int MR, class T, class Arch>
+inline void narrow_dot_cols(Index j0, Index nr, Index kc, Index kv, const T* x, Index ldx,
+                            const T* v, Index ldv, T* t, Index ldt, bool acc) noexcept {
+    const T* vj = v + j0 * ldv;
+    T* tj = t + j0;
+    switch (nr) {
+        case 1: narrow_dot_tile<MR, 1, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+        case 2: narrow_dot_tile<MR, 2, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+        case 3: narrow_dot_tile<MR, 3, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+        case 4: narrow_dot_tile<MR, 4, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+        case 5: narrow_dot_tile<MR, 5, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+        default: narrow_dot_tile<MR, 6, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+    }
+}
+
+/// W × W transpose of a tile: dst[j][i] = src[i][j]. In registers on AVX and SSE2 (the shuffle
+/// network of the classic 8×8 / 4×4 transposes), scalar otherwise.
+template <class T, class Arch>
+inline void transpose_tile(const T* src, Index lds, T* dst, Index ldd) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+#if XSIMD_WITH_AVX
+    if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, float>) {
+        static_assert(W == 8, "transpose_tile: AVX float tiles are 8 x 8");
+        __m256 r[8], s[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+        for (int i = 0; i < 8; i += 2) {
+            s[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            s[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_shuffle_ps(s[i], s[i + 2], 0x44);
+            r[i + 1] = _mm256_shuffle_ps(s[i], s[i + 2], 0xEE);
+            r[i + 2] = _mm256_shuffle_ps(s[i + 1], s[i + 3], 0x44);
+            r[i + 3] = _mm256_shuffle_ps(s[i + 1], s[i + 3], 0xEE);
+        }
+        for (int i = 0; i < 4; ++i) {
+            _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+            _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+        }
+        return;
+    } else if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, double>) {
+        static_assert(W == 4, "transpose_tile: AVX double tiles are 4 x 4");
+        __m256d r[4], s[4];
+        for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_pd(src + i * lds);
+        s[0] = _mm256_unpacklo_pd(r[0], r[1]);
+        s[1] = _mm256_unpackhi_pd(r[0], r[1]);
+        s[2] = _mm256_unpacklo_pd(r[2], r[3]);
+        s[3] = _mm256_unpackhi_pd(r[2], r[3]);
+        _mm256_storeu_pd(dst + 0 * ldd, _mm256_permute2f128_pd(s[0], s[2], 0x20));
+        _mm256_storeu_pd(dst + 1 * ldd, _mm256_permute2f128_pd(s[1], s[3], 0x20));
+        _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(s[0], s[2], 0x31));
+        _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(s[1], s[3], 0x31));
+        return;
+    }
+#endif
+#if XSIMD_WITH_SSE2
+    if constexpr (std::is_base_of_v<xsimd::sse2, Arch> && std::is_same_v<T, float>) {
+        static_assert(W == 4, "transpose_tile: SSE float tiles are 4 x 4");
+        __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + lds), r2 = _mm_loadu_ps(src + 2 * lds),
+               r3 = _mm_loadu_ps(src + 3 * lds);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(dst, r0);
+        _mm_storeu_ps(dst + ldd, r1);
+        _mm_storeu_ps(dst + 2 * ldd, r2);
+        _mm_storeu_ps(dst + 3 * ldd, r3);
+        return;
+    } else if constexpr (std::is_base_of_v<xsimd::sse2, Arch> && std::is_same_v<T, double>) {
+        static_assert(W == 2, "transpose_tile: SSE double tiles are 2 x 2");
+        const __m128d r0 = _mm_loadu_pd(src), r1 = _mm_loadu_pd(src + lds);
+        _mm_storeu_pd(dst, _mm_unpacklo_pd(r0, r1));
+        _mm_storeu_pd(dst + ldd, _mm_unpackhi_pd(r0, r1));
+        return;
+    }
+#endif
+    for (Index i = 0; i < W; ++i)
+        for (Index j = 0; j < W; ++j) dst[j * ldd + i] = src[i * lds + j];
+}
+
+/// packed[j][o] = u[o0 + o][p0 + j] for o < ob, j < wc (packed: wc × ob with leading dim ldp).
+template <class T, class Arch>
+inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0, Index wc, T* packed,
+                            Index ldp) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index ov = ob / W * W, jv = wc / W * W;
+    for (Index o = 0; o < ov; o += W) {
+        const T* src = u.row(o0 + o) + p0;
+        for (Index j = 0; j < jv; j += W) transpose_tile<T, Arch>(src + j, u.ld, packed + j * ldp + o, ldp);
+        for (Index i = 0; i < W; ++i)
+            for (Index j = jv; j < wc; ++j) packed[j * ldp + o + i] = src[i * u.ld + j];
+    }
+    for (Index o = ov; o < ob; ++o) {
+        const T* src = u.row(o0 + o) + p0;
+        for (Index j = 0; j < wc; ++j) packed[j * ldp + o] = src[j];
+    }
+}
+
+}  // namespace detail
+
+/// T = X Vᵀ for a few rows of X (a gathered group): T is m × w, X m × in, V w × in.
+/// Tiles of 2 rows of X × 6 rows of V (12 accumulators; X in registers, V streamed as memory
+/// operands) over passes of 4 KiB of each row, so a pass of V is read from memory once and then
+/// from L1/L2 by every pair of rows. Reference: gemm_dot_ref with alpha = 1.
+template <class T, class Arch = xsimd::default_arch>
+void gathered_shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr Index NR = 6;
+    LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
+    const Index m = x.rows, w = v.rows, k = x.cols;
+    if (m == 0 || w == 0) return;
+    if (k == 0) {
+        for (Index i = 0; i < m; ++i) std::fill_n(t.row(i), w, T(0));
+        return;
+    }
+    constexpr Index kc_max = 4096 / Index(sizeof(T));
+    for (Index pc = 0; pc < k; pc += kc_max) {
+        const Index kc = std::min(kc_max, k - pc), kv = kc / W * W;
+        const bool acc = pc > 0;
+        for (Index j = 0; j < w; j += NR) {
+            const Index nr = std::min(NR, w - j);
+            Index i = 0;
+            for (; i + 2 <= m; i += 2)
+                detail::narrow_dot_cols<2, T, Arch>(j, nr, kc, kv, x.row(i) + pc, x.ld, v.data + pc,
+                                                    v.ld, t.row(i), t.ld, acc);
+            if (i < m)
+                detail::narrow_dot_cols<1, T, Arch>(j, nr, kc, kv, x.row(i) + pc, x.ld, v.data + pc,
+                                                    v.ld, t.row(i), t.ld, acc);
+        }
+    }
+}
+
+/// Y (+)= α T Uᵀ for a few rows (T: m × w, U: out × w, Y: m × out). Blocks of U are transposed
+/// into a 16 KiB L1 buffer with SIMD W × W transposes (a padded leading dimension), and the
+/// broadcast kernel sweeps all m rows over each block: U is read once per call.
+/// Reference: gemm_bcast_ref on Uᵀ.
+template <class T, class Arch = xsimd::default_arch>
+void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alpha,
+                     bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr Index pack_elems = 16 * 1024 / Index(sizeof(T));
+    LOWRANK_ASSERT(t.cols == u.cols && y.rows == t.rows && y.cols == u.rows);
+    const Index m = t.rows, w = t.cols, out = u.rows;
+    if (m == 0 || out == 0) return;
+    if (w == 0) {
+        if (!accumulate)
+            for (Index i = 0; i < m; ++i) std::fill_n(y.row(i), out, T(0));
+        return;
+    }
+    alignas(64) std::array<T, pack_elems> packed;
+    const Index max_w = std::max<Index>(1, pack_elems / (4 * W) - 1);  // at least 4 vectors of outputs
+    for (Index p0 = 0; p0 < w; p0 += max_w) {
+        const Index wc = std::min(max_w, w - p0);
+        // Widest block of outputs whose padded panel fits the buffer.
+        Index ob = std::max<Index>(W, (pack_elems / wc) / W * W);
+        while (ob > W && detail::padded_ld<T>(ob) * wc > pack_elems) ob -= W;
+        const Index ldp = detail::padded_ld<T>(ob);
+        for (Index o0 = 0; o0 < out; o0 += ob) {
+            const Index obb = std::min(ob, out - o0);
+            detail::pack_transposed<T, Arch>(u, o0, obb, p0, wc, packed.data(), ldp);
+            gemm_bcast<T, Arch>(m, obb, wc, alpha, t.data + p0, t.ld, 1, packed.data(), ldp,
+                                y.data + o0, y.ld, accumulate || p0 > 0);
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Row movement
+// ------------------------------------------------------------------------------------------------
+
+/// dst[i] = src[rows[i]] for i < rows.count (dst: rows.count × src.cols).
+template <class T>
+void gather_rows(MatrixView<const T> src, RowSet rows, MatrixView<T> dst) noexcept {
+    LOWRANK_ASSERT(dst.rows == rows.count && dst.cols == src.cols);
+    for (Index i = 0; i < rows.count; ++i) std::memcpy(dst.row(i), src.row(rows[i]), sizeof(T) * std::size_t(src.cols));
+}
+
+/// Reference for scatter_add_rows.
+template <class T>
+void scatter_add_rows_ref(MatrixView<const T> src, RowSet rows, MatrixView<T> dst) noexcept {
+    for (Index i = 0; i < rows.count; ++i) {
+        T* d = dst.row(rows[i]);
+        const T* s = src.row(i);
+        for (Index j = 0; j < src.cols; ++j) d[j] += s[j];
+    }
+}
+
+/// dst[rows[i]] += src[i] (src: rows.count × dst.cols). Rows must be distinct.
+template <class T, class Arch = xsimd::default_arch>
+void scatter_add_rows(MatrixView<const T> src, RowSet rows, MatrixView<T> dst) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    LOWRANK_ASSERT(src.rows == rows.count && src.cols == dst.cols);
+    const Index c = src.cols, cv = c / W * W;
+    for (Index i = 0; i < rows.count; ++i) {
+        T* d = dst.row(rows[i]);
+        const T* s = src.row(i);
+        Index j = 0;
+        for (; j < cv; j += W)
+            (batch::load_unaligned(d + j) + batch::load_unaligned(s + j)).store_unaligned(d + j);
+        for (; j < c; ++j) d[j] += s[j];
+    }
+}
+
+/// t[i, :] *= weights[i].
+template <class T>
+void scale_rows(MatrixView<T> t, const T* weights) noexcept {
+    for (Index i = 0; i < t.rows; ++i) {
+        T* row = t.row(i);
+        const T wi = weights[i];
+        for (Index j = 0; j < t.cols; ++j) row[j] *= wi;
+    }
+}
+
+/// Groups the rows by adapter (a stable counting sort, O(n + K)): on return the rows of adapter k
+/// are order[offsets[k] .. offsets[k+1]), in increasing order; rows with idx < 0 are left out.
+/// `order` holds at least n entries, `offsets` K + 1. Every idx[t] must be < K.
+template <class I>
+Index group_rows(std::span<const I> idx, Index n_adapters, Index* order, Index* offsets) noexcept {
+    std::fill_n(offsets, n_adapters + 1, Index(0));
+    for (const I k : idx)
+        if (k >= 0) ++offsets[Index(k) + 1];
+    for (Index k = 0; k < n_adapters; ++k) offsets[k + 1] += offsets[k];
+    // offsets[k] is now the start of group k; advance a cursor per group, then shift back.
+    for (Index t = 0; t < Index(idx.size()); ++t) {
+        const I k = idx[std::size_t(t)];
+        if (k >= 0) order[offsets[Index(k)]++] = t;
+    }
+    for (Index k = n_adapters; k > 0; --k) offsets[k] = offsets[k - 1];
+    offsets[0] = 0;
+    return offsets[n_adapters];
+}
+
+// ------------------------------------------------------------------------------------------------
+// One adapter on a set of rows
+// ------------------------------------------------------------------------------------------------
+
+/// Y[ρ_i] += α · w_i · (X[ρ_i] Vᵀ) Uᵀ for the rows ρ of `rows` (w_i = 1 when `weights` is null;
+/// `weights[i]` belongs to the i-th row of the set). Rows must be distinct.
+/// X rows are gathered into a scratch block (a contiguous range is read in place), shrunk by
+/// `gathered_shrink`, expanded by `gathered_expand` into a scratch block with a padded leading
+/// dimension, and added to Y's rows. Cost: 2·m·w·(in + out) flops; V and U are each read once from
+/// memory (m = rows.count), X's and Y's selected rows once each.
+template <class T, class Arch = xsimd::default_arch>
+void gathered_apply(MatrixView<const T> x, MatrixView<T> y, const GatheredFactors<T>& f, RowSet rows,
+                    const T* weights, GatherWorkspace<T>& ws) {
+    const Index m = rows.count, in = x.cols, out = y.cols, w = f.v.rows;
+    LOWRANK_ASSERT(f.v.cols == in && f.u.rows == out && f.u.cols == w);
+    if (m == 0) return;
+    const Index ld_in = detail::padded_ld<T>(in), ld_w = detail::padded_ld<T>(w),
+                ld_out = detail::padded_ld<T>(out);
+    const Index x_cols = rows.contiguous() ? 0 : ld_in;
+    const auto buf = ws.matrix(m, x_cols + ld_w + ld_out);
+    const auto t = buf.block(0, x_cols, m, w), yg = buf.block(0, x_cols + ld_w, m, out);
+    MatrixView<const T> xs;
+    if (rows.contiguous()) {
+        xs = x.middle_rows(rows.first, m);
+    } else {
+        const auto xg = buf.block(0, 0, m, in);
+        gather_rows<T>(x, rows, xg);
+        xs = xg;
+    }
+    gathered_shrink<T, Arch>(xs, f.v, t);
+    if (weights) scale_rows(t, weights);
+    gathered_expand<T, Arch>(t, f.u, yg, f.alpha, false);
+    scatter_add_rows<T, Arch>(yg, rows, y);
+}
+
+/// Reference for gathered_apply: per row, plain loops.
+template <class T>
+void gathered_apply_ref(MatrixView<const T> x, MatrixView<T> y, const GatheredFactors<T>& f,
+                        RowSet rows, const T* weights) {
+    std::vector<T> t(std::size_t(f.v.rows));
+    for (Index i = 0; i < rows.count; ++i) {
+        const T* xr = x.row(rows[i]);
+        for (Index j = 0; j < f.v.rows; ++j) {
+            T acc(0);
+            for (Index p = 0; p < x.cols; ++p) acc += xr[p] * f.v(j, p);
+            t[std::size_t(j)] = weights ? acc * weights[i] : acc;
+        }
+        T* yr = y.row(rows[i]);
+        for (Index o = 0; o < y.cols; ++o) {
+            T acc(0);
+            for (Index j = 0; j < f.v.rows; ++j) acc += t[std::size_t(j)] * f.u(o, j);
+            yr[o] += f.alpha * acc;
+        }
+    }
+}
+
+/// Backward of gathered_apply for an upstream gradient dY (n × out):
+///
+///     T' = diag(w) X_ρ Vᵀ,  G' = diag(w) dY_ρ U,
+///     dU (+)= α dY_ρᵀ T',   dV (+)= α G'ᵀ X_ρ,   dX[ρ_i] += α G'_i V   (if dx is given)
+///
+/// With `accumulate == false` dU and dV are overwritten (zero for an empty row set).
+/// Cost: 4·m·w·(in + out) flops (+ 2·m·w·in for dX).
+template <class T, class Arch = xsimd::default_arch>
+void gathered_backward(MatrixView<const T> x, MatrixView<const T> dy, const GatheredFactors<T>& f,
+                       RowSet rows, const T* weights, MatrixView<T> dv, MatrixView<T> du,
+                       MatrixView<T>* dx, bool accumulate, GatherWorkspace<T>& ws) {
+    const Index m = rows.count, in = x.cols, out = dy.cols, w = f.v.rows;
+    LOWRANK_ASSERT(dv.rows == w && dv.cols == in && du.rows == out && du.cols == w);
+    if (m == 0) {
+        if (!accumulate) {
+            eigen_map(dv).setZero();
+            eigen_map(du).setZero();
+        }
+        return;
+    }
+    const bool gather = !rows.contiguous();
+    const Index ld_in = detail::padded_ld<T>(in), ld_w = detail::padded_ld<T>(w),
+                ld_out = detail::padded_ld<T>(out);
+    const auto buf = ws.matrix(m, 2 * ld_w + (gather ? 2 * ld_in + ld_out : 0));
+    const auto t = buf.block(0, 0, m, w), g = buf.block(0, ld_w, m, w);
+    MatrixView<const T> xs, dys;
+    MatrixView<T> dxg;
+    if (gather) {
+        const Index c0 = 2 * ld_w;
+        const auto xg = buf.block(0, c0, m, in), dyg = buf.block(0, c0 + ld_in, m, out);
+        dxg = buf.block(0, c0 + ld_in + ld_out, m, in);
+        gather_rows<T>(x, rows, xg);
+        gather_rows<T>(dy, rows, dyg);
+        xs = xg;
+        dys = dyg;
+    } else {
+        xs = x.middle_rows(rows.first, m);
+        dys = dy.middle_rows(rows.first, m);
+    }
+    shrink<T, Arch>(xs, f.v, t);
+    project_back<T, Arch>(dys, f.u, g);
+    if (weights) {
+        scale_rows(t, weights);
+        scale_rows(g, weights);
+    }
+    grad_expand<T, Arch>(dys, t, du, f.alpha, accumulate);
+    grad_shrink<T, Arch>(g, xs, dv, f.alpha, accumulate);
+    if (dx) {
+        if (gather) {
+            input_grad<T, Arch>(g, f.v, dxg, f.alpha, false);
+            scatter_add_rows<T, Arch>(dxg, rows, *dx);
+        } else {
+            input_grad<T, Arch>(g, f.v, dx->middle_rows(rows.first, m), f.alpha, true);
+        }
+    }
+}
+
+/// Reference for gathered_backward: per row, plain loops.
+template <class T>
+void gathered_backward_ref(MatrixView<const T> x, MatrixView<const T> dy,
+                           const GatheredFactors<T>& f, RowSet rows, const T* weights,
+                           MatrixView<T> dv, MatrixView<T> du, MatrixView<T>* dx, bool accumulate) {
+    const Index in = x.cols, out = dy.cols, w = f.v.rows;
+    if (!accumulate) {
+        for (Index j = 0; j < w; ++j) std::fill_n(dv.row(j), in, T(0));
+        for (Index o = 0; o < out; ++o) std::fill_n(du.row(o), w, T(0));
+    }
+    std::vector<T> t(static_cast<std::size_t>(w)), g(static_cast<std::size_t>(w));
+    for (Index i = 0; i < rows.count; ++i) {
+        const T* xr = x.row(rows[i]);
+        const T* dyr = dy.row(rows[i]);
+        const T wi = weights ? weights[i] : T(1);
+        for (Index j = 0; j < w; ++j) {
+            T tj(0), gj(0);
+            for (Index p = 0; p < in; ++p) tj += xr[p] * f.v(j, p);
+            for (Index o = 0; o < out; ++o) gj += dyr[o] * f.u(o, j);
+            t[std::size_t(j)] = wi * tj;
+            g[std::size_t(j)] = wi * gj;
+        }
+        for (Index o = 0; o < out; ++o)
+            for (Index j = 0; j < w; ++j) du(o, j) += f.alpha * dyr[o] * t[std::size_t(j)];
+        for (Index j = 0; j < w; ++j)
+            for (Index p = 0; p < in; ++p) dv(j, p) += f.alpha * g[std::size_t(j)] * xr[p];
+        if (dx) {
+            T* dxr = dx->row(rows[i]);
+            for (Index p = 0; p < in; ++p) {
+                T acc(0);
+                for (Index j = 0; j < w; ++j) acc += g[std::size_t(j)] * f.v(j, p);
+                dxr[p] += f.alpha * acc;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Many adapters: per-row index (BGMV) and segments (SGMV)
+// ------------------------------------------------------------------------------------------------
+
+/// BGMV: Y[t] += α_k (X[t] V_kᵀ) U_kᵀ with k = idx[t] (idx[t] < 0: row t untouched).
+/// Rows are grouped by adapter first (counting sort), then each adapter runs once on its rows.
+/// Every idx[t] must be < factors.size(). Cost: Σ_k 2·m_k·w_k·(in + out) flops + O(n + K).
+template <class T, class Arch = xsimd::default_arch, class I>
+void bgmv(MatrixView<const T> x, MatrixView<T> y, std::span<const GatheredFactors<T>> factors,
+          std::span<const I> idx, GatherWorkspace<T>& ws) {
+    LOWRANK_ASSERT(Index(idx.size()) == x.rows && y.rows == x.rows);
+    const Index n_adapters = Index(factors.size());
+    Index* order = ws.indices(x.rows + n_adapters + 1);
+    Index* offsets = order + x.rows;
+    group_rows<I>(idx, n_adapters, order, offsets);
+    for (Index k = 0; k < n_adapters; ++k) {
+        const Index m = offsets[k + 1] - offsets[k];
+        if (m == 0) continue;
+        const Index* rows = order + offsets[k];
+        // A group whose rows happen to be consecutive is used in place.
+        const RowSet set = rows[m - 1] - rows[0] == m - 1 ? RowSet{nullptr, rows[0], m}
+                                                         : RowSet{rows, 0, m};
+        gathered_apply<T, Arch>(x, y, factors[std::size_t(k)], set, nullptr, ws);
+    }
+}
+
+/// Reference for bgmv: the naive per-row loop.
+template <class T, class I>
+void bgmv_ref(MatrixView<const T> x, MatrixView<T> y, std::span<const GatheredFactors<T>> factors,
+              std::span<const I> idx) {
+    for (Index t = 0; t < x.rows; ++t) {
+        const I k = idx[std::size_t(t)];
+        if (k < 0) continue;
+        const Index row = t;
+        gathered_apply_ref<T>(x, y, factors[std::size_t(k)], RowSet{&row, 0, 1}, nullptr);
+    }
+}
+
+/// SGMV: rows [seg[s], seg[s+1]) use adapter `segment_adapter[s]` (< 0: none). `seg` holds
+/// S + 1 nondecreasing offsets. Segments are used in place; an adapter named by several segments
+/// is streamed once per segment.
+template <class T, class Arch = xsimd::default_arch, class I>
+void sgmv(MatrixView<const T> x, MatrixView<T> y, std::span<const GatheredFactors<T>> factors,
+          std::span<const Index> seg, std::span<const I> segment_adapter, GatherWorkspace<T>& ws) {
+    LOWRANK_ASSERT(seg.size() == segment_adapter.size() + 1);
+    for (std::size_t s = 0; s < segment_adapter.size(); ++s) {
+        const I k = segment_adapter[s];
+        if (k < 0) continue;
+        gathered_apply<T, Arch>(x, y, factors[std::size_t(k)], RowSet{nullptr, seg[s], seg[s + 1] - seg[s]},
+                                nullptr, ws);
+    }
+}
+
+/// Backward of bgmv: dV_k and dU_k (overwritten; zero for an adapter with no rows) and, if dx is
+/// given, dX[t] += α_k (dY[t] U_k) V_k.
+template <class T, class Arch = xsimd::default_arch, class I>
+void bgmv_backward(MatrixView<const T> x, MatrixView<const T> dy,
+                   std::span<const GatheredFactors<T>> factors, std::span<const I> idx,
+                   std::span<const MatrixView<T>> dv, std::span<const MatrixView<T>> du,
+                   MatrixView<T>* dx, GatherWorkspace<T>& ws) {
+    const Index n_adapters = Index(factors.size());
+    Index* order = ws.indices(x.rows + n_adapters + 1);
+    Index* offsets = order + x.rows;
+    group_rows<I>(idx, n_adapters, order, offsets);
+    for (Index k = 0; k < n_adapters; ++k) {
+        const Index m = offsets[k + 1] - offsets[k];
+        const Index* rows = order + offsets[k];
+        const RowSet set = m > 0 && rows[m - 1] - rows[0] == m - 1 ? RowSet{nullptr, rows[0], m}
+                                                                  : RowSet{rows, 0, m};
+        const auto kk = std::size_t(k);
+        gathered_backward<T, Arch>(x, dy, factors[kk], set, nullptr, dv[kk], du[kk], dx, false, ws);
+    }
+}
+
+/// Backward of sgmv: gradients accumulate over the segments of each adapter (overwritten first).
+template <class T, class Arch = xsimd::default_arch, class I>
+void sgmv_backward(MatrixView<const T> x, MatrixView<const T> dy,
+                   std::span<const GatheredFactors<T>> factors, std::span<const Index> seg,
+                   std::span<const I> segment_adapter, std::span<const MatrixView<T>> dv,
+                   std::span<const MatrixView<T>> du, MatrixView<T>* dx, GatherWorkspace<T>& ws) {
+    for (std::size_t k = 0; k < factors.size(); ++k) {
+        eigen_map(dv[k]).setZero();
+        eigen_map(du[k]).setZero();
+    }
+    for (std::size_t s = 0; s < segment_adapter.size(); ++s) {
+        const I k = segment_adapter[s];
+        if (k < 0) continue;
+        const auto kk = std::size_t(k);
+        gathered_backward<T, Arch>(x, dy, factors[kk], RowSet{nullptr, seg[s], seg[s + 1] - seg[s]},
+                                   nullptr, dv[kk], du[kk], dx, true, ws);
+    }
+}
+
+}  // namespace lowrank::core
