@@ -82,6 +82,11 @@ private:
 
 namespace detail {
 
+/// Below this many rows, gathered_apply expands with gemm_dot (a horizontal sum per output) rather
+/// than transposing blocks of U: packing U costs about w/W shuffles per output column whatever m
+/// is, the dot form about one reduction per output and row.
+inline constexpr Index packed_expand_min_rows = 3;
+
 /// A leading dimension ≥ cols whose row stride in bytes is an odd multiple of 32: rows of a scratch
 /// block then fall in different L1 sets (a power-of-two stride, e.g. 4096 floats, maps every row
 /// of a tile to the same set and slows the micro-kernels by up to 4x on this machine).
@@ -382,7 +387,12 @@ void gathered_apply(MatrixView<const T> x, MatrixView<T> y, const GatheredFactor
     }
     gathered_shrink<T, Arch>(xs, f.v, t);
     if (weights) scale_rows(t, weights);
-    gathered_expand<T, Arch>(t, f.u, yg, f.alpha, false);
+    if (m < detail::packed_expand_min_rows) {
+        // One or two rows: dot products against U's rows cost less than transposing U.
+        gemm_dot<T, Arch>(m, out, w, f.alpha, t.data, t.ld, f.u.data, f.u.ld, yg.data, yg.ld, false);
+    } else {
+        gathered_expand<T, Arch>(t, f.u, yg, f.alpha, false);
+    }
     scatter_add_rows<T, Arch>(yg, rows, y);
 }
 

@@ -43,6 +43,8 @@ namespace lowrank::core {
 /// - `packed_shrink(n, w)`: whether `shrink` transposes V into a buffer and uses the broadcast
 ///   kernel instead of gemm_dot (which needs a reduction per output and pass): from n = 8 rows on
 ///   (n = 16, w = 16: 178 vs 254 thousand instructions).
+/// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
+///   streamed once (the small-batch regime, memory bound on W).
 /// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
 ///   256 KiB in float, an L2-sized share).
 struct blocking {
@@ -53,6 +55,7 @@ struct blocking {
     static constexpr Index dot_mr = 3;
     static constexpr Index dot_nr = 4;
     static constexpr Index dot_kc = 1024;
+    static constexpr Index stream_weight_rows = 32;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w) noexcept {
         return n >= 8 && w <= 1024;
@@ -255,7 +258,8 @@ inline void dot_row_block(Index n, Index kc, Index kv, T alpha, const T* a, Inde
 }  // namespace detail
 
 /// `C (+)= alpha · A · Bᵀ`: C is m × n, A is m × k and B is n × k, both row-major (contiguous
-/// along k). With `accumulate == false` C is overwritten. Cost: 2·m·n·k flops.
+/// along k). With `accumulate == false` C is overwritten. Cost: 2·m·n·k flops. The smaller of
+/// A and B is the one re-read from cache; the larger is streamed from memory once.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb,
               T* c, Index ldc, bool accumulate) noexcept {
@@ -268,22 +272,34 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
             for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
         return;
     }
-    for (Index pc = 0; pc < k; pc += blocking::dot_kc) {
-        const Index kc = std::min(blocking::dot_kc, k - pc);
-        const Index kv = kc / W * W;  // vectorised part of this pass; the rest is a scalar tail
-        const bool acc = accumulate || pc > 0;
-        const T* a_p = a + pc;
-        const T* b_p = b + pc;
-        Index i = 0;
-        for (; i + MR <= m; i += MR)
-            detail::dot_row_block<MR, T, Arch>(n, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                               c + i * ldc, ldc, acc);
-        if (m - i == 2)
-            detail::dot_row_block<2, T, Arch>(n, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                              c + i * ldc, ldc, acc);
-        else if (m - i == 1)
-            detail::dot_row_block<1, T, Arch>(n, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                              c + i * ldc, ldc, acc);
+    // All rows of A against rows [j0, j0 + nb) of B, over k in passes of dot_kc.
+    auto run = [&](Index j0, Index nb) {
+        for (Index pc = 0; pc < k; pc += blocking::dot_kc) {
+            const Index kc = std::min(blocking::dot_kc, k - pc);
+            const Index kv = kc / W * W;  // vectorised part of this pass; the rest is a scalar tail
+            const bool acc = accumulate || pc > 0;
+            const T* a_p = a + pc;
+            const T* b_p = b + j0 * ldb + pc;
+            T* c_j = c + j0;
+            Index i = 0;
+            for (; i + MR <= m; i += MR)
+                detail::dot_row_block<MR, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                                   c_j + i * ldc, ldc, acc);
+            if (m - i == 2)
+                detail::dot_row_block<2, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                                  c_j + i * ldc, ldc, acc);
+            else if (m - i == 1)
+                detail::dot_row_block<1, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                                  c_j + i * ldc, ldc, acc);
+        }
+    };
+    if (n <= m) {
+        run(0, n);  // B is the smaller operand: it stays in cache while A streams through once
+    } else {
+        // B is the larger operand (a weight against a few rows): take it dot_nr rows at a time,
+        // so each row of B is read from memory exactly once and A stays in L2.
+        for (Index j0 = 0; j0 < n; j0 += blocking::dot_nr)
+            run(j0, std::min(blocking::dot_nr, n - j0));
     }
 }
 

@@ -22,12 +22,19 @@
 
 namespace lowrank::core {
 
-/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). Eigen's GEMM for now; the fused
-/// small-batch kernel that streams W once is future work of the performance issue.
-template <class T>
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). Up to `blocking::stream_weight_rows`
+/// rows, the dot kernel streams W once; beyond, Eigen's packed GEMM.
+template <class T, class Arch = xsimd::default_arch>
 void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y) {
     LOWRANK_ASSERT(x.cols == w.cols && y.rows == x.rows && y.cols == w.rows);
     if (y.empty()) return;
+    if (x.rows <= blocking::stream_weight_rows) {
+        // Few rows: dot products that read each row of W from memory exactly once (GEMM
+        // libraries re-pack W for every call; at small n that traffic dominates).
+        gemm_dot<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld,
+                          false);
+        return;
+    }
     eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
 }
 
