@@ -32,7 +32,8 @@ for target in safetensors peft_config; do
   mkdir -p "$BUILD/corpus/$target"
   echo "== running fuzz_$target for ${SECONDS_PER_TARGET}s"
   if ! "$bin" "$BUILD/corpus/$target" "$HERE/corpus/$target" \
-        -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        -dict="$HERE/$target.dict" -max_total_time="$SECONDS_PER_TARGET" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 \
         -artifact_prefix="$BUILD/crashes/${target}-"; then
     echo "!! fuzz_$target found a failure; inputs in $BUILD/crashes/" >&2
     status=1
