@@ -30,6 +30,9 @@
 
 namespace lowrank {
 
+template <LowRankTerm Term>
+class MaskedTerm;  // compose.hpp: a term whose output is multiplied per token by a mask
+
 /// How `Lora` draws its factors (PEFT's `init_lora_weights`).
 enum class LoraInit {
     /// PEFT's default (`True`): A ~ U(−1/√in, 1/√in) (Kaiming-uniform with a = √5), B = 0.
@@ -132,6 +135,18 @@ public:
         config_.alpha = alpha;
         scale_ = static_cast<T>(lora_scale(alpha, config_.rank, config_.rslora));
     }
+
+    /// This adapter with its output multiplied per token by `mask` (length n, binary or soft), as
+    /// a term for expressions: `linear(X, W + l1.masked(m1) + l2.masked(m2))` (TARA). The mask is
+    /// held by address. Needs `#include <lowrank/compose.hpp>` (see `MaskedTerm` there).
+    template <class M, class Self = Lora>
+        requires std::constructible_from<MaskedTerm<Self>, const Self&, M>
+    [[nodiscard]] MaskedTerm<Self> masked(M&& mask) const& {
+        return MaskedTerm<Self>(*this, std::forward<M>(mask));
+    }
+    /// A temporary adapter would dangle.
+    template <class M>
+    void masked(M&&) const&& = delete;
 
     // --- the core's term protocol (LowRankTerm, MergeableTerm) -----------------------------------
     [[nodiscard]] Index width() const noexcept { return config_.rank; }

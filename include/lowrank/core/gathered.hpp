@@ -9,12 +9,14 @@
 ///     sgmv               the same for rows already grouped in segments      (Punica's SGMV)
 ///
 /// How the work is laid out: the rows of one adapter are gathered into a small contiguous block
-/// (an m × in copy), the shrink and expand of core/ops.hpp (`gemm_dot`, packed `gemm_bcast`) run
-/// on the block, and the m × out result is scatter-added to Y. So each adapter's factors are
-/// streamed from memory once per call however its rows are scattered (the expand packs each block
-/// of U once and sweeps all m rows over it), a row with no adapter is never touched, and nothing is
-/// allocated per row: every scratch comes from a `GatherWorkspace`, which a caller reuses across
-/// calls. A contiguous range of rows (a segment) is used in place, without the copies.
+/// (an m × in copy with a padded leading dimension), two kernels tuned for few rows run on it —
+/// `gathered_shrink` (2 × 6 dot tiles) and `gathered_expand` (U transposed block by block with
+/// SIMD tile transposes, then `gemm_bcast` of kernels.hpp; `gemm_dot` for one or two rows) — and
+/// the m × out result is scatter-added to Y. So each adapter's factors are streamed from memory
+/// once per call however its rows are scattered (every pass over V or block of U serves all m
+/// rows), a row with no adapter is never touched, and nothing is allocated per row: every scratch
+/// comes from a `GatherWorkspace`, which a caller reuses across calls. A contiguous range of rows
+/// (a segment) is read in place, without the copy of X.
 ///
 /// Everything here is method-agnostic: an adapter is a pair of factor views and a scale
 /// (`GatheredFactors`); per-row weights make masked (TARA) and soft-masked terms the same kernel.
@@ -257,7 +259,8 @@ void gathered_shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T>
 
 /// Y (+)= α T Uᵀ for a few rows (T: m × w, U: out × w, Y: m × out). Blocks of U are transposed
 /// into a 16 KiB L1 buffer with SIMD W × W transposes (a padded leading dimension), and the
-/// broadcast kernel sweeps all m rows over each block: U is read once per call.
+/// broadcast kernel (`gemm_bcast`) sweeps all m rows over each block: U is read once per call.
+/// (A dedicated 2 × 6-vector tile was tried in place of gemm_bcast and was slower here.)
 /// Reference: gemm_bcast_ref on Uᵀ.
 template <class T, class Arch = xsimd::default_arch>
 void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alpha,
