@@ -89,8 +89,16 @@ TEMPLATE_TEST_CASE("real PEFT adapters load with the shapes, ranks, scales and d
             REQUIRE(st::dtype_name(m.dtype) == e["dtype"].get<std::string>());
             REQUIRE(m.rank_pattern_key == (e["rank_pattern_key"].is_null() ? "" : e["rank_pattern_key"].get<std::string>()));
         }
-        std::set<std::string> other(adapter.other_tensors.begin(), adapter.other_tensors.end());
+        std::set<std::string> other;
+        for (const auto& [full, raw] : adapter.other_tensors) other.insert(full);
         REQUIRE(other == expected["non_lora_tensors"].get<std::set<std::string>>());
+        for (const auto& t : expected["tensors"])  // kept as stored
+            if (adapter.other_tensors.count(t["name"].get<std::string>())) {
+                const auto& raw = adapter.other_tensors.at(t["name"].get<std::string>());
+                REQUIRE(st::dtype_name(raw.dtype) == t["dtype"].get<std::string>());
+                REQUIRE(raw.shape == t["shape"].get<std::vector<std::uint64_t>>());
+                REQUIRE(raw.bytes.size() == t["data_offsets"][1].get<std::uint64_t>() - t["data_offsets"][0].get<std::uint64_t>());
+            }
 
         for (const auto& sample : expected["samples"]) {
             const auto full = sample["module"].get<std::string>();
@@ -165,6 +173,14 @@ TEMPLATE_TEST_CASE("real PEFT adapters survive save then load bit for bit", "[pe
             REQUIRE(n.lora.scale() == m.lora.scale());
             REQUIRE(n.fan_in_fan_out == m.fan_in_fan_out);
             REQUIRE(n.dtype == st::Dtype::F32);
+        }
+        // Non-LoRA tensors (modules_to_save heads) are written back byte for byte.
+        REQUIRE(again.other_tensors.size() == adapter.other_tensors.size());
+        const st::File original = st::File::open(*dir / "adapter_model.safetensors");
+        const st::File written = st::File::open(out / "adapter_model.safetensors");
+        for (const auto& [full, raw] : adapter.other_tensors) {
+            const auto a = original.raw(full), b = written.raw(full);
+            REQUIRE(std::equal(a.begin(), a.end(), b.begin(), b.end()));
         }
         // The config kept the file's own fields (task, base model) and PEFT's keys.
         const auto cfg = test::read_json(out / "adapter_config.json");

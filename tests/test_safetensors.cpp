@@ -326,6 +326,10 @@ TEST_CASE("the writer refuses what it cannot write", "[safetensors][errors]") {
     REQUIRE_THROWS_WITH(w.add("b", m, Dtype::I64), Contains("cannot write dtype I64"));
     const std::vector<float> v(3);
     REQUIRE_THROWS_WITH(w.add_tensor<float>("c", {2, 2}, std::span<const float>(v)), Contains("3 values for a shape of 4"));
+    const std::vector<std::byte> three(3);
+    REQUIRE_THROWS_WITH(w.add_raw("r", Dtype::I16, {2}, three), Contains("add_raw") && Contains("3 bytes for 4"));
+    w.add_raw("r", Dtype::I16, {}, std::span<const std::byte>(three).first(2));
+    REQUIRE(File::parse(w.bytes()).raw("r").size() == 2);
     Writer bad;
     bad.add("\xff", m);
     REQUIRE_THROWS_WITH(bad.bytes(), Contains("cannot encode the header"));

@@ -29,12 +29,13 @@
 /// still hold an adapter name (`lora_A.default.weight`), and unknown per-module `lora_*` tensors
 /// unless `LoadOptions::allow_extra_tensors` is set.
 ///
-/// What is reported and not loaded: tensors that are not LoRA factors (`modules_to_save` copies
-/// such as classifier heads, trainable biases with `bias` ≠ "none", trainable-token deltas) are
-/// listed in `Adapter::other_tensors` — they are full replacement weights of the base model, not
-/// deltas; read them with `safetensors::File` if needed. Config settings that matter to the base
-/// model rather than to the adapter (`modules_to_save`, `bias`, non-default `init_lora_weights`,
-/// unrecognised keys with a non-empty value) are described in `Adapter::notes`.
+/// What is reported and kept but not interpreted: tensors that are not LoRA factors
+/// (`modules_to_save` copies such as classifier heads, trainable biases with `bias` ≠ "none",
+/// trainable-token deltas) are kept as raw bytes in `Adapter::other_tensors` (by full name) and
+/// written back unchanged by `save` — they are full replacement weights of the base model, not
+/// deltas, and lowrank applies none of them. Config settings that matter to the base model rather
+/// than to the adapter (`modules_to_save`, `bias`, non-default `init_lora_weights`, unrecognised
+/// keys with a non-empty value) are described in `Adapter::notes`.
 ///
 /// Extra per-module tensors. Methods whose adapter is LoRA plus a small extra tensor per module
 /// (LoRA-XS and LoRA-SB: ΔW = s·B R A with an r × r core R) save it as
@@ -102,6 +103,13 @@ struct Config {
     nlohmann::ordered_json json = nlohmann::ordered_json::object();
 };
 
+/// A tensor kept as stored (dtype, shape, little-endian bytes).
+struct RawTensor {
+    safetensors::Dtype dtype = safetensors::Dtype::F32;
+    std::vector<std::uint64_t> shape;
+    std::vector<std::byte> bytes;
+};
+
 /// One adapted module.
 template <Real T>
 struct Module {
@@ -119,8 +127,9 @@ struct Adapter {
     Config config;
     /// Adapted modules by name without `base_model.model.` (the name PEFT's patterns match).
     std::map<std::string, Module<T>> modules;
-    /// Full names of the file's tensors that are not LoRA factors (not loaded).
-    std::vector<std::string> other_tensors;
+    /// The file's tensors that are not LoRA factors, by full name: kept as stored, not applied,
+    /// written back by `save`.
+    std::map<std::string, RawTensor> other_tensors;
     /// The safetensors `__metadata__`.
     std::map<std::string, std::string, std::less<>> metadata;
     /// What was seen and deliberately not applied (one line each).
@@ -301,17 +310,17 @@ inline Config parse_config(std::string_view text, const std::string& where, std:
     // Settings about the base model rather than the adapter: reported.
     if (const auto it = doc.find("modules_to_save"); it != doc.end() && truthy(*it))
         notes.push_back("config: modules_to_save is set; those modules' saved weights are full replacements "
-                        "of base weights (listed in other_tensors, not loaded)");
+                        "of base weights (kept in other_tensors, not applied)");
     if (const auto it = doc.find("bias"); it != doc.end() && it->is_string() &&
                                           it->template get_ref<const std::string&>() != "none")
         notes.push_back("config: bias = " + quote_name(it->template get_ref<const std::string&>()) +
-                        "; trained base biases are in other_tensors, not loaded");
+                        "; trained base biases are kept in other_tensors, not applied");
     if (const auto it = doc.find("init_lora_weights");
         it != doc.end() && it->is_string() && it->template get_ref<const std::string&>() != "gaussian")
         notes.push_back("config: init_lora_weights = " + quote_name(it->template get_ref<const std::string&>()) +
                         "; methods such as PiSSA/OLoRA modify the base weights, which this file does not hold");
     if (const auto it = doc.find("trainable_token_indices"); it != doc.end() && truthy(*it))
-        notes.push_back("config: trainable_token_indices is set; the token deltas are in other_tensors, not loaded");
+        notes.push_back("config: trainable_token_indices is set; the token deltas are kept in other_tensors, not applied");
     static constexpr std::string_view known[] = {
         "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config", "eva_config",
         "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layers_pattern",
@@ -413,7 +422,8 @@ template <Real T>
         if (at == std::string::npos || full.compare(0, 5, "lora_") == 0) {
             if (full.compare(0, 5, "lora_") == 0)
                 fail(where, ": tensor ", quote_name(full), " has no module name before 'lora_'");
-            adapter.other_tensors.push_back(full);
+            const auto raw = file.raw(full);
+            adapter.other_tensors.emplace(full, RawTensor{t.dtype, t.shape, {raw.begin(), raw.end()}});
             continue;
         }
         if (at > 4096)
@@ -506,8 +516,9 @@ template <Real T>
     if (adapter.modules.empty()) fail(where, ": the file has no LoRA factors (no '.lora_A.weight' tensors)");
     if (!adapter.other_tensors.empty())
         adapter.notes.push_back("file: " + std::to_string(adapter.other_tensors.size()) +
-                                " tensor(s) that are not LoRA factors (e.g. " + quote_name(adapter.other_tensors.front()) +
-                                ") are listed in other_tensors and not loaded");
+                                " tensor(s) that are not LoRA factors (e.g. " +
+                                quote_name(adapter.other_tensors.begin()->first) +
+                                ") are kept in other_tensors and not applied");
     return adapter;
 }
 
@@ -639,6 +650,11 @@ template <Real T>
                                       "' must start with 'lora_' and not be a factor");
             w.add(base + suffix, value, options.dtype);
         }
+    }
+    for (const auto& [name, raw] : adapter.other_tensors) {
+        if (w.contains(name))
+            lowrank::detail::fail("lowrank::peft::save: other tensor '", name, "' collides with a LoRA tensor name");
+        w.add_raw(name, raw.dtype, raw.shape, raw.bytes);
     }
     w.set_metadata("format", "pt");
     return w;

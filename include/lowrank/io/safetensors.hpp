@@ -668,6 +668,23 @@ public:
         entries_.push_back(std::move(e));
     }
 
+    /// Adds a tensor of any dtype from its raw little-endian bytes (e.g. copied from
+    /// `File::raw`); `bytes.size()` must equal numel × dtype size.
+    void add_raw(std::string name, Dtype dtype, std::vector<std::uint64_t> shape,
+                 std::span<const std::byte> bytes) {
+        const char* fn = "lowrank::safetensors::Writer::add_raw";
+        if (name == "__metadata__") lowrank::detail::fail(fn, ": the name '__metadata__' is reserved");
+        if (contains(name)) lowrank::detail::fail(fn, ": duplicate tensor name ", detail::quote_name(name));
+        std::uint64_t nbytes = dtype_size(dtype);
+        for (auto s : shape)
+            if (detail::mul_overflows(nbytes, s, nbytes))
+                lowrank::detail::fail(fn, ": the shape of ", detail::quote_name(name), " overflows");
+        if (nbytes != bytes.size())
+            lowrank::detail::fail(fn, ": tensor ", detail::quote_name(name), " has ", bytes.size(),
+                                  " bytes for ", nbytes, " expected from its shape and dtype");
+        entries_.push_back({std::move(name), dtype, std::move(shape), {bytes.begin(), bytes.end()}});
+    }
+
     /// Sets a `__metadata__` entry (PEFT writes {"format": "pt"}).
     void set_metadata(std::string key, std::string value) { metadata_[std::move(key)] = std::move(value); }
 
