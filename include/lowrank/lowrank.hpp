@@ -3,14 +3,40 @@
 /// \file
 /// The whole library.
 
+#include "version.hpp"
+
+// core: views, kernels and the term protocol (no method knowledge)
 #include "core/args.hpp"
 #include "core/error.hpp"
+#include "core/gathered.hpp"
 #include "core/kernels.hpp"
 #include "core/ops.hpp"
 #include "core/random.hpp"
 #include "core/terms.hpp"
 #include "core/view.hpp"
+
+// linalg: SVD, Gram solves, Sylvester, input statistics
+#include "linalg/cholesky.hpp"
+#include "linalg/second_moment.hpp"
+#include "linalg/svd.hpp"
+#include "linalg/sylvester.hpp"
+
+// expressions
 #include "expr/expr.hpp"
+
+// methods
+#include "arithmetic.hpp"
+#include "compose.hpp"
 #include "lora.hpp"
+#include "lora_pro.hpp"
+#include "lora_sb.hpp"
+#include "lora_svd_init.hpp"
+#include "lora_xs.hpp"
+#include "rank_one.hpp"
+
+// files
+#include "io/peft.hpp"
+#include "io/safetensors.hpp"
+
+// the public gradient checker
 #include "testing/gradcheck.hpp"
-#include "version.hpp"
