@@ -1,4 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
+#include <lowrank/io/peft.hpp>
+#include <lowrank/io/safetensors.hpp>
 #include <lowrank/lowrank.hpp>
 
 double second_tu_forward() {

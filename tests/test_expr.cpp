@@ -172,3 +172,74 @@ TEST_CASE("expressions validate their terms against X and W", "[expr][errors]") 
     Matrix<float> Ywrong = Matrix<float>::Zero(8, 8);
     REQUIRE_THROWS_WITH(Ywrong.topRows(3) = linear(X, W + lora), Contains("Y is 3 x 8"));
 }
+
+namespace {
+/// A per-token term: φ multiplies row t of the batch by (t + 1), so a wrong row offset in a
+/// split batch changes the result.
+template <class T>
+struct RowNumbered {
+    using scalar = T;
+    static constexpr bool stored_by_value = false;
+    Matrix<T> U, V;
+    Index in_features() const { return V.cols(); }
+    Index out_features() const { return U.rows(); }
+    Index width() const { return V.rows(); }
+    MatrixView<const T> shrink_factor() const { return view(V); }
+    MatrixView<const T> expand_factor() const { return view(U); }
+    void transform(MatrixView<T> t, Index row0) const {
+        for (Index i = 0; i < t.rows; ++i)
+            for (Index j = 0; j < t.cols; ++j) t(i, j) *= T(row0 + i + 1);
+    }
+    void validate(const char*, Index, Index, Index) const {}
+};
+}  // namespace
+
+TEMPLATE_TEST_CASE("threads: split batches give the single-thread result", "[expr][threads]", float,
+                   double) {
+    using T = TestType;
+    const Index n = GENERATE(1, 5, 32, 33, 150), out = 300, in = 70;
+    const int threads = GENERATE(2, 3);
+    CAPTURE(n, threads);
+    const Lora<T> lora = random_lora<T>(out, in, 6, 8, 1);
+    const RowNumbered<T> numbered{random_matrix<T>(out, 3, 2), random_matrix<T>(3, in, 3)};
+    const Matrix<T> X = random_matrix<T>(n, in, 4), W = random_matrix<T>(out, in, 5);
+    Workspace<T> ws;
+    const Matrix<T> one = linear(X, W + lora + numbered, ws);
+    const Matrix<T> many = linear(X, W + lora + numbered, ws, Threads{threads});
+    // Splitting output features keeps every kernel decision (bit-identical); splitting rows may
+    // pick other kernels for the smaller blocks, so it agrees to rounding.
+    const double tol = 16 * eps<T>() * in * (1 + n) * (1 + max_abs(to_double(one)));
+    REQUIRE(max_abs(to_double(many) - to_double(one)) <= tol);
+    if (n <= core::blocking::stream_weight_rows) REQUIRE(many == one);
+
+    Matrix<T> Y1 = random_matrix<T>(n, out, 6), Y2 = Y1;
+    add_delta(X, lora, Y1, ws);
+    add_delta(X, lora, Y2, ws, Threads{threads});
+    REQUIRE(max_abs(to_double(Y2) - to_double(Y1)) <= tol);
+
+    Matrix<T> F1, F2;
+    forward(X, W, lora, F1, ws);
+    forward(X, W, lora, F2, ws, Threads{threads});
+    REQUIRE(max_abs(to_double(F2) - to_double(F1)) <= tol);
+
+    Matrix<T> W1 = W, W2 = W;
+    merge(W1, lora, T(0.5));
+    merge(W2, lora, T(0.5), Threads{threads});
+    REQUIRE(W1 == W2);  // bands of rows, same arithmetic per element
+    unmerge(W2, lora, T(0.5), Threads{threads});
+    unmerge(W1, lora, T(0.5));
+    REQUIRE(W1 == W2);
+}
+
+TEST_CASE("parallel_for covers the range once and rethrows a chunk's exception", "[threads]") {
+    std::vector<int> hits(1000, 0);
+    core::parallel_for(Threads{4}, 1000, 10, 8, [&](Index b, Index e) {
+        for (Index i = b; i < e; ++i) ++hits[std::size_t(i)];
+    });
+    REQUIRE(std::all_of(hits.begin(), hits.end(), [](int h) { return h == 1; }));
+    REQUIRE_THROWS_AS(core::parallel_for(Threads{2}, 100, 10, 1,
+                                         [](Index b, Index) {
+                                             if (b == 0) throw lowrank::error("chunk 0");
+                                         }),
+                      lowrank::error);
+}

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Linked with odr_second_tu.cpp: both include every header, so a non-inline definition in a
 // header is a duplicate-symbol link error here.
+#include <lowrank/io/peft.hpp>
+#include <lowrank/io/safetensors.hpp>
 #include <lowrank/lowrank.hpp>
 
 #include <catch2/catch.hpp>

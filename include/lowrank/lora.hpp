@@ -237,10 +237,12 @@ void lora_backward_delta(MatrixView<const T> xa, const Lora<T>& lora, MatrixView
 }  // namespace detail
 
 /// Y = X Wᵀ + s (X Aᵀ) Bᵀ. X: n × in, W: out × in, Y: n × out (a plain Matrix is resized).
-/// Y must not overlap X or W. Cost: 2·n·out·in + 2·n·r·(in + out) flops.
+/// Y must not overlap X or W. Cost: 2·n·out·in + 2·n·r·(in + out) flops. With `ws`, the n × r
+/// scratch is reused across calls; with `threads`, the work is split between that many threads
+/// (output features for n ≤ 32, rows beyond; see core/parallel.hpp).
 template <class DX, class DW, Real T, Destination DY>
 void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
-             DY&& Y, Workspace<T>& ws) {
+             DY&& Y, Workspace<T>& ws, Threads threads = {}) {
     const char* fn = "lowrank::forward";
     const auto x = detail::input_view(fn, "X", X, -1, lora.in_features());
     const auto w = detail::input_view(fn, "W", W, lora.out_features(), lora.in_features());
@@ -248,8 +250,8 @@ void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, con
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, w.rows, true);
     detail::check_no_overlap(fn, "Y", y, "X", x);
     detail::check_no_overlap(fn, "Y", y, "W", w);
-    core::base_product<T>(x, w, y);
-    detail::lora_add_delta<T>(x, lora, y, ws);
+    const Index rows = core::scratch_rows<T>(x.rows, x.cols, threads, lora);
+    core::linear_terms<T>(x, w, y, ws.matrix(rows, lora.rank()), threads, lora);
 }
 template <class DX, class DW, Real T, Destination DY>
 void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
@@ -277,15 +279,18 @@ void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, con
 }
 
 /// Y += s (X Aᵀ) Bᵀ: the adapter part alone, for hosts that run their own base GEMM.
-/// Y (n × out) must already have its shape and must not overlap X.
+/// Y (n × out) must already have its shape and must not overlap X. `ws` and `threads` as for
+/// `forward`.
 template <class DX, Real T, Destination DY>
-void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y, Workspace<T>& ws) {
+void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y, Workspace<T>& ws,
+               Threads threads = {}) {
     const char* fn = "lowrank::add_delta";
     const auto x = detail::input_view(fn, "X", X, -1, lora.in_features());
     lora.validate(fn, x.rows, lora.in_features(), lora.out_features());
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, lora.out_features(), false);
     detail::check_no_overlap(fn, "Y", y, "X", x);
-    detail::lora_add_delta<T>(x, lora, y, ws);
+    const Index rows = core::scratch_rows<T>(x.rows, x.cols, threads, lora);
+    core::linear_terms<T>(x, MatrixView<const T>{}, y, ws.matrix(rows, lora.rank()), threads, lora);
 }
 template <class DX, Real T, Destination DY>
 void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y) {
@@ -366,18 +371,24 @@ void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const Lora<T>& lora,
 namespace detail {
 /// W += signed_weight · s · B A after checking W's shape, the weight and aliasing.
 template <Real T, Destination DW>
-void lora_merge(const char* fn, DW&& W, const Lora<T>& lora, T signed_weight) {
+void lora_merge(const char* fn, DW&& W, const Lora<T>& lora, T signed_weight, Threads threads) {
     lora.validate(fn, 0, lora.in_features(), lora.out_features());
     check_finite(fn, "weight", signed_weight);
     auto w = output_view(fn, "W", std::forward<DW>(W), lora.out_features(), lora.in_features(),
                          false);
     check_no_overlap(fn, "W", w, "A", lora.shrink_factor());
     check_no_overlap(fn, "W", w, "B", lora.expand_factor());
-    lora.merge_into(w, signed_weight);
+    // Rows of W are independent: each thread updates its band with the matching rows of B
+    // (the same per-element arithmetic as one thread, so the result is bit-identical).
+    core::parallel_for(threads, w.rows, 64, core::blocking::mr, [&](Index b, Index e) {
+        core::rank_update<T>(w.middle_rows(b, e - b), lora.expand_factor().middle_rows(b, e - b),
+                             lora.shrink_factor(), signed_weight * lora.scale());
+    });
 }
 }  // namespace detail
 
-/// W += weight · s · B A, in one read-modify-write pass over W (out × in).
+/// W += weight · s · B A, in one read-modify-write pass over W (out × in); with `threads`, bands
+/// of rows of W on that many threads (bit-identical to one thread).
 ///
 /// Round trip: in precision u (2⁻²⁴ for float), `merge` then `unmerge` returns each entry within
 ///     |W'ᵢⱼ − Wᵢⱼ| ≤ u · (2 |Wᵢⱼ| + |ΔWᵢⱼ|)   (to first order in u, for r ≤ 256)
@@ -385,14 +396,16 @@ void lora_merge(const char* fn, DW&& W, const Lora<T>& lora, T signed_weight) {
 /// roundings of the additions remain. To avoid even that, keep W unmerged (the unmerged forward
 /// costs 2·n·r·(in + out) extra flops) or merge into a double copy.
 template <Real T, Destination DW>
-void merge(DW&& W, const Lora<T>& lora, std::type_identity_t<T> weight = T(1)) {
-    detail::lora_merge("lowrank::merge", std::forward<DW>(W), lora, weight);
+void merge(DW&& W, const Lora<T>& lora, std::type_identity_t<T> weight = T(1),
+           Threads threads = {}) {
+    detail::lora_merge("lowrank::merge", std::forward<DW>(W), lora, weight, threads);
 }
 
 /// W −= weight · s · B A: the inverse of `merge`, up to the bound stated there.
 template <Real T, Destination DW>
-void unmerge(DW&& W, const Lora<T>& lora, std::type_identity_t<T> weight = T(1)) {
-    detail::lora_merge("lowrank::unmerge", std::forward<DW>(W), lora, -weight);
+void unmerge(DW&& W, const Lora<T>& lora, std::type_identity_t<T> weight = T(1),
+             Threads threads = {}) {
+    detail::lora_merge("lowrank::unmerge", std::forward<DW>(W), lora, -weight, threads);
 }
 
 }  // namespace lowrank

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 #pragma once
 /// \file
-/// The whole library.
+/// The whole library, except the file readers and writers of `io/` (they bring nlohmann/json
+/// and <regex> into every translation unit): include `lowrank/io/peft.hpp` or
+/// `lowrank/io/safetensors.hpp` where files are read or written.
 
 #include "version.hpp"
 
@@ -11,6 +13,7 @@
 #include "core/gathered.hpp"
 #include "core/kernels.hpp"
 #include "core/ops.hpp"
+#include "core/parallel.hpp"
 #include "core/random.hpp"
 #include "core/terms.hpp"
 #include "core/view.hpp"
@@ -33,10 +36,6 @@
 #include "lora_svd_init.hpp"
 #include "lora_xs.hpp"
 #include "rank_one.hpp"
-
-// files
-#include "io/peft.hpp"
-#include "io/safetensors.hpp"
 
 // the public gradient checker
 #include "testing/gradcheck.hpp"

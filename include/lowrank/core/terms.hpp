@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ops.hpp"
+#include "parallel.hpp"
 
 namespace lowrank {
 
@@ -82,10 +83,11 @@ template <class T>
 }
 
 /// Y += Σ_k φ_k(X V_kᵀ) U_kᵀ over the terms, through `scratch` (at least min(n, row block) × Σw).
+/// X and Y are rows [row_offset, row_offset + n) of the batch (per-token terms index by batch row).
 /// Arguments must have been validated (see `validate_terms`).
 template <class T, class Arch = xsimd::default_arch, LowRankTerm... Terms>
-void apply_terms(MatrixView<const T> x, MatrixView<T> y, MatrixView<T> scratch,
-                 const Terms&... terms) {
+void apply_terms_at(MatrixView<const T> x, MatrixView<T> y, MatrixView<T> scratch, Index row_offset,
+                    const Terms&... terms) {
     static_assert((std::same_as<typename Terms::scalar, T> && ...),
                   "apply_terms: every term must have the scalar type of X and Y");
     const Index n = x.rows;
@@ -100,12 +102,73 @@ void apply_terms(MatrixView<const T> x, MatrixView<T> y, MatrixView<T> scratch,
             const Index w = term.width();
             const auto t = scratch.block(0, col, nb, w);
             shrink<T, Arch>(xb, term.shrink_factor(), t);
-            term.transform(t, r0);
+            term.transform(t, row_offset + r0);
             expand<T, Arch>(t, term.expand_factor(), yb);
             col += w;
         };
         (run(terms), ...);
     }
+}
+
+/// Y += Σ_k φ_k(X V_kᵀ) U_kᵀ for a whole batch (rows 0…n−1).
+template <class T, class Arch = xsimd::default_arch, LowRankTerm... Terms>
+void apply_terms(MatrixView<const T> x, MatrixView<T> y, MatrixView<T> scratch,
+                 const Terms&... terms) {
+    apply_terms_at<T, Arch>(x, y, scratch, 0, terms...);
+}
+
+/// Rows of scratch `linear_terms` needs for an n-row batch.
+template <class T, LowRankTerm... Terms>
+[[nodiscard]] Index scratch_rows(Index n, Index in, Threads threads, const Terms&...) noexcept {
+    if (threads.count > 1) return n;
+    return std::min(n, term_row_block<T>(n, in, sizeof...(Terms)));
+}
+
+/// Y (=|+=) X Wᵀ + Σ_k φ_k(X V_kᵀ) U_kᵀ on up to `threads.count` threads. With an empty `w` the
+/// base product is skipped and the terms are added to Y (the adapter part alone). scratch:
+/// `scratch_rows(n, in, threads, terms…)` × Σw. Small batches (n ≤ stream_weight_rows) split
+/// the output features, so each thread streams its own share of W once; larger ones split rows.
+template <class T, class Arch = xsimd::default_arch, LowRankTerm... Terms>
+void linear_terms(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y,
+                  MatrixView<T> scratch, Threads threads, const Terms&... terms) {
+    const Index n = x.rows, out = y.cols;
+    const bool base = w.rows > 0;
+    if (n == 0 || out == 0) return;
+    if (threads.count <= 1) {
+        if (base) base_product<T, Arch>(x, w, y);
+        apply_terms_at<T, Arch>(x, y, scratch, 0, terms...);
+        return;
+    }
+    if (n <= blocking::stream_weight_rows) {
+        // Shrink and transform once on this thread (n × Σw, small), then split the outputs.
+        Index col = 0;
+        auto prepare = [&](const auto& term) {
+            const auto t = scratch.block(0, col, n, term.width());
+            shrink<T, Arch>(x, term.shrink_factor(), t);
+            term.transform(t, 0);
+            col += term.width();
+        };
+        (prepare(terms), ...);
+        parallel_for(threads, out, 256, 16, [&](Index b, Index e) {
+            const auto yb = y.block(0, b, n, e - b);
+            if (base) base_product<T, Arch>(x, w.middle_rows(b, e - b), yb);
+            Index c = 0;
+            auto run = [&](const auto& term) {
+                const Index wd = term.width();
+                expand<T, Arch>(MatrixView<const T>(scratch.block(0, c, n, wd)),
+                                term.expand_factor().middle_rows(b, e - b), yb);
+                c += wd;
+            };
+            (run(terms), ...);
+        });
+        return;
+    }
+    parallel_for(threads, n, 32, 1, [&](Index b, Index e) {
+        const auto xb = x.middle_rows(b, e - b);
+        const auto yb = y.middle_rows(b, e - b);
+        if (base) base_product<T, Arch>(xb, w, yb);
+        apply_terms_at<T, Arch>(xb, yb, scratch.middle_rows(b, e - b), b, terms...);
+    });
 }
 
 }  // namespace core

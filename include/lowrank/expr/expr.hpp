@@ -198,8 +198,9 @@ class LinearExpr : public Eigen::ReturnByValue<LinearExpr<Expr, DX>> {
 public:
     using scalar = typename Expr::scalar;
 
-    LinearExpr(const Eigen::MatrixBase<DX>& x, const Expr& e, Workspace<scalar>* ws)
-        : x_(detail::input_view("lowrank::linear", "X", x, -1, e.in_features())), expr_(e), ws_(ws) {
+    LinearExpr(const Eigen::MatrixBase<DX>& x, const Expr& e, Workspace<scalar>* ws, Threads threads)
+        : x_(detail::input_view("lowrank::linear", "X", x, -1, e.in_features())), expr_(e), ws_(ws),
+          threads_(threads) {
         expr_.apply([&](const auto&... terms) {
             validate_terms("lowrank::linear", x_.rows, expr_.in_features(), expr_.out_features(),
                            terms...);
@@ -218,11 +219,10 @@ public:
         detail::check_no_overlap(fn, "Y", y, "W", expr_.weight());
         Workspace<scalar> local;
         Workspace<scalar>& ws = ws_ ? *ws_ : local;
-        core::base_product<scalar>(x, expr_.weight(), y);
         expr_.apply([&](const auto&... terms) {
-            const Index rb = core::term_row_block<scalar>(x.rows, x.cols, sizeof...(terms));
-            auto scratch = ws.matrix(std::min<Index>(rb, x.rows), core::total_width(terms...));
-            core::apply_terms<scalar>(x, y, scratch, terms...);
+            const Index rows = core::scratch_rows<scalar>(x.rows, x.cols, threads_, terms...);
+            auto scratch = ws.matrix(rows, core::total_width(terms...));
+            core::linear_terms<scalar>(x, expr_.weight(), y, scratch, threads_, terms...);
         });
     }
 
@@ -230,6 +230,7 @@ private:
     MatrixView<const scalar> x_;
     Expr expr_;
     Workspace<scalar>* ws_;
+    Threads threads_;
 };
 
 /// `dense(W + terms)`: the merged weight W + Σ ΔW (out × in), for mergeable terms.
@@ -270,15 +271,16 @@ template <class DX, Real T, LowRankTerm... Terms>
     requires std::same_as<typename DX::Scalar, T>
 [[nodiscard]] LinearExpr<SumExpr<T, Terms...>, DX> linear(const Eigen::MatrixBase<DX>& X,
                                                           const SumExpr<T, Terms...>& e) {
-    return {X, e, nullptr};
+    return {X, e, nullptr, Threads{}};
 }
-/// As above, with the n × Σw scratch taken from (and kept in) `ws`.
+/// As above, with the n × Σw scratch taken from (and kept in) `ws`, on up to `threads.count`
+/// threads (see core/parallel.hpp: small batches split the output features, larger ones rows).
 template <class DX, Real T, LowRankTerm... Terms>
     requires std::same_as<typename DX::Scalar, T>
 [[nodiscard]] LinearExpr<SumExpr<T, Terms...>, DX> linear(const Eigen::MatrixBase<DX>& X,
                                                           const SumExpr<T, Terms...>& e,
-                                                          Workspace<T>& ws) {
-    return {X, e, &ws};
+                                                          Workspace<T>& ws, Threads threads = {}) {
+    return {X, e, &ws, threads};
 }
 
 /// The merged weight W + Σ ΔW of an expression whose terms are all mergeable.
