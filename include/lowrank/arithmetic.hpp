@@ -74,11 +74,15 @@ template <Real T>
     return double(term.weight());
 }
 
-/// The stacked factors of Σ w_i s_i B_i A_i: B (out × m) and A (m × in), weights and scales in A.
+template <class T>
+using ColMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+
+/// The stacked factors of Σ w_i s_i B_i A_i: B (out × m) and Aᵀ (in × m), column-major (the
+/// layout the QRs work in place on), weights and scales folded into A.
 template <Real T>
 struct Stacked {
-    Matrix<T> B;
-    Matrix<T> A;
+    ColMajor<T> B;
+    ColMajor<T> At;
 };
 
 template <Real T>
@@ -99,26 +103,29 @@ template <Real T>
     }
     Stacked<T> st;
     st.B.resize(out, m);
-    st.A.resize(m, in);
+    st.At.resize(in, m);
     Index col = 0;
     for (const auto& term : terms) {
         const Lora<T>& a = term.term();
         const double ws = double(term.weight()) * double(a.scale());  // w_i s_i, once
         st.B.middleCols(col, a.rank()) = a.B();
-        st.A.middleRows(col, a.rank()) = (a.A().template cast<double>() * ws).template cast<T>();
+        // A row-major r × in block is, in memory, the column-major in × r block of Aᵀ.
+        st.At.middleCols(col, a.rank()) =
+            (a.A().transpose().template cast<double>() * ws).template cast<T>();
         col += a.rank();
     }
-    if (!st.A.allFinite() || !st.B.allFinite()) fail(fn, ": the adapters' factors are not finite");
+    if (!st.At.allFinite() || !st.B.allFinite()) fail(fn, ": the adapters' factors are not finite");
     return st;
 }
 
-/// Optimal rank-k approximation of s · B A (B: out × m, A: m × in) in factor space.
+/// Optimal rank-k approximation of s · B Atᵀ (B: out × m, At: in × m) in factor space.
+/// B and At are overwritten (the QRs run in place on them).
 template <Real T>
-[[nodiscard]] Lora<T> compress_factors(const char* fn, const Matrix<T>& B, const Matrix<T>& A,
-                                       double s, Index k, const CompressOptions& opts) {
-    using CM = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+[[nodiscard]] Lora<T> compress_factors(const char* fn, ColMajor<T>& B, ColMajor<T>& At, double s,
+                                       Index k, const CompressOptions& opts) {
+    using CM = ColMajor<T>;
     using DM = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
-    const Index out = B.rows(), in = A.cols(), m = B.cols();
+    const Index out = B.rows(), in = At.rows(), m = B.cols();
     if (k < 1 || k > std::min({out, in, m}))
         fail(fn, ": rank k = ", k, " is out of range [1, min(out, in, sum of ranks)] = [1, ",
              std::min({out, in, m}), "] for ", out, " x ", in, " adapters of total rank ", m);
@@ -128,8 +135,8 @@ template <Real T>
     const double s_out = lora_scale(alpha, k, opts.rslora);
 
     // Thin QR of both stacks: B = Q_B R_B, Aᵀ = Q_A R_A (R_B: p_B × m, R_A: p_A × m).
-    const Eigen::HouseholderQR<CM> qr_b{CM(B)};
-    const Eigen::HouseholderQR<CM> qr_a{CM(A.transpose())};
+    const Eigen::HouseholderQR<Eigen::Ref<CM>> qr_b(B);
+    const Eigen::HouseholderQR<Eigen::Ref<CM>> qr_a(At);
     const Index pb = std::min(out, m), pa = std::min(in, m);
     const DM rb = qr_b.matrixQR().topRows(pb).template triangularView<Eigen::Upper>().toDenseMatrix()
                       .template cast<double>();
@@ -197,11 +204,11 @@ template <Real T>
 [[nodiscard]] Lora<T> concat(std::span<const WeightedTerm<Lora<T>>> terms) {
     const char* fn = "lowrank::concat";
     detail::Stacked<T> st = detail::stack_adapters<T>(fn, terms);
-    const Index m = st.A.rows(), out = st.B.rows(), in = st.A.cols();
+    const Index m = st.B.cols(), out = st.B.rows(), in = st.At.rows();
     if (m > std::min(out, in))
         detail::fail(fn, ": the sum of ranks ", m, " exceeds min(out, in) = ", std::min(out, in),
                      " for a ", out, " x ", in, " weight; compress the list to a lower rank instead");
-    return Lora<T>::from_factors(st.A, st.B, double(m), false);
+    return Lora<T>::from_factors(st.At.transpose(), st.B, double(m), false);
 }
 /// `concat(w₁ * a₁, a₂, …)`: each argument a `Lora<T>` (weight 1) or `w * Lora<T>`.
 template <WeightedLora First, WeightedLora... Rest>
@@ -220,7 +227,8 @@ template <Real T>
 [[nodiscard]] Lora<T> compress(const Lora<T>& sum, Index k, const CompressOptions& opts = {}) {
     const char* fn = "lowrank::compress";
     sum.validate(fn, 0, sum.in_features(), sum.out_features());
-    return detail::compress_factors<T>(fn, sum.B(), sum.A(), double(sum.scale()), k, opts);
+    detail::ColMajor<T> B = sum.B(), At = sum.A().transpose();
+    return detail::compress_factors<T>(fn, B, At, double(sum.scale()), k, opts);
 }
 
 /// The optimal rank-k approximation of Σ_i w_i s_i B_i A_i (any Σ r_i, also above min(out, in)).
@@ -228,8 +236,8 @@ template <Real T>
 [[nodiscard]] Lora<T> compress(std::span<const WeightedTerm<Lora<T>>> terms, Index k,
                                const CompressOptions& opts = {}) {
     const char* fn = "lowrank::compress";
-    const detail::Stacked<T> st = detail::stack_adapters<T>(fn, terms);
-    return detail::compress_factors<T>(fn, st.B, st.A, 1.0, k, opts);
+    detail::Stacked<T> st = detail::stack_adapters<T>(fn, terms);
+    return detail::compress_factors<T>(fn, st.B, st.At, 1.0, k, opts);
 }
 /// `compress(k, w₁ * a₁, a₂, …)` with the default options.
 template <WeightedLora First, WeightedLora... Rest>
