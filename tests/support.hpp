@@ -6,6 +6,8 @@
 #include <lowrank/core/random.hpp>
 #include <lowrank/core/view.hpp>
 
+#include <xsimd/xsimd.hpp>
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -23,6 +25,31 @@ Matrix<T> random_matrix(Index rows, Index cols, std::uint64_t seed) {
         for (Index j = 0; j < cols; ++j) m(i, j) = T(rng.uniform(-1.0, 1.0));
     return m;
 }
+
+/// A (scalar type, architecture) pair for TEMPLATE_TEST_CASE over compiled SIMD paths. SSE2 is on
+/// every x86-64; default_arch is what the build flags enable (AVX2+FMA with -march=native here).
+/// With no extra flags both are SSE2 and the tests simply run twice.
+template <class T, class Arch>
+struct Case {
+    using scalar = T;
+    using arch = Arch;
+};
+using FloatSse2 = Case<float, xsimd::sse2>;
+using DoubleSse2 = Case<double, xsimd::sse2>;
+using FloatDefault = Case<float, xsimd::default_arch>;
+using DoubleDefault = Case<double, xsimd::default_arch>;
+
+/// A rows × cols block at (1, 2) of a larger random matrix, so that ld ≠ cols and the data is not
+/// aligned: exercises leading dimensions and unaligned loads.
+template <class T>
+struct Strided {
+    Matrix<T> storage;
+    Index rows, cols;
+    Strided(Index r, Index c, std::uint64_t seed)
+        : storage(random_matrix<T>(r + 3, c + 5, seed)), rows(r), cols(c) {}
+    MatrixView<T> view() { return lowrank::view_mut(storage).block(1, 2, rows, cols); }
+    Matrix<double> value() const { return storage.block(1, 2, rows, cols).template cast<double>(); }
+};
 
 template <class T>
 constexpr double eps() {

@@ -7,23 +7,17 @@
 
 #include <Eigen/SVD>
 
-#include "support.hpp"
+#include "lora_support.hpp"
 
 using namespace lowrank;
 using lowrank::test::eps;
 using lowrank::test::naive_product;
+using lowrank::test::random_lora;
 using lowrank::test::random_matrix;
 using lowrank::test::require_within;
 using lowrank::test::to_double;
 
 namespace {
-
-template <class T>
-Lora<T> random_lora(Index out, Index in, Index r, double alpha, bool rslora, std::uint64_t seed) {
-    Lora<T> lora(out, in, {.rank = r, .alpha = alpha, .rslora = rslora, .seed = seed});
-    lora.B() = random_matrix<T>(out, r, seed + 100);
-    return lora;
-}
 
 /// w · s · B A in double, with s computed from the configuration in double (not the adapter's
 /// rounded scale), and its absolute-value counterpart.

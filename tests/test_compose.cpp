@@ -11,26 +11,19 @@
 #include <functional>
 #include <numeric>
 
-#include "support.hpp"
+#include "lora_support.hpp"
 
 using namespace lowrank;
 using lowrank::test::eps;
 using lowrank::test::max_abs;
 using lowrank::test::naive_product;
 using lowrank::test::product_bound;
+using lowrank::test::random_lora;
 using lowrank::test::random_matrix;
 using lowrank::test::require_within;
 using lowrank::test::to_double;
 
 namespace {
-
-/// A LoRA with random B (PEFT's B = 0 would make every adapter check trivial).
-template <class T>
-Lora<T> random_lora(Index out, Index in, Index r, double alpha, std::uint64_t seed) {
-    Lora<T> lora(out, in, {.rank = r, .alpha = alpha, .seed = seed});
-    lora.B() = random_matrix<T>(out, r, seed + 100);
-    return lora;
-}
 
 /// diag(m) s (X Aᵀ) Bᵀ exactly, and a bound on its computed error: the shrink's error propagates
 /// through |B|, the expand adds its own, the scale and mask multiplications one rounding each.

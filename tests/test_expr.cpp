@@ -5,23 +5,17 @@
 #include <lowrank/expr/expr.hpp>
 #include <lowrank/lora.hpp>
 
-#include "support.hpp"
+#include "lora_support.hpp"
 
 using namespace lowrank;
 using lowrank::test::eps;
 using lowrank::test::max_abs;
 using lowrank::test::naive_product;
+using lowrank::test::random_lora;
 using lowrank::test::random_matrix;
 using lowrank::test::to_double;
 
 namespace {
-
-template <class T>
-Lora<T> random_lora(Index out, Index in, Index r, double alpha, std::uint64_t seed) {
-    Lora<T> lora(out, in, {.rank = r, .alpha = alpha, .seed = seed});
-    lora.B() = random_matrix<T>(out, r, seed + 100);
-    return lora;
-}
 
 template <class T>
 Lora<T> make_lora() {

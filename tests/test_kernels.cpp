@@ -15,31 +15,13 @@ using lowrank::test::random_matrix;
 using lowrank::test::require_within;
 using lowrank::test::to_double;
 
-template <class T, class Arch>
-struct Case {
-    using scalar = T;
-    using arch = Arch;
-};
-// SSE2 is on every x86-64; default_arch is what the build flags enable (AVX2+FMA with
-// -march=native here). With no extra flags both are SSE2 and the test simply runs twice.
-using FloatSse2 = Case<float, xsimd::sse2>;
-using DoubleSse2 = Case<double, xsimd::sse2>;
-using FloatDefault = Case<float, xsimd::default_arch>;
-using DoubleDefault = Case<double, xsimd::default_arch>;
+using lowrank::test::DoubleDefault;
+using lowrank::test::DoubleSse2;
+using lowrank::test::FloatDefault;
+using lowrank::test::FloatSse2;
+using lowrank::test::Strided;
 
 namespace {
-
-/// A rows × cols block at (1, 2) of a larger random matrix, so that ld ≠ cols and the data is not
-/// aligned: exercises leading dimensions and unaligned loads.
-template <class T>
-struct Strided {
-    Matrix<T> storage;
-    Index rows, cols;
-    Strided(Index r, Index c, std::uint64_t seed)
-        : storage(random_matrix<T>(r + 3, c + 5, seed)), rows(r), cols(c) {}
-    MatrixView<T> view() { return lowrank::view_mut(storage).block(1, 2, rows, cols); }
-    Matrix<double> value() const { return storage.block(1, 2, rows, cols).template cast<double>(); }
-};
 
 }  // namespace
 

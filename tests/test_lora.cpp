@@ -5,26 +5,19 @@
 #include <lowrank/lora.hpp>
 #include <lowrank/testing/gradcheck.hpp>
 
-#include "support.hpp"
+#include "lora_support.hpp"
 
 using namespace lowrank;
 using lowrank::test::eps;
 using lowrank::test::max_abs;
 using lowrank::test::naive_product;
 using lowrank::test::product_bound;
+using lowrank::test::random_lora;
 using lowrank::test::random_matrix;
 using lowrank::test::require_within;
 using lowrank::test::to_double;
 
 namespace {
-
-/// A LoRA with random B too (PEFT's B = 0 would make half of every check trivial).
-template <class T>
-Lora<T> random_lora(Index out, Index in, Index r, double alpha, bool rslora, std::uint64_t seed) {
-    Lora<T> lora(out, in, {.rank = r, .alpha = alpha, .rslora = rslora, .seed = seed});
-    lora.B() = random_matrix<T>(out, r, seed + 100);
-    return lora;
-}
 
 /// The exact delta s (X Aᵀ) Bᵀ and a bound on its computed error: the shrink's error γ_in |X||A|ᵀ
 /// propagates through |B| and adds to the expand's own γ_r |T||B|ᵀ.

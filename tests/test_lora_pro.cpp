@@ -16,13 +16,14 @@
 
 #include <unistd.h>
 
-#include "support.hpp"
+#include "lora_support.hpp"
 
 using namespace lowrank;
 using namespace lowrank::pro;
 using lowrank::test::eps;
 using lowrank::test::naive_product;
 using lowrank::test::product_bound;
+using lowrank::test::random_lora;
 using lowrank::test::random_matrix;
 using lowrank::test::require_within;
 using lowrank::test::to_double;
@@ -32,13 +33,6 @@ namespace {
 
 using Dbl = Matrix<double>;
 using Dense = Eigen::MatrixXd;
-
-template <class T>
-Lora<T> random_lora(Index out, Index in, Index r, double alpha, std::uint64_t seed) {
-    Lora<T> lora(out, in, {.rank = r, .alpha = alpha, .seed = seed});
-    lora.B() = random_matrix<T>(out, r, seed + 100);
-    return lora;
-}
 
 /// The ordinary LoRA gradients of a full gradient G: gA = s Bᵀ G, gB = s G Aᵀ (naive, double).
 struct Grads {
