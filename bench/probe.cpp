@@ -1,0 +1,332 @@
+// SPDX-License-Identifier: Apache-2.0
+// The machine's rooflines, measured where the benchmarks run: single thread, fp32 (fp64 beside it).
+//
+// - FMA peak: independent chains of `acc = fma(acc, m, a)` on xsimd batches of the widest
+//   architecture the compiler flags enable, for several chain counts (a chain count of latency ×
+//   issue width keeps every FMA pipe busy; more chains than vector registers spill). The best count
+//   is reported with the GFLOP/s it reached.
+// - Read bandwidth: repeated passes summing a hot working set, from 16 KiB (L1) through L2- and
+//   L3-sized sets to 512 MiB (DRAM); bytes read / time. The best of 1, 2, 4 and 8 sequential
+//   streams side by side (one stream alone leaves DRAM bandwidth unused on some machines, while a
+//   GEMV over the rows of W reads several), so a kernel cannot beat its roofline by reading W
+//   row-interleaved.
+// - In-place read-modify-write bandwidth: x ← 0.5·x + 1 over the same sizes and stream counts;
+//   bytes read + written / time (how `merge` is counted).
+//
+// Every number is the median of repetitions timed in this thread's CPU time (the machine is shared:
+// wall time would count other processes' time slices). Prints JSON to stdout.
+//
+//   probe [--quick]      (--quick: fewer repetitions, shorter samples; for tests of the script)
+
+#include <xsimd/xsimd.hpp>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <unistd.h>
+
+namespace {
+
+using Arch = xsimd::default_arch;
+
+double thread_seconds() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const std::size_t m = v.size() / 2;
+    return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+struct Settings {
+    int repetitions = 9;
+    double sample_seconds = 0.02;  // each repetition runs at least this long
+};
+
+/// Median over repetitions of (work per call × calls) / time, where each repetition repeats `body`
+/// until it has run `sample_seconds`. The call count is fixed after a calibration run.
+template <class F>
+double median_rate(const Settings& s, double work_per_call, F&& body) {
+    body();  // warm: page faults, caches, frequency
+    long calls = 1;
+    for (;;) {
+        const double t0 = thread_seconds();
+        for (long i = 0; i < calls; ++i) body();
+        const double t = thread_seconds() - t0;
+        if (t >= 0.25 * s.sample_seconds) {
+            calls = std::max<long>(1, long(double(calls) * s.sample_seconds / std::max(t, 1e-9)));
+            break;
+        }
+        calls *= 4;
+    }
+    std::vector<double> rates;
+    for (int rep = 0; rep < s.repetitions; ++rep) {
+        const double t0 = thread_seconds();
+        for (long i = 0; i < calls; ++i) body();
+        const double t = thread_seconds() - t0;
+        rates.push_back(work_per_call * double(calls) / t);
+    }
+    return median(rates);
+}
+
+// ---- FMA peak -----------------------------------------------------------------------------------
+
+template <class T>
+T sink_value = T(0);  // results land here, so the chains are not dead code
+
+/// `steps` rounds of N independent FMA chains; returns nothing, stores a checksum.
+template <class T, std::size_t N>
+[[gnu::noinline]] void fma_chains(long steps) {
+    using batch = xsimd::batch<T, Arch>;
+    // acc ← acc·m + a converges to a / (1 − m) = 2: no overflow, no subnormals.
+    const batch m(T(0.5)), a(T(1));
+    std::array<batch, N> acc;
+    for (std::size_t j = 0; j < N; ++j) acc[j] = batch(T(j));
+    for (long i = 0; i < steps; ++i)
+        [&]<std::size_t... J>(std::index_sequence<J...>) {
+            ((acc[J] = xsimd::fma(acc[J], m, a)), ...);
+        }(std::make_index_sequence<N>{});
+    batch total(T(0));
+    for (const auto& v : acc) total += v;
+    sink_value<T> += xsimd::hadd(total);
+}
+
+template <class T, std::size_t N>
+double fma_rate(const Settings& s) {
+    constexpr long steps = 1 << 16;
+    constexpr double flops = 2.0 * double(xsimd::batch<T, Arch>::size) * double(N) * double(steps);
+    return median_rate(s, flops, [] { fma_chains<T, N>(steps); });
+}
+
+struct Peak {
+    double gflops = 0;
+    std::size_t accumulators = 0;
+    std::vector<std::pair<std::size_t, double>> by_accumulators;
+};
+
+template <class T, std::size_t... N>
+Peak fma_peak_over(const Settings& s) {
+    Peak p;
+    ((p.by_accumulators.emplace_back(N, fma_rate<T, N>(s) * 1e-9)), ...);
+    for (const auto& [n, g] : p.by_accumulators)
+        if (g > p.gflops) p.gflops = g, p.accumulators = n;
+    return p;
+}
+
+/// 512-bit vectors come with 32 registers (AVX-512); narrower ones with 16 (AVX2, SSE, NEON).
+template <class T>
+Peak fma_peak(const Settings& s) {
+    if constexpr (sizeof(xsimd::batch<T, Arch>) >= 64)
+        return fma_peak_over<T, 8, 12, 16, 20, 24, 28>(s);
+    else
+        return fma_peak_over<T, 6, 8, 10, 12, 14>(s);
+}
+
+// ---- bandwidth ----------------------------------------------------------------------------------
+
+struct Buffer {
+    float* data = nullptr;
+    std::size_t count = 0;
+    explicit Buffer(std::size_t bytes) : count(bytes / sizeof(float)) {
+        data = static_cast<float*>(std::aligned_alloc(64, count * sizeof(float)));
+        if (!data) {
+            std::fprintf(stderr, "probe: cannot allocate %zu bytes\n", bytes);
+            std::exit(1);
+        }
+        for (std::size_t i = 0; i < count; ++i) data[i] = float(i % 7) * 0.25f;  // touch every page
+    }
+    ~Buffer() { std::free(data); }
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+};
+
+/// One pass summing the buffer as S equal parts read side by side (S sequential streams, like the
+/// rows of a GEMV), 8 vector accumulators in all (enough to hide the add latency at two loads per
+/// cycle). The count is a multiple of 8 vectors per stream for every size used.
+template <int S>
+[[gnu::noinline]] float read_pass(const float* x, std::size_t count) {
+    using batch = xsimd::batch<float, Arch>;
+    constexpr std::size_t W = batch::size, U = 8 / S;  // vectors per stream and step
+    const std::size_t part = count / S;
+    std::array<batch, 8> acc;
+    acc.fill(batch(0.f));
+    for (std::size_t i = 0; i < part; i += U * W)
+        [&]<std::size_t... J>(std::index_sequence<J...>) {
+            ((acc[J] += batch::load_aligned(x + (J / U) * part + i + (J % U) * W)), ...);
+        }(std::make_index_sequence<8>{});
+    batch total(0.f);
+    for (const auto& v : acc) total += v;
+    return xsimd::hadd(total);
+}
+
+/// One in-place pass x ← 0.5·x + 1 over S side-by-side streams, 8 vectors per step.
+template <int S>
+[[gnu::noinline]] void rmw_pass(float* x, std::size_t count) {
+    using batch = xsimd::batch<float, Arch>;
+    constexpr std::size_t W = batch::size, U = 8 / S;
+    const std::size_t part = count / S;
+    const batch m(0.5f), a(1.f);
+    for (std::size_t i = 0; i < part; i += U * W)
+        [&]<std::size_t... J>(std::index_sequence<J...>) {
+            ((xsimd::fma(batch::load_aligned(x + (J / U) * part + i + (J % U) * W), m, a)
+                  .store_aligned(x + (J / U) * part + i + (J % U) * W)),
+             ...);
+        }(std::make_index_sequence<8>{});
+}
+
+/// Best bandwidth over 1, 2, 4 and 8 concurrent streams (one stream alone does not keep enough
+/// misses in flight to reach DRAM's bandwidth on every machine), and the stream count that won.
+struct Bandwidth {
+    double gbps = 0;
+    int streams = 0;
+};
+
+template <int... S>
+Bandwidth best_read(const Settings& s, const Buffer& b) {
+    Bandwidth best;
+    auto one = [&](int streams, auto pass) {
+        const double g = median_rate(s, double(b.count * sizeof(float)),
+                                     [&] { sink_value<float> += pass(b.data, b.count); }) * 1e-9;
+        if (g > best.gbps) best = {g, streams};
+    };
+    (one(S, read_pass<S>), ...);
+    return best;
+}
+
+template <int... S>
+Bandwidth best_rmw(const Settings& s, const Buffer& b) {
+    Bandwidth best;
+    auto one = [&](int streams, auto pass) {
+        const double g = median_rate(s, 2.0 * double(b.count * sizeof(float)),
+                                     [&] { pass(b.data, b.count); }) * 1e-9;
+        if (g > best.gbps) best = {g, streams};
+    };
+    (one(S, rmw_pass<S>), ...);
+    return best;
+}
+
+// ---- machine description ------------------------------------------------------------------------
+
+std::string cpu_model() {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line))
+        if (line.rfind("model name", 0) == 0) {
+            const auto colon = line.find(':');
+            if (colon != std::string::npos) {
+                auto v = line.substr(colon + 1);
+                v.erase(0, v.find_first_not_of(' '));
+                return v;
+            }
+        }
+    return "unknown";
+}
+
+std::string json_string(const std::string& v) {
+    std::string out = "\"";
+    for (char c : v) {
+        if (c == '"' || c == '\\') out += '\\';
+        if (static_cast<unsigned char>(c) >= 0x20) out += c;
+    }
+    return out + "\"";
+}
+
+long sysconf_or_zero(int name) {
+    const long v = sysconf(name);
+    return v > 0 ? v : 0;
+}
+
+constexpr std::size_t KiB = 1024, MiB = 1024 * 1024;
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Settings s;
+    for (int i = 1; i < argc; ++i) {
+        if (std::strcmp(argv[i], "--quick") == 0) {
+            s.repetitions = 3;
+            s.sample_seconds = 0.005;
+        } else {
+            std::fprintf(stderr, "usage: %s [--quick]\n", argv[0]);
+            return 2;
+        }
+    }
+
+    const Peak f32 = fma_peak<float>(s);
+    const Peak f64 = fma_peak<double>(s);
+
+    // Named points (what the issue quotes) and the whole curve, which run.py interpolates at each
+    // benchmark's working set.
+    const std::vector<std::size_t> sizes = {16 * KiB, 256 * KiB, 1 * MiB,  2 * MiB,  4 * MiB, 8 * MiB,
+                                            16 * MiB, 32 * MiB,  64 * MiB, 96 * MiB, 512 * MiB};
+    std::vector<Bandwidth> read, rmw;
+    for (std::size_t bytes : sizes) {
+        Buffer b(bytes);
+        read.push_back(best_read<1, 2, 4, 8>(s, b));
+        rmw.push_back(best_rmw<1, 2, 4, 8>(s, b));
+    }
+    auto at = [&](const std::vector<Bandwidth>& v, std::size_t bytes) {
+        return v[std::size_t(std::find(sizes.begin(), sizes.end(), bytes) - sizes.begin())].gbps;
+    };
+
+    char date[64];
+    const std::time_t now = std::time(nullptr);
+    std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+    char host[256] = "unknown";
+    gethostname(host, sizeof host - 1);
+
+    std::printf("{\n");
+    std::printf("  \"date\": \"%s\",\n", date);
+    std::printf("  \"machine\": {\"cpu\": %s, \"host\": %s, \"hardware_threads\": %u,\n",
+                json_string(cpu_model()).c_str(), json_string(host).c_str(),
+                std::thread::hardware_concurrency());
+    std::printf("              \"l1d_bytes\": %ld, \"l2_bytes\": %ld, \"l3_bytes\": %ld,\n",
+                sysconf_or_zero(_SC_LEVEL1_DCACHE_SIZE), sysconf_or_zero(_SC_LEVEL2_CACHE_SIZE),
+                sysconf_or_zero(_SC_LEVEL3_CACHE_SIZE));
+    std::printf("              \"compiler\": %s},\n", json_string(__VERSION__).c_str());
+    std::printf("  \"method\": {\"threads\": 1, \"timer\": \"thread CPU time\", \"statistic\": \"median\","
+                " \"repetitions\": %d, \"sample_seconds\": %g},\n",
+                s.repetitions, s.sample_seconds);
+    std::printf("  \"simd\": {\"arch\": %s, \"fp32_lanes\": %zu, \"fp64_lanes\": %zu},\n",
+                json_string(Arch::name()).c_str(), std::size_t(xsimd::batch<float, Arch>::size),
+                std::size_t(xsimd::batch<double, Arch>::size));
+    auto print_peak = [](const char* name, const Peak& p, bool last) {
+        std::printf("  \"%s\": {\"gflops\": %.2f, \"accumulators\": %zu, \"by_accumulators\": {", name,
+                    p.gflops, p.accumulators);
+        for (std::size_t i = 0; i < p.by_accumulators.size(); ++i)
+            std::printf("%s\"%zu\": %.2f", i ? ", " : "", p.by_accumulators[i].first,
+                        p.by_accumulators[i].second);
+        std::printf("}}%s\n", last ? "" : ",");
+    };
+    print_peak("fma_peak_fp32", f32, false);
+    print_peak("fma_peak_fp64", f64, false);
+    std::printf("  \"read_gbps\": {\"L1_16KiB\": %.2f, \"L2_256KiB\": %.2f, \"L3_8MiB\": %.2f, "
+                "\"L3_32MiB\": %.2f, \"DRAM_512MiB\": %.2f},\n",
+                at(read, 16 * KiB), at(read, 256 * KiB), at(read, 8 * MiB), at(read, 32 * MiB),
+                at(read, 512 * MiB));
+    std::printf("  \"rmw_gbps\": {\"L2_256KiB\": %.2f, \"L3_8MiB\": %.2f, \"L3_32MiB\": %.2f, "
+                "\"DRAM_512MiB\": %.2f},\n",
+                at(rmw, 256 * KiB), at(rmw, 8 * MiB), at(rmw, 32 * MiB), at(rmw, 512 * MiB));
+    // [bytes, GB/s, streams] per working-set size.
+    auto print_curve = [&](const char* name, const std::vector<Bandwidth>& v, bool last) {
+        std::printf("  \"%s\": [", name);
+        for (std::size_t i = 0; i < sizes.size(); ++i)
+            std::printf("%s[%zu, %.2f, %d]", i ? ", " : "", sizes[i], v[i].gbps, v[i].streams);
+        std::printf("]%s\n", last ? "" : ",");
+    };
+    print_curve("read_curve", read, false);
+    print_curve("rmw_curve", rmw, false);
+    std::printf("  \"checksum\": %g\n}\n", double(sink_value<float>) + sink_value<double>);
+}

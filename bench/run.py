@@ -1,0 +1,561 @@
+#!/usr/bin/python3
+# SPDX-License-Identifier: Apache-2.0
+"""Run lowrank's performance benchmarks and write bench/results/{README.md, roofline.png}.
+
+Builds nothing. Given a build directory in which these targets were built:
+
+    ninja -C BUILD probe bench_core bench_lora callgrind_kernels
+
+it runs
+  - bench/probe: the machine's single-thread FMA peak and read / read-modify-write bandwidth
+    curve (16 KiB ... 512 MiB), measured here and now;
+  - bench_core (fused forward, merge, threads, double vs float, vs Eigen and OpenBLAS) and the
+    adapter-part and backward rows of bench_lora, with --benchmark_format=json, repetitions and
+    median aggregates;
+  - callgrind_kernels under `valgrind --tool=callgrind`: instruction counts of one kernel per
+    lowrank::core family and of the Eigen product of the same shape;
+and writes one markdown report and one roofline plot, plus the raw JSON of every run (raw_*.json).
+
+Roofline of one row: t_memory = bytes / bandwidth, where the bandwidth is the probe's curve
+(read, or read-modify-write for in-place updates) interpolated at the row's working set;
+t_compute = flops / FMA peak of the row's precision; the bound is max(t_memory, t_compute) and the
+row's fraction of the roofline is bound / measured time. Multi-thread rows are compared with their
+one-thread twins (speedup) and left out of the single-thread roofline.
+
+Python 3 with Debian's python3-matplotlib (without it, the PNG is skipped). Example:
+
+    /usr/bin/python3 bench/run.py build                  # the numbers of record (~10 minutes)
+    /usr/bin/python3 bench/run.py build --quick --min-time 0.01 --repetitions 3   # tests the script
+"""
+
+import argparse
+import bisect
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+
+def binary(build, name, required=True):
+    path = os.path.join(build, "bench", name)
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return path
+    if required:
+        sys.exit(f"run.py: {path} not found; build it first: ninja -C {build} {name}")
+    log(f"run.py: {path} not found, its section is skipped")
+    return None
+
+
+def run_probe(path, quick):
+    log(f"run.py: {path}")
+    out = subprocess.run([path] + (["--quick"] if quick else []), check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out)
+
+
+def run_benchmark(path, args, bench_filter=None):
+    cmd = [path, "--benchmark_format=json",
+           f"--benchmark_repetitions={args.repetitions}",
+           "--benchmark_report_aggregates_only=true",
+           f"--benchmark_min_time={args.min_time}"]
+    if bench_filter:
+        cmd.append(f"--benchmark_filter={bench_filter}")
+    log("run.py: " + " ".join(cmd))
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out), cmd
+
+
+def run_callgrind(path):
+    valgrind = shutil.which("valgrind")
+    if not valgrind:
+        log("run.py: valgrind not found, the callgrind section is skipped")
+        return None
+    listing = subprocess.run([path, "--list"], check=True, stdout=subprocess.PIPE,
+                             text=True).stdout
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in listing.strip().splitlines():
+            name, family, what, m, n, k, flops = line.split("\t")
+            out_file = os.path.join(tmp, "callgrind.out." + name)
+            cmd = [valgrind, "--tool=callgrind", "--collect-atstart=no",
+                   "--toggle-collect=lowrank_callgrind_measure",
+                   f"--callgrind-out-file={out_file}", path, name]
+            log("run.py: " + " ".join(cmd))
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            instructions = None
+            with open(out_file) as f:
+                for l in f:
+                    if l.startswith("totals:") or (instructions is None and l.startswith("summary:")):
+                        instructions = int(l.split()[1])
+            rows.append({"name": name, "family": family, "what": what, "m": int(m), "n": int(n),
+                         "k": int(k), "flops": float(flops), "instructions": instructions})
+    return rows
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+
+NAME = re.compile(r"^BM_(?P<op>.+)_(?P<impl>lowrank|eigen|openblas)/(?P<args>.*)$")
+
+
+def medians(bench_json, derive_counts=False):
+    """Median rows of a Google Benchmark JSON: dicts with op, impl, args (ints), time_s, counters.
+
+    Rows of multi-thread benchmarks (`/real_time`) use wall time, the others thread CPU time.
+    With derive_counts (bench_lora, whose counters are rates over CPU time), per-call flops and
+    bytes are recovered as rate × CPU time and the working set is taken as the bytes.
+    """
+    # Median aggregates; a benchmark run once (--repetitions 1) has only its iteration row.
+    chosen = {}
+    for b in bench_json["benchmarks"]:
+        if b.get("error_occurred"):
+            continue
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") == "median":
+            chosen[b["run_name"]] = b
+        elif b.get("run_type") == "iteration" and b.get("repetitions", 1) <= 1:
+            chosen.setdefault(b["run_name"], b)
+    rows = []
+    for b in chosen.values():
+        parts = b["run_name"].split("/")
+        real = "real_time" in parts
+        # Google Benchmark appends /process_time, /real_time, /manual_time to the run name.
+        m = NAME.match("/".join(p for p in parts if not p.endswith("_time")))
+        if not m:
+            continue
+        scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b.get("time_unit", "ns")]
+        time_s = (b["real_time"] if real else b["cpu_time"]) * scale
+        args = {}
+        for i, part in enumerate(m.group("args").split("/")):
+            key, _, value = part.rpartition(":")
+            args[key or f"arg{i}"] = int(value)
+        row = {"op": m.group("op"), "impl": m.group("impl"), "args": args, "time_s": time_s,
+               "cpu_s": b["cpu_time"] * scale, "wall": real}
+        if derive_counts:
+            cpu_s = b["cpu_time"] * scale
+            row.update(flops=b["GFLOP/s"] * cpu_s, bytes=b["GB/s"] * cpu_s, rmw=False,
+                       threads=1, elem_bytes=4)
+            row["working_set"] = row["bytes"]
+        else:
+            row.update(flops=b["flops"], bytes=b["bytes"], working_set=b["working_set"],
+                       rmw=bool(b["rmw"]), threads=int(b["threads"]), elem_bytes=int(b["elem_bytes"]))
+        rows.append(row)
+    return rows
+
+
+# ---- the roofline ---------------------------------------------------------------------------------
+
+
+class Roofline:
+    def __init__(self, probe):
+        self.probe = probe
+        self.peak = {4: probe["fma_peak_fp32"]["gflops"] * 1e9,
+                     8: probe["fma_peak_fp64"]["gflops"] * 1e9}
+        self.curves = {False: probe["read_curve"], True: probe["rmw_curve"]}
+
+    def bandwidth(self, working_set, rmw):
+        """Bytes/s at this working set: log-log interpolation of the probe's curve, clamped."""
+        curve = self.curves[rmw]  # [bytes, GB/s, streams] by increasing size
+        sizes = [point[0] for point in curve]
+        if working_set <= sizes[0]:
+            return curve[0][1] * 1e9
+        if working_set >= sizes[-1]:
+            return curve[-1][1] * 1e9
+        i = bisect.bisect_left(sizes, working_set)
+        (s0, g0), (s1, g1) = curve[i - 1][:2], curve[i][:2]
+        t = (math.log(working_set) - math.log(s0)) / (math.log(s1) - math.log(s0))
+        return math.exp(math.log(g0) + t * (math.log(g1) - math.log(g0))) * 1e9
+
+    def bound(self, row):
+        """(seconds, 'memory' | 'compute', bandwidth used) for one single-thread row."""
+        bw = self.bandwidth(row["working_set"], row["rmw"])
+        t_mem = row["bytes"] / bw
+        t_cpu = row["flops"] / self.peak[row["elem_bytes"]]
+        return (t_mem, "memory", bw) if t_mem >= t_cpu else (t_cpu, "compute", bw)
+
+    def fraction(self, row):
+        return self.bound(row)[0] / row["time_s"]
+
+
+# ---- formatting -----------------------------------------------------------------------------------
+
+
+def fmt_time(s):
+    if s is None:
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def fmt_ratio(a, b):
+    """a / b, for 'baseline time / lowrank time' (> 1: lowrank is faster)."""
+    if a is None or b is None:
+        return "—"
+    return f"{a / b:.2f}×"
+
+
+def fmt_pct(x):
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def fmt_bytes(b):
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= size:
+            v = b / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.3g} {unit}"
+    return f"{int(b)} B"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def index(rows):
+    """{(op, impl, frozen args): row}."""
+    return {(r["op"], r["impl"], tuple(sorted(r["args"].items()))): r for r in rows}
+
+
+def get(ix, op, impl, **args):
+    return ix.get((op, impl, tuple(sorted(args.items()))))
+
+
+def shapes(rows, op, keys):
+    seen = []
+    for r in rows:
+        if r["op"] == op:
+            s = tuple(r["args"][k] for k in keys)
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+
+def comparison_table(rf, ix, rows, op, keys, labels, impls=("lowrank", "eigen", "openblas")):
+    """One line per shape: times, baseline/lowrank ratios, roofline and fractions."""
+    names = {"lowrank": "lowrank", "eigen": "Eigen", "openblas": "OpenBLAS"}
+    present = [i for i in impls if any(r["op"] == op and r["impl"] == i for r in rows)]
+    header = labels + [names[i] for i in present]
+    header += [f"{names[i]} / lowrank" for i in present if i != "lowrank"]
+    header += ["roofline (bound, GB/s used)", "lowrank % roofline"]
+    header += [f"{names[i]} %" for i in present if i != "lowrank"]
+    out = []
+    for shape in shapes(rows, op, keys):
+        args = dict(zip(keys, shape))
+        cells = {i: get(ix, op, i, **args) for i in present}
+        ref = next((c for c in cells.values() if c), None)
+        lr = cells.get("lowrank")
+        t, kind, bw = rf.bound(ref)
+        line = [str(v) for v in shape]
+        line += [fmt_time(c["time_s"] if c else None) for c in cells.values()]
+        line += [fmt_ratio(cells[i]["time_s"] if cells[i] else None, lr["time_s"] if lr else None)
+                 for i in present if i != "lowrank"]
+        line.append(f"{fmt_time(t)} ({kind}, {bw / 1e9:.0f})")
+        line.append(fmt_pct(t / lr["time_s"]) if lr else "—")
+        line += [fmt_pct(t / cells[i]["time_s"]) if cells[i] else "—" for i in present if i != "lowrank"]
+        out.append(line)
+    return table(header, out)
+
+
+def threads_table(ix, rows):
+    out = []
+    for op, keys in (("forward_threads", ("n", "d", "r")), ("merge_threads", ("d", "r"))):
+        for shape in shapes(rows, op, keys + ("t",)):
+            if shape[-1] != 1:
+                continue
+            args = dict(zip(keys, shape[:-1]))
+            label = ("forward " if op == "forward_threads" else "merge ") + \
+                ", ".join(f"{k} = {v}" for k, v in args.items())
+            for impl, name in (("lowrank", "lowrank"), ("openblas", "OpenBLAS")):
+                one = get(ix, op, impl, **args, t=1)
+                two = get(ix, op, impl, **args, t=2)
+                if one or two:
+                    out.append([label, name, fmt_time(one and one["time_s"]),
+                                fmt_time(two and two["time_s"]),
+                                fmt_ratio(one and one["time_s"], two and two["time_s"]),
+                                f"{two['cpu_s'] / two['time_s']:.2f}" if two else "—"])
+    return table(["operation", "implementation", "1 thread", "2 threads", "speedup",
+                  "2 threads: process CPU / wall"], out)
+
+
+def precision_table(rf, ix, rows):
+    out = []
+    for (n, d, r) in shapes(rows, "forward_f64", ("n", "d", "r")):
+        for impl, name in (("lowrank", "lowrank"), ("eigen", "Eigen"), ("openblas", "OpenBLAS")):
+            f32 = get(ix, "forward", impl, n=n, d=d, r=r)
+            f64 = get(ix, "forward_f64", impl, n=n, d=d, r=r)
+            if not (f32 or f64):
+                continue
+            out.append([n, d, r, name, fmt_time(f32 and f32["time_s"]),
+                        fmt_time(f64 and f64["time_s"]),
+                        fmt_ratio(f64 and f64["time_s"], f32 and f32["time_s"]),
+                        fmt_pct(rf.fraction(f32)) if f32 else "—",
+                        fmt_pct(rf.fraction(f64)) if f64 else "—"])
+    return table(["n", "d", "r", "implementation", "float", "double", "double / float",
+                  "float % roofline", "double % roofline (fp64 peak)"], out)
+
+
+def callgrind_table(rows):
+    out = []
+    eigen = {r["family"]: r for r in rows if r["name"].startswith("eigen")}
+    for r in rows:
+        e = eigen.get(r["family"])
+        rel = "—" if r["name"].startswith("eigen") or not e else \
+            f"{r['instructions'] / e['instructions']:.2f}"
+        out.append([r["name"], f"`{r['what']}`", f"{r['m']} × {r['n']} × {r['k']}",
+                    f"{r['flops'] / 1e6:.2f} M", f"{r['instructions']:,}",
+                    f"{r['flops'] / r['instructions']:.2f}", rel])
+    return table(["kernel", "computes", "m × n × k", "flops", "instructions",
+                  "flops / instruction", "instructions vs Eigen"], out)
+
+
+def probe_section(probe):
+    m, simd = probe["machine"], probe["simd"]
+    f32, f64 = probe["fma_peak_fp32"], probe["fma_peak_fp64"]
+    lines = [
+        f"- CPU: {m['cpu']} (host `{m['host']}`, {m['hardware_threads']} hardware threads; "
+        f"caches as reported by the OS: L1d {fmt_bytes(m['l1d_bytes'])}, L2 {fmt_bytes(m['l2_bytes'])}, "
+        f"L3 {fmt_bytes(m['l3_bytes'])}); compiler {m['compiler']}; SIMD `{simd['arch']}` "
+        f"({simd['fp32_lanes']} float lanes).",
+        f"- FMA peak, one thread: **{f32['gflops']:.1f} GFLOP/s** fp32 ({f32['accumulators']} "
+        f"accumulators), {f64['gflops']:.1f} GFLOP/s fp64 ({f64['accumulators']}).",
+        "- Read bandwidth, hot working set: " + ", ".join(
+            f"{k.replace('_', ' ')}: **{v:.1f} GB/s**" for k, v in probe["read_gbps"].items()) + ".",
+        "- In-place read-modify-write (bytes read + written): " + ", ".join(
+            f"{k.replace('_', ' ')}: {v:.1f} GB/s" for k, v in probe["rmw_gbps"].items()) + ".",
+        "",
+        table(["working set"] + [fmt_bytes(p[0]) for p in probe["read_curve"]],
+              [["read GB/s"] + [f"{p[1]:.1f}" for p in probe["read_curve"]],
+               ["(best of streams)"] + [str(p[2]) for p in probe["read_curve"]],
+               ["read-modify-write GB/s"] + [f"{p[1]:.1f}" for p in probe["rmw_curve"]],
+               ["(best of streams)"] + [str(p[2]) for p in probe["rmw_curve"]]]),
+        "",
+        "Bandwidth: the best of 1, 2, 4 and 8 sequential streams read side by side, each the "
+        "median of its repetitions; FMA peak: the best chain count, likewise.",
+    ]
+    return "\n".join(lines)
+
+
+def git_describe():
+    try:
+        rev = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], check=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"],
+                               check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written):
+    rf = Roofline(probe)
+    ix = index(core + lora)
+    short = args.quick or args.min_time < 0.5 or args.repetitions < 5
+    ctx = core_json.get("context", {})
+    load = ctx.get("load_avg")
+    doc = ["# lowrank performance results", ""]
+    if args.label:
+        doc += [f"> **{args.label}**", ""]
+    if short:
+        doc += ["> **Short run** (`--benchmark_min_time=" + str(args.min_time) + "`, "
+                f"{args.repetitions} repetitions) on a shared machine: it shows the format and "
+                "rough magnitudes; do not draw conclusions from it. The numbers of record come "
+                "from a full run on a quiet machine (`bench/run.py BUILD`, defaults).", ""]
+    doc += [
+        f"Produced by `bench/run.py` on {probe['date']} on **{probe['machine']['cpu']}** "
+        f"(host `{probe['machine']['host']}`), source {git_describe()}"
+        + (f"; load average at the start of bench_core: {', '.join(f'{x:.2f}' for x in load)}" if load else "")
+        + ".",
+        "",
+        "All times are medians over repetitions. Single-thread rows are in thread CPU time, "
+        "multi-thread rows in wall time. `X / lowrank` is X's time over lowrank's (above 1: lowrank "
+        "is faster). The roofline of a row is max(bytes / bandwidth, flops / FMA peak), the bandwidth "
+        "being the probe's read (or, for in-place updates, read-modify-write) curve at the row's "
+        "working set; `% roofline` is that bound over the measured time. Bytes are the compulsory "
+        "traffic (each operand read once, each output written once).",
+        "",
+        "## The machine (bench/probe, single thread, fp32)",
+        "",
+        probe_section(probe),
+        "",
+    ]
+    if png_written:
+        doc += ["![roofline](roofline.png)", "",
+                "Single-thread rows only; lines: the FMA peak and the read bandwidth at three "
+                "working-set sizes.", ""]
+
+    if any(r["op"] == "forward" for r in core):
+        doc += ["## Fused LoRA forward `Y = X Wᵀ + s (X Aᵀ) Bᵀ` (fp32, one thread, in = out = d)", "",
+                "Targets (issue 7): n ≤ 32 at ≥ 80% of the memory roofline and ≥ 3× the best "
+                "baseline at n = 16, d = 4096; n = 1 at ≥ 95%; n ≥ 128 at ≥ 75% of the FMA peak "
+                "and ≥ 1.25× OpenBLAS.", "",
+                comparison_table(rf, ix, core, "forward", ("n", "d", "r"), ["n", "d", "r"]), ""]
+    if any(r["op"] == "merge" for r in core):
+        doc += ["## Merge `W += s B A` (fp32, one thread)", "",
+                "Target: ≥ 80% of the read-modify-write bandwidth.", "",
+                comparison_table(rf, ix, core, "merge", ("d", "r"), ["d", "r"]), ""]
+    if any(r["op"].endswith("_threads") for r in core):
+        doc += ["## Two threads (`lowrank::Threads{2}`, wall time)", "",
+                "Target: ≥ 1.8× on 2 cores for n = 128 and for merge. Process CPU / wall near 2 "
+                "means both threads ran at once; near 1, they took turns on a busy machine (then "
+                "the speedup says nothing about the code).", "",
+                threads_table(ix, core), ""]
+    if any(r["op"] == "forward_f64" for r in core):
+        doc += ["## double vs float (fused forward, compute-bound shapes)", "",
+                "Target: double within 2.2× of float.", "",
+                precision_table(rf, ix, core), ""]
+    if lora:
+        for op, title in (("add_delta", "Adapter part alone `Y += s (X Aᵀ) Bᵀ` (bench_lora)"),
+                          ("backward_delta", "LoRA backward: dA, dB, dX of the adapter part (bench_lora)")):
+            if any(r["op"] == op for r in lora):
+                doc += [f"## {title}", "",
+                        "Target: ≥ 70% of the roofline at every shape. Flops and bytes recovered "
+                        "from bench_lora's rate counters; working set taken as the bytes.", "",
+                        comparison_table(rf, ix, lora, op, ("arg0", "arg1", "arg2"), ["n", "d", "r"],
+                                         impls=("lowrank", "eigen")), ""]
+    if callgrind:
+        doc += ["## Instruction counts (callgrind, one call, AVX2 + FMA build)", "",
+                "Stable where the times are not: `valgrind --tool=callgrind` on "
+                "`bench/callgrind_kernels` (built with `-march=x86-64-v3`; valgrind cannot run "
+                "AVX-512), counting only the measured call (warmed up once before).", "",
+                callgrind_table(callgrind), ""]
+    doc += ["## How to reproduce", "",
+            "```sh",
+            "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DLOWRANK_NATIVE=ON -G Ninja",
+            "ninja -C build probe bench_core bench_lora callgrind_kernels",
+            "/usr/bin/python3 bench/run.py build" +
+            ("" if not short else f"   # this file: --min-time {args.min_time} "
+             f"--repetitions {args.repetitions}" + (" --quick" if args.quick else "")),
+            "```", "",
+            "bench_core command of this run: `" + " ".join(os.path.basename(c) if i == 0 else c
+                                                          for i, c in enumerate(core_cmd)) + "`. "
+            "Raw JSON of every run: `raw_*.json` beside this file.", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(doc))
+
+
+# ---- the plot -------------------------------------------------------------------------------------
+
+
+def write_plot(path, probe, rows):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("run.py: matplotlib not available (Debian: python3-matplotlib), no roofline.png")
+        return False
+    rf = Roofline(probe)
+    single = [r for r in rows if r["threads"] == 1 and not r["op"].endswith("_threads")
+              and r["flops"] > 0 and r["bytes"] > 0]
+    fig, ax = plt.subplots(figsize=(11.5, 6))
+    ai = [r["flops"] / r["bytes"] for r in single]
+    lo = min(ai + [0.1]) / 2
+    hi = max(ai + [100]) * 2
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    peak32 = rf.peak[4] / 1e9
+    peak64 = rf.peak[8] / 1e9
+    for label, key, style in (("L2 256 KiB", "L2_256KiB", "-"), ("L3 8 MiB", "L3_8MiB", "--"),
+                              ("DRAM 512 MiB", "DRAM_512MiB", ":")):
+        bw = probe["read_gbps"][key]
+        ax.plot(xs, [min(peak32, bw * x) for x in xs], "k" + style, lw=1,
+                label=f"read {label}: {bw:.0f} GB/s")
+    ax.axhline(peak64, color="grey", lw=0.8, ls="-.", label=f"fp64 FMA peak {peak64:.0f} GFLOP/s")
+    ax.text(lo * 1.1, peak32 * 1.05, f"fp32 FMA peak {peak32:.0f} GFLOP/s ({probe['simd']['arch']})",
+            fontsize=8)
+    markers = {"lowrank": "o", "eigen": "s", "openblas": "^"}
+    colours = {"forward": "tab:blue", "merge": "tab:red", "forward_f64": "tab:purple",
+               "add_delta": "tab:green", "backward_delta": "tab:orange"}
+    seen = set()
+    for r in single:
+        x = r["flops"] / r["bytes"]
+        y = r["flops"] / r["time_s"] / 1e9
+        key = (r["op"], r["impl"])
+        colour = colours.get(r["op"], "tab:grey")
+        ax.scatter([x], [y], marker=markers.get(r["impl"], "x"), edgecolors=colour,
+                   facecolors=colour if r["impl"] == "lowrank" else "none", s=28,
+                   label=None if key in seen else f"{r['op']} · {r['impl']}")
+        seen.add(key)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (flop / compulsory byte)")
+    ax.set_ylabel("GFLOP/s")
+    ax.set_title(f"lowrank roofline, one thread, {probe['machine']['cpu']} ({probe['date'][:10]})")
+    ax.grid(True, which="both", lw=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("build", help="build directory holding bench/probe, bench/bench_core, ...")
+    p.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
+    p.add_argument("--min-time", type=float, default=0.5, help="--benchmark_min_time (seconds)")
+    p.add_argument("--repetitions", type=int, default=5, help="--benchmark_repetitions (odd)")
+    p.add_argument("--filter", help="--benchmark_filter for bench_core")
+    p.add_argument("--quick", action="store_true",
+                   help="short probe and no bench_lora rows (for testing the script)")
+    p.add_argument("--no-bench-lora", action="store_true", help="skip the bench_lora rows")
+    p.add_argument("--no-callgrind", action="store_true", help="skip the callgrind section")
+    p.add_argument("--label", help="a line at the top of the report")
+    args = p.parse_args()
+
+    build = os.path.abspath(args.build)
+    probe_bin = binary(build, "probe")
+    core_bin = binary(build, "bench_core")
+    lora_bin = None if (args.quick or args.no_bench_lora) else binary(build, "bench_lora", False)
+    cg_bin = None if args.no_callgrind else binary(build, "callgrind_kernels", False)
+    os.makedirs(args.out, exist_ok=True)
+
+    probe = run_probe(probe_bin, args.quick)
+    core_json, core_cmd = run_benchmark(core_bin, args, args.filter)
+    core = medians(core_json)
+    lora_json = None
+    lora = []
+    if lora_bin:
+        lora_json, _ = run_benchmark(lora_bin, args, r"BM_(add_delta|backward_delta)_")
+        lora = medians(lora_json, derive_counts=True)
+    callgrind = run_callgrind(cg_bin) if cg_bin else None
+
+    def dump(name, data):
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+
+    dump("raw_probe.json", probe)
+    dump("raw_bench_core.json", core_json)
+    if lora_json:
+        dump("raw_bench_lora.json", lora_json)
+    if callgrind:
+        dump("raw_callgrind.json", callgrind)
+    png = write_plot(os.path.join(args.out, "roofline.png"), probe, core + lora)
+    write_report(os.path.join(args.out, "README.md"), args, probe, core, lora, callgrind,
+                 core_json, core_cmd, png)
+    log(f"run.py: wrote {os.path.join(args.out, 'README.md')}" + (" and roofline.png" if png else ""))
+
+
+if __name__ == "__main__":
+    main()
