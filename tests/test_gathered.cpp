@@ -93,11 +93,19 @@ TEMPLATE_TEST_CASE("gathered_shrink matches gemm_dot_ref and the exact product",
     // 1100 > 4 KiB / sizeof(T): several passes over k in both precisions.
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W + 1, Index(77), Index(1100));
     CAPTURE(m, w, k);
-    Strided<T> x(m, k, 1), v(w, k, 2), t(m, w, 3), t_ref(m, w, 3);
+    // The m rows used are scattered over a larger batch (every other row, reversed) or contiguous.
+    const bool scattered = GENERATE(false, true);
+    CAPTURE(scattered);
+    Strided<T> batch(2 * m + 1, k, 1), v(w, k, 2), t(m, w, 3), t_ref(m, w, 3);
+    std::vector<Index> rows(static_cast<std::size_t>(m));
+    for (Index i = 0; i < m; ++i) rows[std::size_t(i)] = scattered ? 2 * (m - 1 - i) + 1 : i + 1;
+    const core::RowSet set = scattered ? core::RowSet{rows.data(), 0, m} : core::RowSet{nullptr, 1, m};
+    Strided<T> x(m, k, 0);
+    for (Index i = 0; i < m; ++i) x.storage.row(1 + i).segment(2, k) = batch.storage.row(1 + rows[std::size_t(i)]).segment(2, k);
     const Matrix<double> want = naive_product(x.value(), v.value().transpose());
     const Matrix<double> bound =
         product_bound(x.value().cwiseAbs(), v.value().transpose().cwiseAbs(), eps<T>());
-    core::gathered_shrink<T, Arch>(x.view(), v.view(), t.view());
+    core::gathered_shrink<T, Arch>(batch.view(), set, v.view(), t.view());
     auto xv = x.view(), vv = v.view(), rv = t_ref.view();
     core::gemm_dot_ref<T>(m, w, k, T(1), xv.data, xv.ld, vv.data, vv.ld, rv.data, rv.ld, false);
     require_within(t.value(), want, bound, "simd vs exact");
@@ -120,26 +128,41 @@ TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact
     const Index out = GENERATE_COPY(Index(1), W - 1 > 0 ? W - 1 : Index(2), W + 1, Index(37), Index(600));
     const bool accumulate = GENERATE(false, true);
     CAPTURE(m, w, out, accumulate);
-    Strided<T> t(m, w, 11), u(out, w, 12), y(m, out, 13), y_ref(m, out, 13);
+    // The m rows written are scattered over a larger batch (every other row, reversed) or contiguous;
+    // the rows in between must keep their values.
+    const bool scattered = GENERATE(false, true);
+    CAPTURE(scattered);
+    const Index n = 2 * m + 1;
+    std::vector<Index> rows(static_cast<std::size_t>(m));
+    for (Index i = 0; i < m; ++i) rows[std::size_t(i)] = scattered ? 2 * (m - 1 - i) + 1 : i + 1;
+    const core::RowSet set = scattered ? core::RowSet{rows.data(), 0, m} : core::RowSet{nullptr, 1, m};
+    Strided<T> t(m, w, 11), u(out, w, 12), y(n, out, 13), y_ref(m, out, 0);
     const T alpha = T(-0.75);
     const Matrix<double> y0 = y.value();
+    // Exact values and error bounds of the selected rows, in the order of the set.
     Matrix<double> want = alpha * naive_product(t.value(), u.value().transpose());
     Matrix<double> bound = product_bound(t.value().cwiseAbs(), u.value().transpose().cwiseAbs(),
                                          eps<T>(), alpha);
-    if (accumulate) {
-        want += y0;
-        bound += 2 * eps<T>() * y0.cwiseAbs();
+    for (Index i = 0; i < m; ++i) {
+        const Index r = rows[std::size_t(i)];
+        if (accumulate) {
+            want.row(i) += y0.row(r);
+            bound.row(i) += 2 * eps<T>() * y0.row(r).cwiseAbs();
+        }
+        y_ref.storage.row(1 + i).segment(2, out) = y.storage.row(1 + r).segment(2, out);
     }
-    core::gathered_expand<T, Arch>(t.view(), u.view(), y.view(), alpha, accumulate);
+    core::gathered_expand<T, Arch>(t.view(), u.view(), y.view(), set, alpha, accumulate);
     const Matrix<T> ut = u.storage.block(1, 2, out, w).transpose();
     auto tv = t.view(), rv = y_ref.view();
     core::gemm_bcast_ref<T>(m, out, w, alpha, tv.data, tv.ld, 1, ut.data(), out, rv.data, rv.ld,
                             accumulate);
-    require_within(y.value(), want, bound, "simd vs exact");
+    Matrix<double> got(m, out);
+    for (Index i = 0; i < m; ++i) got.row(i) = y.value().row(rows[std::size_t(i)]);
+    require_within(got, want, bound, "simd vs exact");
     require_within(y_ref.value(), want, bound, "scalar reference vs exact");
-    const Matrix<T> fresh = random_matrix<T>(m + 3, out + 5, 13);
-    Matrix<T> outside = y.storage;
-    outside.block(1, 2, m, out) = fresh.block(1, 2, m, out);
+    const Matrix<T> fresh = random_matrix<T>(n + 3, out + 5, 13);
+    Matrix<T> outside = y.storage;  // y began as `fresh`: only the selected rows' blocks may differ
+    for (const Index r : rows) outside.row(1 + r).segment(2, out) = fresh.row(1 + r).segment(2, out);
     REQUIRE(outside == fresh);
 }
 

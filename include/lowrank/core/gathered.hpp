@@ -8,15 +8,14 @@
 ///     bgmv               Y[t] += α_k (X[t] V_kᵀ) U_kᵀ, k = idx[t]   (Punica's BGMV; −1: no adapter)
 ///     sgmv               the same for rows already grouped in segments      (Punica's SGMV)
 ///
-/// How the work is laid out: the rows of one adapter are gathered into a small contiguous block
-/// (an m × in copy with a padded leading dimension), two kernels tuned for few rows run on it —
-/// `gathered_shrink` (2 × 6 dot tiles) and `gathered_expand` (U transposed block by block with
-/// SIMD tile transposes, then `gemm_bcast` of kernels.hpp) — and
-/// the m × out result is scatter-added to Y. So each adapter's factors are streamed from memory
-/// once per call however its rows are scattered (every pass over V or block of U serves all m
-/// rows), a row with no adapter is never touched, and nothing is allocated per row: every scratch
-/// comes from a `GatherWorkspace`, which a caller reuses across calls. A contiguous range of rows
-/// (a segment) is read in place, without the copy of X.
+/// How the work is laid out: the rows of one adapter are used where they are (no copies of X or
+/// Y): two kernels tuned for few rows run on them through row pointers — `gathered_shrink`
+/// (2 × 6 dot tiles) into an m × w scratch, and `gathered_expand` (U transposed block by block
+/// into an L1 buffer with SIMD tile transposes, then 4-row × 3-vector tiles that add into Y's
+/// rows). So each adapter's factors are streamed from memory once per call however its rows are
+/// scattered (every pass over V or block of U serves all m rows), a row with no adapter is never
+/// touched, and nothing is allocated per row: the scratch comes from a `GatherWorkspace`, which a
+/// caller reuses across calls.
 ///
 /// Everything here is method-agnostic: an adapter is a pair of factor views and a scale
 /// (`GatheredFactors`); per-row weights make masked (TARA) and soft-masked terms the same kernel.
@@ -95,10 +94,11 @@ template <class T>
     return ld;
 }
 
-/// One tile of gathered_shrink: T[0..MR, 0..NR) (+)= X[0..MR) · V[0..NR)ᵀ over kc (kv vectorised).
-/// MR rows of X are held in registers; the NR rows of V are read as memory operands.
+/// One tile of gathered_shrink: T[0..MR, 0..NR) (+)= X[0..MR) · V[0..NR)ᵀ over kc (kv vectorised),
+/// the MR rows of X given by pointers (they may be scattered rows of a batch). The MR rows of X
+/// are held in registers; the NR rows of V are read as memory operands.
 template <int MR, int NR, class T, class Arch>
-inline void narrow_dot_tile(Index kc, Index kv, const T* x, Index ldx, const T* v, Index ldv, T* t,
+inline void narrow_dot_tile(Index kc, Index kv, const T* const* x, const T* v, Index ldv, T* t,
                             Index ldt, bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
@@ -107,7 +107,7 @@ inline void narrow_dot_tile(Index kc, Index kv, const T* x, Index ldx, const T* 
         for (int j = 0; j < NR; ++j) acc[i][j] = batch(T(0));
     for (Index p = 0; p < kv; p += W) {
         batch xv[MR];
-        for (int i = 0; i < MR; ++i) xv[i] = batch::load_unaligned(x + i * ldx + p);
+        for (int i = 0; i < MR; ++i) xv[i] = batch::load_unaligned(x[i] + p);
         for (int j = 0; j < NR; ++j) {
             const batch vv = batch::load_unaligned(v + j * ldv + p);
             for (int i = 0; i < MR; ++i) acc[i][j] = xsimd::fma(xv[i], vv, acc[i][j]);
@@ -116,24 +116,24 @@ inline void narrow_dot_tile(Index kc, Index kv, const T* x, Index ldx, const T* 
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NR; ++j) {
             T s = xsimd::hadd(acc[i][j]);
-            for (Index p = kv; p < kc; ++p) s += x[i * ldx + p] * v[j * ldv + p];  // k tail
+            for (Index p = kv; p < kc; ++p) s += x[i][p] * v[j * ldv + p];  // k tail
             T& dst = t[i * ldt + j];
             dst = accumulate ? dst + s : s;
         }
 }
 
 template <int MR, class T, class Arch>
-inline void narrow_dot_cols(Index j0, Index nr, Index kc, Index kv, const T* x, Index ldx,
-                            const T* v, Index ldv, T* t, Index ldt, bool acc) noexcept {
+inline void narrow_dot_cols(Index j0, Index nr, Index kc, Index kv, const T* const* x, const T* v,
+                            Index ldv, T* t, Index ldt, bool acc) noexcept {
     const T* vj = v + j0 * ldv;
     T* tj = t + j0;
     switch (nr) {
-        case 1: narrow_dot_tile<MR, 1, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
-        case 2: narrow_dot_tile<MR, 2, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
-        case 3: narrow_dot_tile<MR, 3, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
-        case 4: narrow_dot_tile<MR, 4, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
-        case 5: narrow_dot_tile<MR, 5, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
-        default: narrow_dot_tile<MR, 6, T, Arch>(kc, kv, x, ldx, vj, ldv, tj, ldt, acc); break;
+        case 1: narrow_dot_tile<MR, 1, T, Arch>(kc, kv, x, vj, ldv, tj, ldt, acc); break;
+        case 2: narrow_dot_tile<MR, 2, T, Arch>(kc, kv, x, vj, ldv, tj, ldt, acc); break;
+        case 3: narrow_dot_tile<MR, 3, T, Arch>(kc, kv, x, vj, ldv, tj, ldt, acc); break;
+        case 4: narrow_dot_tile<MR, 4, T, Arch>(kc, kv, x, vj, ldv, tj, ldt, acc); break;
+        case 5: narrow_dot_tile<MR, 5, T, Arch>(kc, kv, x, vj, ldv, tj, ldt, acc); break;
+        default: narrow_dot_tile<MR, 6, T, Arch>(kc, kv, x, vj, ldv, tj, ldt, acc); break;
     }
 }
 
@@ -220,16 +220,17 @@ inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0,
 
 }  // namespace detail
 
-/// T = X Vᵀ for a few rows of X (a gathered group): T is m × w, X m × in, V w × in.
+/// T = X[ρ] Vᵀ for a few rows ρ of X (read in place, wherever they are): T is m × w
+/// (m = rows.count), X n × in, V w × in.
 /// Tiles of 2 rows of X × 6 rows of V (12 accumulators; X in registers, V streamed as memory
 /// operands) over passes of 4 KiB of each row, so a pass of V is read from memory once and then
-/// from L1/L2 by every pair of rows. Reference: gemm_dot_ref with alpha = 1.
+/// from L1/L2 by every pair of rows. Reference: gemm_dot_ref on the selected rows, alpha = 1.
 template <class T, class Arch = xsimd::default_arch>
-void gathered_shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
+void gathered_shrink(MatrixView<const T> x, RowSet rows, MatrixView<const T> v, MatrixView<T> t) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index NR = 6;
-    LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
-    const Index m = x.rows, w = v.rows, k = x.cols;
+    LOWRANK_ASSERT(x.cols == v.cols && t.rows == rows.count && t.cols == v.rows);
+    const Index m = rows.count, w = v.rows, k = x.cols;
     if (m == 0 || w == 0) return;
     if (k == 0) {
         for (Index i = 0; i < m; ++i) std::fill_n(t.row(i), w, T(0));
@@ -242,38 +243,125 @@ void gathered_shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T>
         for (Index j = 0; j < w; j += NR) {
             const Index nr = std::min(NR, w - j);
             Index i = 0;
-            for (; i + 2 <= m; i += 2)
-                detail::narrow_dot_cols<2, T, Arch>(j, nr, kc, kv, x.row(i) + pc, x.ld, v.data + pc,
-                                                    v.ld, t.row(i), t.ld, acc);
-            if (i < m)
-                detail::narrow_dot_cols<1, T, Arch>(j, nr, kc, kv, x.row(i) + pc, x.ld, v.data + pc,
-                                                    v.ld, t.row(i), t.ld, acc);
+            for (; i + 2 <= m; i += 2) {
+                const T* xr[2] = {x.row(rows[i]) + pc, x.row(rows[i + 1]) + pc};
+                detail::narrow_dot_cols<2, T, Arch>(j, nr, kc, kv, xr, v.data + pc, v.ld, t.row(i), t.ld, acc);
+            }
+            if (i < m) {
+                const T* xr[1] = {x.row(rows[i]) + pc};
+                detail::narrow_dot_cols<1, T, Arch>(j, nr, kc, kv, xr, v.data + pc, v.ld, t.row(i), t.ld, acc);
+            }
         }
     }
 }
 
-/// Y (+)= α T Uᵀ for a few rows (T: m × w, U: out × w, Y: m × out). Blocks of U are transposed
-/// into a 16 KiB L1 buffer with SIMD W × W transposes (a padded leading dimension), and the
-/// broadcast kernel (`gemm_bcast`) sweeps all m rows over each block: U is read once per call.
-/// (A dedicated 2 × 6-vector tile was tried in place of gemm_bcast and was slower here.)
-/// Reference: gemm_bcast_ref on Uᵀ.
+namespace detail {
+
+/// Tile of gathered_expand: 4 rows × 3 vectors of outputs = 12 accumulators (FMA latency 4–5 ×
+/// 2 pipes needs ≥ 10 in flight), + 3 vectors of Uᵀ + 1 broadcast = 16 registers. 6 × 2 and
+/// 4 × 2 tiles measured the same within this VM's noise (mixed n = 64, 8 adapters, r = 16, 4096²).
+inline constexpr int expand_mr = 4;
+inline constexpr int expand_nv = 3;
+
+/// One tile of gathered_expand: y_i[0 .. NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for the
+/// MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
+/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once.
+template <int MR, int NV, class T, class Arch>
+inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
+                        T alpha, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch acc[MR][NV];
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v] = batch(T(0));
+    for (Index j = 0; j < wc; ++j) {
+        batch b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(packed + j * ldp + v * W);
+        for (int i = 0; i < MR; ++i) {
+            const batch a(t[i * ldt + j]);
+            for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(a, b[v], acc[i][v]);
+        }
+    }
+    const batch al(alpha);
+    for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) {
+            T* dst = y[i] + v * W;
+            const batch r = accumulate ? xsimd::fma(al, acc[i][v], batch::load_unaligned(dst)) : al * acc[i][v];
+            r.store_unaligned(dst);
+        }
+}
+
+/// Rows [i0, i0 + MR) of gathered_expand over one packed panel (outputs o0 .. o0 + ob of Y).
+template <int MR, class T, class Arch>
+inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index ob, Index wc,
+                        const T* t, Index ldt, const T* packed, Index ldp, T alpha, bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    T* yr[MR];
+    for (int i = 0; i < MR; ++i) yr[i] = y.row(rows[i0 + i]) + o0;
+    const T* ti = t + i0 * ldt;
+    const auto at = [&](Index o) {
+        std::array<T*, MR> p;
+        for (int i = 0; i < MR; ++i) p[std::size_t(i)] = yr[i] + o;
+        return p;
+    };
+    Index o = 0;
+    for (; o + expand_nv * W <= ob; o += expand_nv * W)
+        expand_tile<MR, expand_nv, T, Arch>(wc, ti, ldt, packed + o, ldp, at(o).data(), alpha, accumulate);
+    if constexpr (expand_nv > 2) {
+        if (o + 2 * W <= ob) {
+            expand_tile<MR, 2, T, Arch>(wc, ti, ldt, packed + o, ldp, at(o).data(), alpha, accumulate);
+            o += 2 * W;
+        }
+    }
+    if (o + W <= ob) {
+        expand_tile<MR, 1, T, Arch>(wc, ti, ldt, packed + o, ldp, at(o).data(), alpha, accumulate);
+        o += W;
+    }
+    for (; o < ob; ++o)  // column tail
+        for (int i = 0; i < MR; ++i) {
+            T s(0);
+            for (Index j = 0; j < wc; ++j) s += ti[i * ldt + j] * packed[j * ldp + o];
+            yr[i][o] = accumulate ? yr[i][o] + alpha * s : alpha * s;
+        }
+}
+
+/// The last rows (fewer than expand_mr) of gathered_expand: one tile of `rem` rows.
+template <int MR, class T, class Arch>
+inline void expand_rows_tail(Index rem, MatrixView<T> y, RowSet rows, Index i0, Index o0, Index ob, Index wc,
+                             const T* t, Index ldt, const T* packed, Index ldp, T alpha, bool accumulate) noexcept {
+    if constexpr (MR > 0) {
+        if (rem == MR)
+            expand_rows<MR, T, Arch>(y, rows, i0, o0, ob, wc, t, ldt, packed, ldp, alpha, accumulate);
+        else
+            expand_rows_tail<MR - 1, T, Arch>(rem, y, rows, i0, o0, ob, wc, t, ldt, packed, ldp, alpha, accumulate);
+    }
+}
+
+}  // namespace detail
+
+/// Y[ρ_i] (+)= α T[i] Uᵀ for a few rows ρ of Y (written in place; T: m × w with m = rows.count,
+/// U: out × w, Y: n × out). Blocks of U are transposed into a 16 KiB L1 buffer with SIMD W × W
+/// transposes (a padded leading dimension), and tiles of 4 rows × 3 vectors of outputs sweep all
+/// m rows over each block: U is read once per call, each selected row of Y read and written once
+/// per block of w. Rows must be distinct. Reference: gemm_bcast_ref on Uᵀ, row by row.
 template <class T, class Arch = xsimd::default_arch>
-void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alpha,
+void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, RowSet rows, T alpha,
                      bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index pack_elems = 16 * 1024 / Index(sizeof(T));
-    LOWRANK_ASSERT(t.cols == u.cols && y.rows == t.rows && y.cols == u.rows);
-    const Index m = t.rows, w = t.cols, out = u.rows;
+    LOWRANK_ASSERT(t.cols == u.cols && rows.count == t.rows && y.cols == u.rows);
+    const Index m = rows.count, w = t.cols, out = u.rows;
     if (m == 0 || out == 0) return;
     if (w == 0) {
         if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(y.row(i), out, T(0));
+            for (Index i = 0; i < m; ++i) std::fill_n(y.row(rows[i]), out, T(0));
         return;
     }
     alignas(64) std::array<T, pack_elems> packed;
     const Index max_w = std::max<Index>(1, pack_elems / (4 * W) - 1);  // at least 4 vectors of outputs
     for (Index p0 = 0; p0 < w; p0 += max_w) {
         const Index wc = std::min(max_w, w - p0);
+        const bool acc = accumulate || p0 > 0;
         // Widest block of outputs whose padded panel fits the buffer.
         Index ob = std::max<Index>(W, (pack_elems / wc) / W * W);
         while (ob > W && detail::padded_ld<T>(ob) * wc > pack_elems) ob -= W;
@@ -281,8 +369,12 @@ void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T>
         for (Index o0 = 0; o0 < out; o0 += ob) {
             const Index obb = std::min(ob, out - o0);
             detail::pack_transposed<T, Arch>(u, o0, obb, p0, wc, packed.data(), ldp);
-            gemm_bcast<T, Arch>(m, obb, wc, alpha, t.data + p0, t.ld, 1, packed.data(), ldp,
-                                y.data + o0, y.ld, accumulate || p0 > 0);
+            const T* tp = t.data + p0;
+            Index i = 0;
+            for (; i + detail::expand_mr <= m; i += detail::expand_mr)
+                detail::expand_rows<detail::expand_mr, T, Arch>(y, rows, i, o0, obb, wc, tp, t.ld, packed.data(), ldp, alpha, acc);
+            if (i < m)
+                detail::expand_rows_tail<detail::expand_mr - 1, T, Arch>(m - i, y, rows, i, o0, obb, wc, tp, t.ld, packed.data(), ldp, alpha, acc);
         }
     }
 }
@@ -360,35 +452,21 @@ Index group_rows(std::span<const I> idx, Index n_adapters, Index* order, Index* 
 
 /// Y[ρ_i] += α · w_i · (X[ρ_i] Vᵀ) Uᵀ for the rows ρ of `rows` (w_i = 1 when `weights` is null;
 /// `weights[i]` belongs to the i-th row of the set). Rows must be distinct.
-/// X rows are gathered into a scratch block (a contiguous range is read in place), shrunk by
-/// `gathered_shrink`, expanded by `gathered_expand` into a scratch block with a padded leading
-/// dimension, and added to Y's rows. Cost: 2·m·w·(in + out) flops; V and U are each read once from
-/// memory (m = rows.count), X's and Y's selected rows once each.
+/// X's rows are shrunk in place by `gathered_shrink` into an m × w scratch, the weights folded in,
+/// and `gathered_expand` adds the result to Y's rows in place. Cost: 2·m·w·(in + out) flops; V and
+/// U are each read once from memory (m = rows.count), X's and Y's selected rows once each.
 template <class T, class Arch = xsimd::default_arch>
 void gathered_apply(MatrixView<const T> x, MatrixView<T> y, const GatheredFactors<T>& f, RowSet rows,
                     const T* weights, GatherWorkspace<T>& ws) {
-    const Index m = rows.count, in = x.cols, out = y.cols, w = f.v.rows;
-    LOWRANK_ASSERT(f.v.cols == in && f.u.rows == out && f.u.cols == w);
+    const Index m = rows.count, w = f.v.rows;
+    LOWRANK_ASSERT(f.v.cols == x.cols && f.u.rows == y.cols && f.u.cols == w);
     if (m == 0) return;
-    const Index ld_in = detail::padded_ld<T>(in), ld_w = detail::padded_ld<T>(w),
-                ld_out = detail::padded_ld<T>(out);
-    const Index x_cols = rows.contiguous() ? 0 : ld_in;
-    const auto buf = ws.matrix(m, x_cols + ld_w + ld_out);
-    const auto t = buf.block(0, x_cols, m, w), yg = buf.block(0, x_cols + ld_w, m, out);
-    MatrixView<const T> xs;
-    if (rows.contiguous()) {
-        xs = x.middle_rows(rows.first, m);
-    } else {
-        const auto xg = buf.block(0, 0, m, in);
-        gather_rows<T>(x, rows, xg);
-        xs = xg;
-    }
-    gathered_shrink<T, Arch>(xs, f.v, t);
+    const auto t = ws.matrix(m, w);
+    gathered_shrink<T, Arch>(x, rows, f.v, t);
     if (weights) scale_rows(t, weights);
     // Packed even for one row: transposing U (W × W tiles) costs less than a horizontal sum per
     // output (gemm_dot), measured 2.6x at m = 2, out = 1280, w = 16.
-    gathered_expand<T, Arch>(t, f.u, yg, f.alpha, false);
-    scatter_add_rows<T, Arch>(yg, rows, y);
+    gathered_expand<T, Arch>(t, f.u, y, rows, f.alpha, true);
 }
 
 /// Reference for gathered_apply: per row, plain loops.
