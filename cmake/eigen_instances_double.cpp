@@ -1,0 +1,6 @@
+// SPDX-License-Identifier: Apache-2.0
+// The explicit instantiation definitions for cmake/eigen_instances.hpp (double).
+#define LOWRANK_EIGEN_INSTANCES_DEFINE
+#include "eigen_instances.hpp"
+
+LOWRANK_EIGEN_INSTANCES(, double)
