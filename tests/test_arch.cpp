@@ -1,0 +1,120 @@
+// SPDX-License-Identifier: Apache-2.0
+// Every SIMD architecture path compiled into this build computes the same products: each kernel
+// family (broadcast GEMM, dot GEMM, narrow dot GEMM, the few-row shrink and expand of the
+// gathered kernels) run for every architecture in xsimd::supported_architectures (all that the
+// compiler flags enable: SSE2 only without -march, SSE2 … FMA3+AVX2 with -march=native on this
+// machine, the AVX-512 ones on a machine and compiler that have them), float and double, on
+// shapes with SIMD tails, each within the rounding bound of the exact (double) product, and every
+// pair of paths within the sum of their bounds of each other.
+
+#include <lowrank/core/gathered.hpp>
+#include <lowrank/core/kernels.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "support.hpp"
+
+using namespace lowrank;
+using namespace lowrank::test;
+
+namespace {
+
+/// One kernel's result for one architecture.
+struct PathResult {
+    std::string arch;
+    Matrix<double> value;
+};
+
+/// Runs `run(arch, out)` for every compiled architecture, checks each result within `bound` of
+/// `want`, and every pair within the sum of their bounds (2 · bound) of each other.
+template <class Run>
+void check_all_paths(const Matrix<double>& want, const Matrix<double>& bound, Run&& run) {
+    std::vector<PathResult> results;
+    xsimd::supported_architectures::for_each([&](auto arch) {
+        using Arch = decltype(arch);
+        results.push_back({Arch::name(), run(Arch{})});
+    });
+    REQUIRE(!results.empty());
+    for (const auto& r : results) {
+        CAPTURE(r.arch);
+        require_within(r.value, want, bound, "path vs exact");
+    }
+    const Matrix<double> pair_bound = 2 * bound;
+    for (std::size_t i = 0; i < results.size(); ++i)
+        for (std::size_t j = i + 1; j < results.size(); ++j) {
+            CAPTURE(results[i].arch, results[j].arch);
+            require_within(results[i].value, results[j].value, pair_bound, "path vs path");
+        }
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agrees", "[arch]", float,
+                   double) {
+    using T = TestType;
+    // Tails for every width up to AVX-512's 16 floats: 37 = 2·16 + 5, 23 = 16 + 7, k spans two
+    // passes of the dot kernels' 4 KiB blocks for float (1100 > 1024).
+    const Index m = GENERATE(1, 7, 13), n = GENERATE(5, 37), k = GENERATE(3, 23, 1100);
+    CAPTURE(m, n, k);
+    const T alpha = T(0.625);
+    const Matrix<T> a = random_matrix<T>(m, k, 1), bt = random_matrix<T>(n, k, 2),
+                    b = bt.transpose();
+    const Matrix<double> ad = a.template cast<double>(), bd = b.template cast<double>();
+    const Matrix<double> want = alpha * naive_product(ad, bd);
+    const Matrix<double> bound = product_bound(ad.cwiseAbs(), bd.cwiseAbs(), eps<T>(), alpha);
+
+    SECTION("gemm_bcast: C = alpha A B") {
+        check_all_paths(want, bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> c(m, n);
+            core::gemm_bcast<T, Arch>(m, n, k, alpha, a.data(), k, 1, b.data(), n, c.data(), n, false);
+            return Matrix<double>(c.template cast<double>());
+        });
+    }
+    SECTION("gemm_dot: C = alpha A (Bᵀ)ᵀ") {
+        check_all_paths(want, bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> c(m, n);
+            core::gemm_dot<T, Arch>(m, n, k, alpha, a.data(), k, bt.data(), k, c.data(), n, false);
+            return Matrix<double>(c.template cast<double>());
+        });
+    }
+    SECTION("gemm_dot_narrow") {
+        check_all_paths(want, bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> c(m, n);
+            core::gemm_dot_narrow<T, Arch>(m, n, k, alpha, a.data(), k, bt.data(), k, c.data(), n, false);
+            return Matrix<double>(c.template cast<double>());
+        });
+    }
+    SECTION("gathered_shrink on scattered rows, gathered_expand into scattered rows") {
+        // Rows m-1, …, 0 of a 2m-row batch at odd positions: T = X[ρ] (Bᵀ)ᵀ, then Y[ρ] = alpha T' U'ᵀ.
+        Matrix<T> batch = random_matrix<T>(2 * m, k, 3);
+        std::vector<Index> rows(static_cast<std::size_t>(m));
+        for (Index i = 0; i < m; ++i) {
+            rows[std::size_t(i)] = 2 * (m - 1 - i) + 1;
+            batch.row(rows[std::size_t(i)]) = a.row(i);
+        }
+        const core::RowSet set{rows.data(), 0, m};
+        const Matrix<double> shrink_want = naive_product(ad, bd);
+        const Matrix<double> shrink_bound = product_bound(ad.cwiseAbs(), bd.cwiseAbs(), eps<T>());
+        check_all_paths(shrink_want, shrink_bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> t(m, n);
+            core::gathered_shrink<T, Arch>(view(batch), set, view(bt), view_mut(t));
+            return Matrix<double>(t.template cast<double>());
+        });
+        // Expand: T' = a (m × k) times U' = bt (n × k) transposed, into the scattered rows.
+        check_all_paths(want, bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> y = Matrix<T>::Zero(2 * m, n);
+            core::gathered_expand<T, Arch>(view(a), view(bt), view_mut(y), set, alpha, false);
+            Matrix<double> got(m, n);
+            for (Index i = 0; i < m; ++i) got.row(i) = y.row(rows[std::size_t(i)]).template cast<double>();
+            return got;
+        });
+    }
+}
