@@ -148,7 +148,8 @@ struct Solve {
     double s = 1;
 };
 
-inline Dbl spd_inverse(const char* fn, const char* what, const Dbl& gram, double damping) {
+template <class M>  // a template so that only the TUs that call it instantiate Eigen's LLT
+M spd_inverse(const char* fn, const char* what, const M& gram, double damping) {
     const Index r = gram.rows();
     Dbl damped = gram;
     damped.diagonal().array() += damping;
@@ -189,7 +190,8 @@ Solve solve_closed_form(const char* fn, const Lora<T>& lora, const Eigen::Matrix
 }
 
 /// The X of `choice` (see XChoice) from the closed-form pieces.
-inline Dbl choose_x(const char* fn, const Solve& sv, const Dbl& K, const Dbl& L, XChoice choice,
+template <class M>  // a template so that only the TUs that call it instantiate the Sylvester solver
+M choose_x(const char* fn, const Solve& sv, const M& K, const M& L, XChoice choice,
                     double damping) {
     const Index r = sv.P.rows();
     const double inv_s2 = 1.0 / (sv.s * sv.s);
