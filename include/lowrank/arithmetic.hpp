@@ -199,10 +199,12 @@ inline void rotate_columns(double* x, double* y, Index n, double c, double s) no
 /// relative accuracy), usually in one or two sweeps. Then σ_j = ‖w_j‖, u_j = w_j / σ_j, and the
 /// columns of zero norm (rank-deficient C) are completed to an orthonormal U. Backward stable:
 /// C = U Σ Vᵀ + E with ‖E‖ ≤ c p u ‖C‖. Falls back to Eigen's JacobiSVD if the sweeps do not
-/// converge (not observed).
-inline SmallSVD small_svd(const DMatrix& C) {
+/// converge (not observed). (A template only so that the translation units that never call it do
+/// not instantiate the eigensolver and JacobiSVD: Dense is always DMatrix.)
+template <class Dense = DMatrix>
+SmallSVD small_svd(const std::type_identity_t<Dense>& C) {
     if (C.rows() < C.cols()) {  // Jacobi on the columns needs p ≥ q: work on Cᵀ
-        SmallSVD t = small_svd(C.transpose());
+        SmallSVD t = small_svd<Dense>(C.transpose());
         std::swap(t.U, t.V);
         return t;
     }
