@@ -261,14 +261,14 @@ namespace detail {
 /// 2 pipes needs ≥ 10 in flight), + 3 vectors of Uᵀ + 1 broadcast = 16 registers. 6 × 2 and
 /// 4 × 2 tiles measured the same within this VM's noise (mixed n = 64, 8 adapters, r = 16, 4096²).
 inline constexpr int expand_mr = 4;
-inline constexpr int expand_nv = 3;
+inline constexpr int expand_nv = 3;  // expand_rows covers the remainder with 2- and 1-vector tiles
 
-/// One tile of gathered_expand: y_i[0 .. NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for the
-/// MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
+/// One tile of gathered_expand: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for
+/// the MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
 /// MR × NV accumulators stay in registers for the whole panel; Y is read and written once.
 template <int MR, int NV, class T, class Arch>
 inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
-                        T alpha, bool accumulate) noexcept {
+                        Index o, T alpha, bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     batch acc[MR][NV];
@@ -285,7 +285,7 @@ inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index 
     const batch al(alpha);
     for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) {
-            T* dst = y[i] + v * W;
+            T* dst = y[i] + o + v * W;
             const batch r = accumulate ? xsimd::fma(al, acc[i][v], batch::load_unaligned(dst)) : al * acc[i][v];
             r.store_unaligned(dst);
         }
@@ -299,22 +299,15 @@ inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index 
     T* yr[MR];
     for (int i = 0; i < MR; ++i) yr[i] = y.row(rows[i0 + i]) + o0;
     const T* ti = t + i0 * ldt;
-    const auto at = [&](Index o) {
-        std::array<T*, MR> p;
-        for (int i = 0; i < MR; ++i) p[std::size_t(i)] = yr[i] + o;
-        return p;
-    };
     Index o = 0;
     for (; o + expand_nv * W <= ob; o += expand_nv * W)
-        expand_tile<MR, expand_nv, T, Arch>(wc, ti, ldt, packed + o, ldp, at(o).data(), alpha, accumulate);
-    if constexpr (expand_nv > 2) {
-        if (o + 2 * W <= ob) {
-            expand_tile<MR, 2, T, Arch>(wc, ti, ldt, packed + o, ldp, at(o).data(), alpha, accumulate);
-            o += 2 * W;
-        }
+        expand_tile<MR, expand_nv, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
+    if (o + 2 * W <= ob) {
+        expand_tile<MR, 2, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
+        o += 2 * W;
     }
     if (o + W <= ob) {
-        expand_tile<MR, 1, T, Arch>(wc, ti, ldt, packed + o, ldp, at(o).data(), alpha, accumulate);
+        expand_tile<MR, 1, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
         o += W;
     }
     for (; o < ob; ++o)  // column tail
