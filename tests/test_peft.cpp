@@ -437,6 +437,15 @@ TEST_CASE("inconsistent or malformed adapters raise lowrank::error naming the mo
                             Contains("repetition counts too large"));
         REQUIRE_THROWS_WITH(load_mem<float>(R"({"peft_type": "LORA", "r": 2, "alpha_pattern": {")" + std::string(300, 'a') + R"(": 2}})", bytes),
                             Contains("longer than 256 bytes"));
+        // Numbers std::regex would read into a long unchecked (found by fuzz_peft_config).
+        REQUIRE_THROWS_WITH(load_mem<float>(R"({"peft_type": "LORA", "r": 2, "alpha_pattern": {"q\\99999999999999999999": 2}})", bytes),
+                            Contains("back-reference"));
+        REQUIRE_THROWS_WITH(load_mem<float>(R"({"peft_type": "LORA", "r": 2, "rank_pattern": {"q{0000000000000000000000001}": 2}})", bytes),
+                            Contains("more than 6 digits"));
+        REQUIRE_THROWS_WITH(load_mem<float>(R"({"peft_type": "LORA", "r": 2, "rank_pattern": {"q{1,2}{3,9999999}": 2}})", bytes),
+                            Contains("more than 6 digits"));
+        // Escaped module names with digits, and modest counts, still load.
+        REQUIRE_NOTHROW(load_mem<float>(R"({"peft_type": "LORA", "r": 2, "rank_pattern": {"layers\\.0\\.self_attn\\.q_proj": 2, "v_pr{1}oj": 1}})", bytes));
     }
     SECTION("missing files") {
         REQUIRE_THROWS_WITH(peft::load<float>(temp_dir("missing")), Contains("adapter_config.json") && Contains("missing"));

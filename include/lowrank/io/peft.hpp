@@ -159,29 +159,35 @@ namespace detail {
 using lowrank::detail::fail;
 using safetensors::detail::quote_name;
 
-/// Rejects pattern keys that could make std::regex (a recursive engine) exhaust time or stack:
-/// longer than 256 bytes, or whose `{m,n}` counts multiply to more than 64 per byte of key.
+/// Rejects pattern keys that could make std::regex (a recursive engine) exhaust time or stack, or
+/// overflow while it reads a number: longer than 256 bytes, a back-reference (`\1`; libstdc++ reads
+/// its digits into a `long` unchecked), a `{m,n}` count of more than 6 digits, or counts that
+/// multiply to more than 4096 / (length of the key).
 inline void check_pattern(const std::string& where, const std::string& key) {
     if (key.size() > 256) fail(where, ": pattern key ", quote_name(key), " is longer than 256 bytes");
+    const auto is_digit = [](char c) { return c >= '0' && c <= '9'; };
     double expansion = 1;
     for (std::size_t i = 0; i < key.size(); ++i) {
         if (key[i] == '\\') {
+            if (i + 1 < key.size() && is_digit(key[i + 1]))
+                fail(where, ": pattern key ", quote_name(key), " has a back-reference or octal escape (not supported)");
             ++i;
             continue;
         }
         if (key[i] != '{') continue;
-        double count = 0, largest = 0;  // {m}, {m,}, {m,n}: the larger of m and n
-        for (std::size_t j = i + 1; j < key.size() && j < i + 24; ++j) {
-            if (key[j] >= '0' && key[j] <= '9') {
-                count = count * 10 + (key[j] - '0');
-                largest = std::max(largest, count);
-            } else if (key[j] == ',') {
-                count = 0;
-            } else {
-                break;
-            }
+        double largest = 0;  // {m}, {m,}, {m,n}: the larger of m and n
+        std::size_t j = i + 1;
+        while (j < key.size() && (is_digit(key[j]) || key[j] == ',')) {
+            const std::size_t start = j;
+            double count = 0;
+            for (; j < key.size() && is_digit(key[j]); ++j) count = count * 10 + (key[j] - '0');
+            if (j - start > 6)
+                fail(where, ": pattern key ", quote_name(key), " has a repetition count of more than 6 digits");
+            largest = std::max(largest, count);
+            if (j < key.size() && key[j] == ',') ++j;
         }
         expansion *= largest + 1;
+        i = j - 1;
     }
     if (expansion * double(key.size()) > 4096)
         fail(where, ": pattern key ", quote_name(key), " has repetition counts too large to match safely");
