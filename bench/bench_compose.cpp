@@ -124,6 +124,15 @@ void BM_mixed_lowrank(benchmark::State& state) {
 }
 
 /// PEFT's way: for each adapter, gather its rows, two GEMMs, scatter-add.
+/// The same with the adapters laid out once in an AdapterBank (Bᵀ pre-transposed), as a server
+/// holding its adapters would: the bank is built outside the timed loop.
+void BM_mixed_lowrank_bank(benchmark::State& state) {
+    MixedCase& c = mixed_case();
+    MixedWorkspace<float> ws;
+    const AdapterBank<float> bank(c.adapters);
+    timed(state, c.bytes(), c.flops(), [&] { mixed_delta(c.X, bank, c.idx, c.Y, ws); });
+}
+
 void BM_mixed_eigen_gather(benchmark::State& state) {
     MixedCase& c = mixed_case();
     std::vector<std::vector<Index>> rows(std::size_t(c.K));
@@ -248,6 +257,7 @@ void BM_tara_per_row(benchmark::State& state) {
 
 BENCHMARK(BM_stream_roofline);
 BENCHMARK(BM_mixed_lowrank);
+BENCHMARK(BM_mixed_lowrank_bank);
 BENCHMARK(BM_mixed_eigen_gather);
 BENCHMARK(BM_mixed_per_row);
 BENCHMARK(BM_tara_lowrank_masked_delta)->Arg(320)->Arg(1280);

@@ -116,5 +116,15 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             for (Index i = 0; i < m; ++i) got.row(i) = y.row(rows[std::size_t(i)]).template cast<double>();
             return got;
         });
+        // The same with U'ᵀ given (an AdapterBank's layout).
+        const Matrix<T> b_given = bt.transpose();
+        check_all_paths(want, bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> y = Matrix<T>::Zero(2 * m, n);
+            core::gathered_expand_transposed<T, Arch>(view(a), view(b_given), view_mut(y), set, alpha, false);
+            Matrix<double> got(m, n);
+            for (Index i = 0; i < m; ++i) got.row(i) = y.row(rows[std::size_t(i)]).template cast<double>();
+            return got;
+        });
     }
 }

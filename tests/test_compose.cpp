@@ -208,6 +208,17 @@ TEMPLATE_TEST_CASE("a mixed batch equals each row run with its own adapter", "[c
     require_within(Y, want, bound, "mixed");
     require_within(Y, to_double(per_row), 2 * bound, "mixed vs per-row forward");
 
+    // The same through an AdapterBank (Bᵀ laid out once): a snapshot of the adapters.
+    std::vector<Lora<T>> copies = adapters;
+    AdapterBank<T> bank(copies);
+    copies[0].B().setZero();  // later changes to the Loras do not reach the bank
+    REQUIRE(bank.size() == 3);
+    REQUIRE(bank.rank(2) == 16);
+    REQUIRE(bank.scale(1) == adapters[1].scale());
+    Matrix<T> Yb;
+    mixed(X, W, bank, idx, Yb);
+    require_within(Yb, want, bound, "mixed with an AdapterBank");
+
     // Adapter part only, with a reused workspace, into a block of a larger buffer.
     MixedWorkspace<T> ws;
     Matrix<T> big = Matrix<T>::Constant(n + 2, out, T(5));
@@ -219,6 +230,24 @@ TEMPLATE_TEST_CASE("a mixed batch equals each row run with its own adapter", "[c
         if (idx[std::size_t(t)] < 0) REQUIRE(big.row(t + 1) == before.row(t + 1));
     REQUIRE(big.row(0).isConstant(T(5)));
     REQUIRE(big.row(n + 1).isConstant(T(5)));
+    Matrix<T> big_b = before;
+    mixed_delta(X, bank, idx, big_b.middleRows(1, n), ws);
+    require_within(big_b.middleRows(1, n), want, 2 * bound, "mixed_delta with an AdapterBank");
+    for (Index t = 0; t < n; ++t)
+        if (idx[std::size_t(t)] < 0) REQUIRE(big_b.row(t + 1) == before.row(t + 1));
+    // update(k) re-copies one adapter: with the zeroed B, adapter 0's rows get the base alone.
+    bank.update(0, copies[0]);
+    mixed(X, W, bank, idx, Yb);
+    for (Index t = 0; t < n; ++t) {
+        const int k = idx[std::size_t(t)];
+        const Matrix<T> xt = X.row(t);
+        if (k == 0)
+            require_within(Yb.row(t), naive_product(to_double(xt), to_double(W).transpose()), base_bound(xt, W),
+                           "updated adapter");
+        else
+            require_within(Yb.row(t), want.row(t), bound.row(t), "other adapters after update");
+    }
+    bank.update(0, adapters[0]);
 
     // Segmented form on the rows sorted by adapter.
     std::vector<Index> perm(static_cast<std::size_t>(n));
@@ -244,6 +273,8 @@ TEMPLATE_TEST_CASE("a mixed batch equals each row run with its own adapter", "[c
     Matrix<T> Ys;
     mixed_segments(Xs, W, adapters, seg, seg_adapter, Ys);
     require_within(Ys, want_s, bound_s, "mixed_segments");
+    mixed_segments(Xs, W, bank, seg, seg_adapter, Ys);
+    require_within(Ys, want_s, bound_s, "mixed_segments with an AdapterBank");
 }
 
 TEST_CASE("masked and mixed backward pass the finite-difference check (double)", "[compose][gradcheck]") {
@@ -466,6 +497,18 @@ TEST_CASE("bad input raises lowrank::error and writes nothing", "[compose][error
         REQUIRE_THROWS_WITH(Y = linear(X, W + wrong.masked(ones)), Contains("lowrank::linear"));
         const std::vector<const Lora<float>*> with_null = {&a, nullptr};
         REQUIRE_THROWS_WITH(mixed(X, W, with_null, idx, Y), Contains("adapter 1 is a null pointer"));
+        // Banks: adapters that disagree with each other, or a bank that disagrees with W.
+        REQUIRE_THROWS_WITH(AdapterBank<float>(mixed_bank),
+                            Contains("lowrank::AdapterBank") && Contains("adapter 1 is for a 6 x 6 weight"));
+        REQUIRE_THROWS_WITH(AdapterBank<float>(with_null), Contains("adapter 1 is a null pointer"));
+        const std::vector<const Lora<float>*> only_wrong = {&wrong};
+        const AdapterBank<float> wrong_bank(only_wrong);
+        REQUIRE_THROWS_WITH(mixed(X, W, wrong_bank, std::vector<int>{0, 0, -1, -1}, Y),
+                            Contains("lowrank::mixed") && Contains("bank holds adapters for a 6 x 6 weight") &&
+                                Contains("W is 6 x 5"));
+        AdapterBank<float> good(bank);
+        REQUIRE_THROWS_WITH(good.update(2, a), Contains("adapter 2 is out of range for a bank of 2"));
+        REQUIRE_THROWS_WITH(good.update(0, wrong), Contains("AdapterBank::update") && Contains("6 x 6"));
         untouched();
     }
     SECTION("alignment loss arguments") {

@@ -88,7 +88,7 @@ TEMPLATE_TEST_CASE("gathered_shrink matches gemm_dot_ref and the exact product",
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index m = GENERATE(0, 1, 2, 3, 8, 13);
+    const Index m = GENERATE(0, 1, 2, 3, 5, 8, 13);  // 3 and the odd ones: a 3-row tile
     const Index w = GENERATE(1, 5, 6, 7, 16);
     // 1100 > 4 KiB / sizeof(T): several passes over k in both precisions.
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W + 1, Index(77), Index(1100));
@@ -122,7 +122,7 @@ TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index m = GENERATE(0, 1, 5, 8);
+    const Index m = GENERATE(0, 1, 2, 3, 5, 6, 7, 8);  // 1-3 (mod 4): the narrower tail tiles
     // 300 exceeds one packing pass over w for every precision and architecture.
     const Index w = GENERATE(1, 3, 16, 300);
     const Index out = GENERATE_COPY(Index(1), W - 1 > 0 ? W - 1 : Index(2), W + 1, Index(37), Index(600));
@@ -164,6 +164,16 @@ TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact
     Matrix<T> outside = y.storage;  // y began as `fresh`: only the selected rows' blocks may differ
     for (const Index r : rows) outside.row(1 + r).segment(2, out) = fresh.row(1 + r).segment(2, out);
     REQUIRE(outside == fresh);
+
+    // The same with Uᵀ given (an AdapterBank's layout), read in place from a strided w × out block.
+    Strided<T> ut_given(w, out, 0), y2(n, out, 13);
+    ut_given.storage.block(1, 2, w, out) = u.storage.block(1, 2, out, w).transpose();
+    core::gathered_expand_transposed<T, Arch>(t.view(), ut_given.view(), y2.view(), set, alpha, accumulate);
+    for (Index i = 0; i < m; ++i) got.row(i) = y2.value().row(rows[std::size_t(i)]);
+    require_within(got, want, bound, "Uᵀ given vs exact");
+    Matrix<T> outside2 = y2.storage;
+    for (const Index r : rows) outside2.row(1 + r).segment(2, out) = fresh.row(1 + r).segment(2, out);
+    REQUIRE(outside2 == fresh);
 }
 
 TEMPLATE_TEST_CASE("the packing transpose is exact, tails included", "[gathered]", FloatSse2,

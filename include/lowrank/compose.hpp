@@ -250,6 +250,77 @@ public:
     std::vector<MatrixView<T>> dv, du;
 };
 
+/// Adapters laid out once for serving mixed batches: each adapter's A, its Bᵀ (r × out, the
+/// layout the expand kernel reads, with a row stride chosen to avoid L1 set conflicts) and its
+/// scale, copied from the `Lora`s. `mixed`, `mixed_delta`, `mixed_segments` and the masked
+/// functions take a bank wherever they take a list of adapters, and then skip the per-call
+/// transposes of B (the bank is the analogue of a pre-packed weight: pack at load, reuse every
+/// call). A snapshot: training the `Lora`s later does not change it (call `update`); the
+/// backward functions take the `Lora`s themselves. Memory: r·(in + out) values per adapter.
+///
+/// \code
+///   lowrank::AdapterBank<float> bank(adapters);     // once, at load
+///   lowrank::mixed(X, W, bank, idx, Y, ws);          // every batch
+/// \endcode
+template <Real T>
+class AdapterBank {
+public:
+    AdapterBank() = default;
+    /// From a range of `Lora<T>` (objects, pointers or reference_wrappers), all for one out × in
+    /// weight; an empty range gives an empty bank (every row must then use no adapter).
+    template <class Adapters>
+        requires(!std::same_as<std::remove_cvref_t<Adapters>, AdapterBank>)
+    explicit AdapterBank(const Adapters& adapters);
+
+    [[nodiscard]] Index size() const noexcept { return Index(entries_.size()); }
+    [[nodiscard]] Index in_features() const noexcept { return in_; }
+    [[nodiscard]] Index out_features() const noexcept { return out_; }
+    [[nodiscard]] Index rank(Index k) const { return entry(k).a.rows(); }
+    [[nodiscard]] T scale(Index k) const { return entry(k).scale; }
+    /// Replaces adapter k by a new copy of `lora` (same weight shape; the rank may change).
+    void update(Index k, const Lora<T>& lora) {
+        (void)entry(k);  // range check
+        check(lora, k, "lowrank::AdapterBank::update");
+        entries_[std::size_t(k)] = prepare(lora);
+    }
+    /// The kernels' view of adapter k (valid until the bank is changed or destroyed).
+    [[nodiscard]] core::GatheredFactors<T> factors(Index k) const {
+        const Entry& e = entry(k);
+        const Index r = e.a.rows();
+        return {view(e.a), MatrixView<const T>{nullptr, out_, r, 0}, e.scale,
+                MatrixView<const T>{e.bt.data(), r, out_, e.bt.cols()}};
+    }
+
+private:
+    struct Entry {
+        Matrix<T> a;   // r × in
+        Matrix<T> bt;  // r × padded out: Bᵀ in the first out columns
+        T scale = T(1);
+    };
+
+    [[nodiscard]] const Entry& entry(Index k) const {
+        if (k < 0 || k >= size())
+            detail::fail("lowrank::AdapterBank: adapter ", k, " is out of range for a bank of ", size());
+        return entries_[std::size_t(k)];
+    }
+    void check(const Lora<T>& a, Index k, const char* fn) const {
+        if (a.in_features() != in_ || a.out_features() != out_)
+            detail::fail(fn, ": adapter ", k, " is for a ", a.out_features(), " x ", a.in_features(),
+                         " weight, but the bank holds adapters for ", out_, " x ", in_);
+        a.validate(fn, 0, in_, out_);
+        detail::check_finite(fn, "adapter scale", a.scale());
+    }
+    [[nodiscard]] Entry prepare(const Lora<T>& a) const {
+        Entry e{a.A(), Matrix<T>(a.rank(), core::detail::padded_ld<T>(out_)), a.scale()};
+        e.bt.leftCols(out_) = a.B().transpose();
+        e.bt.rightCols(e.bt.cols() - out_).setZero();
+        return e;
+    }
+
+    Index in_ = 0, out_ = 0;
+    std::vector<Entry> entries_;
+};
+
 namespace detail {
 
 template <class T>
@@ -286,6 +357,17 @@ void collect_adapters(const char* fn, const Adapters& adapters, Index in, Index 
         factors.push_back({a->shrink_factor(), a->expand_factor(), a->scale()});
         ++k;
     }
+}
+
+/// The same for a bank: its shapes checked once, its layout used as is.
+template <Real T>
+void collect_adapters(const char* fn, const AdapterBank<T>& bank, Index in, Index out,
+                      std::vector<core::GatheredFactors<T>>& factors) {
+    if (bank.size() > 0 && (bank.in_features() != in || bank.out_features() != out))
+        fail(fn, ": the adapter bank holds adapters for a ", bank.out_features(), " x ",
+             bank.in_features(), " weight, but W is ", out, " x ", in);
+    factors.clear();
+    for (Index k = 0; k < bank.size(); ++k) factors.push_back(bank.factors(k));
 }
 
 template <class Idx>
@@ -333,6 +415,9 @@ void check_segments(const char* fn, std::span<const Index> seg, std::span<const 
 template <Real T, class Adapters>
 void prepare_grads(const Adapters& adapters, std::vector<LoraGrad<T>>& grads,
                    MixedWorkspace<T>& ws) {
+    static_assert(!std::same_as<Adapters, AdapterBank<T>>,
+                  "lowrank: an AdapterBank is a read-only snapshot for serving; train the Lora "
+                  "adapters themselves (pass the list of Lora<T>)");
     grads.resize(std::ranges::size(adapters));
     ws.dv.clear();
     ws.du.clear();
@@ -383,6 +468,29 @@ void check_mask_matrix(const char* fn, MatrixView<const T> masks, Index K, Index
 }
 
 }  // namespace detail
+
+template <Real T>
+template <class Adapters>
+    requires(!std::same_as<std::remove_cvref_t<Adapters>, AdapterBank<T>>)
+AdapterBank<T>::AdapterBank(const Adapters& adapters) {
+    static_assert(std::same_as<detail::adapter_type<Adapters>, Lora<T>>,
+                  "lowrank: AdapterBank<T> is built from a range of Lora<T> (objects, pointers or "
+                  "reference_wrappers)");
+    const char* fn = "lowrank::AdapterBank";
+    Index k = 0;
+    for (const auto& item : adapters) {
+        const Lora<T>* a = detail::adapter_address(item);
+        if (!a) detail::fail(fn, ": adapter ", k, " is a null pointer");
+        if (k == 0) {
+            in_ = a->in_features();
+            out_ = a->out_features();
+        }
+        check(*a, k, fn);
+        ++k;
+    }
+    entries_.reserve(std::size_t(k));  // every adapter checked before anything is copied
+    for (const auto& item : adapters) entries_.push_back(prepare(*detail::adapter_address(item)));
+}
 
 // =================================================================================================
 // Mixed batches: per-row adapter index (BGMV)

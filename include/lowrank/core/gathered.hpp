@@ -37,9 +37,10 @@ namespace lowrank::core {
 /// One adapter as the gathered kernels see it: ΔY = α (X Vᵀ) Uᵀ.
 template <class T>
 struct GatheredFactors {
-    MatrixView<const T> v;  ///< shrink factor, w × in (LoRA's A)
-    MatrixView<const T> u;  ///< expand factor, out × w (LoRA's B)
-    T alpha = T(1);         ///< scale (LoRA's s)
+    MatrixView<const T> v;     ///< shrink factor, w × in (LoRA's A)
+    MatrixView<const T> u;     ///< expand factor, out × w (LoRA's B); shape only (data null) when ut is set
+    T alpha = T(1);            ///< scale (LoRA's s)
+    MatrixView<const T> ut{};  ///< optional Uᵀ (w × out), laid out ahead: the forward reads it instead of U
 };
 
 /// A set of batch rows: an explicit list `rows[0..count)`, or (rows == nullptr) the contiguous
@@ -332,6 +333,53 @@ inline void expand_rows_tail(Index rem, MatrixView<T> y, RowSet rows, Index i0, 
 
 }  // namespace detail
 
+namespace detail {
+
+/// gathered_expand and gathered_expand_transposed: `src` is U (out × w, packed block by block
+/// into an L1 buffer) or, with Given, Uᵀ (w × out, read in place).
+template <bool Given, class T, class Arch>
+void expand_impl(MatrixView<const T> t, MatrixView<const T> src, MatrixView<T> y, RowSet rows, T alpha,
+                 bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr Index pack_elems = 16 * 1024 / Index(sizeof(T));
+    const Index m = rows.count, w = t.cols, out = Given ? src.cols : src.rows;
+    if (m == 0 || out == 0) return;
+    if (w == 0) {
+        if (!accumulate)
+            for (Index i = 0; i < m; ++i) std::fill_n(y.row(rows[i]), out, T(0));
+        return;
+    }
+    [[maybe_unused]] alignas(64) std::array<T, Given ? 1 : pack_elems> buffer;
+    const Index max_w = std::max<Index>(1, pack_elems / (4 * W) - 1);  // at least 4 vectors of outputs
+    for (Index p0 = 0; p0 < w; p0 += max_w) {
+        const Index wc = std::min(max_w, w - p0);
+        const bool acc = accumulate || p0 > 0;
+        // Widest block of outputs whose (padded) panel fits 16 KiB.
+        Index ob = std::max<Index>(W, (pack_elems / wc) / W * W);
+        if constexpr (!Given)
+            while (ob > W && padded_ld<T>(ob) * wc > pack_elems) ob -= W;
+        const Index ldp = Given ? src.ld : padded_ld<T>(ob);
+        for (Index o0 = 0; o0 < out; o0 += ob) {
+            const Index obb = std::min(ob, out - o0);
+            const T* packed;
+            if constexpr (Given) {
+                packed = src.data + p0 * src.ld + o0;
+            } else {
+                pack_transposed<T, Arch>(src, o0, obb, p0, wc, buffer.data(), ldp);
+                packed = buffer.data();
+            }
+            const T* tp = t.data + p0;
+            Index i = 0;
+            for (; i + expand_mr <= m; i += expand_mr)
+                expand_rows<expand_mr, T, Arch>(y, rows, i, o0, obb, wc, tp, t.ld, packed, ldp, alpha, acc);
+            if (i < m)
+                expand_rows_tail<expand_mr - 1, T, Arch>(m - i, y, rows, i, o0, obb, wc, tp, t.ld, packed, ldp, alpha, acc);
+        }
+    }
+}
+
+}  // namespace detail
+
 /// Y[ρ_i] (+)= α T[i] Uᵀ for a few rows ρ of Y (written in place; T: m × w with m = rows.count,
 /// U: out × w, Y: n × out). Blocks of U are transposed into a 16 KiB L1 buffer with SIMD W × W
 /// transposes (a padded leading dimension), and tiles of 4 rows × 3 vectors of outputs sweep all
@@ -340,36 +388,18 @@ inline void expand_rows_tail(Index rem, MatrixView<T> y, RowSet rows, Index i0, 
 template <class T, class Arch = xsimd::default_arch>
 void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, RowSet rows, T alpha,
                      bool accumulate) noexcept {
-    constexpr Index W = xsimd::batch<T, Arch>::size;
-    constexpr Index pack_elems = 16 * 1024 / Index(sizeof(T));
     LOWRANK_ASSERT(t.cols == u.cols && rows.count == t.rows && y.cols == u.rows);
-    const Index m = rows.count, w = t.cols, out = u.rows;
-    if (m == 0 || out == 0) return;
-    if (w == 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(y.row(rows[i]), out, T(0));
-        return;
-    }
-    alignas(64) std::array<T, pack_elems> packed;
-    const Index max_w = std::max<Index>(1, pack_elems / (4 * W) - 1);  // at least 4 vectors of outputs
-    for (Index p0 = 0; p0 < w; p0 += max_w) {
-        const Index wc = std::min(max_w, w - p0);
-        const bool acc = accumulate || p0 > 0;
-        // Widest block of outputs whose padded panel fits the buffer.
-        Index ob = std::max<Index>(W, (pack_elems / wc) / W * W);
-        while (ob > W && detail::padded_ld<T>(ob) * wc > pack_elems) ob -= W;
-        const Index ldp = detail::padded_ld<T>(ob);
-        for (Index o0 = 0; o0 < out; o0 += ob) {
-            const Index obb = std::min(ob, out - o0);
-            detail::pack_transposed<T, Arch>(u, o0, obb, p0, wc, packed.data(), ldp);
-            const T* tp = t.data + p0;
-            Index i = 0;
-            for (; i + detail::expand_mr <= m; i += detail::expand_mr)
-                detail::expand_rows<detail::expand_mr, T, Arch>(y, rows, i, o0, obb, wc, tp, t.ld, packed.data(), ldp, alpha, acc);
-            if (i < m)
-                detail::expand_rows_tail<detail::expand_mr - 1, T, Arch>(m - i, y, rows, i, o0, obb, wc, tp, t.ld, packed.data(), ldp, alpha, acc);
-        }
-    }
+    detail::expand_impl<false, T, Arch>(t, u, y, rows, alpha, accumulate);
+}
+
+/// gathered_expand with Uᵀ given (ut: w × out, e.g. laid out once by an AdapterBank): no
+/// transposes, the tiles read blocks of Uᵀ in place. A row stride of Uᵀ that is an odd multiple
+/// of 32 bytes (detail::padded_ld) keeps the rows of a block in different L1 sets.
+template <class T, class Arch = xsimd::default_arch>
+void gathered_expand_transposed(MatrixView<const T> t, MatrixView<const T> ut, MatrixView<T> y, RowSet rows,
+                                T alpha, bool accumulate) noexcept {
+    LOWRANK_ASSERT(t.cols == ut.rows && rows.count == t.rows && y.cols == ut.cols);
+    detail::expand_impl<true, T, Arch>(t, ut, y, rows, alpha, accumulate);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -457,6 +487,10 @@ void gathered_apply(MatrixView<const T> x, MatrixView<T> y, const GatheredFactor
     const auto t = ws.matrix(m, w);
     gathered_shrink<T, Arch>(x, rows, f.v, t);
     if (weights) scale_rows(t, weights);
+    if (f.ut.data) {
+        gathered_expand_transposed<T, Arch>(t, f.ut, y, rows, f.alpha, true);
+        return;
+    }
     // Packed even for one row: transposing U (W × W tiles) costs less than a horizontal sum per
     // output (gemm_dot), measured 2.6x at m = 2, out = 1280, w = 16.
     gathered_expand<T, Arch>(t, f.u, y, rows, f.alpha, true);
