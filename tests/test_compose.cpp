@@ -218,6 +218,11 @@ TEMPLATE_TEST_CASE("a mixed batch equals each row run with its own adapter", "[c
     Matrix<T> Yb;
     mixed(X, W, bank, idx, Yb);
     require_within(Yb, want, bound, "mixed with an AdapterBank");
+    Matrix<T> one_hot = Matrix<T>::Zero(3, n);  // the same batch as masks, through the bank
+    for (Index t = 0; t < n; ++t)
+        if (idx[std::size_t(t)] >= 0) one_hot(idx[std::size_t(t)], t) = T(1);
+    masked_forward(X, W, bank, one_hot, Yb);
+    require_within(Yb, want, bound, "masked_forward with an AdapterBank");
 
     // Adapter part only, with a reused workspace, into a block of a larger buffer.
     MixedWorkspace<T> ws;

@@ -34,7 +34,8 @@
 /// `mixed_backward` / `mixed_segments_backward` train several adapters in one batch.
 ///
 /// Adapter lists are any range of `const Lora<T>*`, `Lora<T>` or `std::reference_wrapper<Lora<T>>`
-/// (a `std::vector`, `std::array`, `std::span`, …). Every argument is checked before anything is
+/// (a `std::vector`, `std::array`, `std::span`, …), or, for the forward functions, an
+/// `AdapterBank<T>`: the adapters copied once into the layout the kernels read (for serving). Every argument is checked before anything is
 /// written: on a `lowrank::error` the outputs are untouched.
 ///
 /// Example:
