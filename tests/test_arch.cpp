@@ -107,24 +107,22 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             core::gathered_shrink<T, Arch>(view(batch), set, view(bt), view_mut(t));
             return Matrix<double>(t.template cast<double>());
         });
-        // Expand: T' = a (m × k) times U' = bt (n × k) transposed, into the scattered rows.
-        check_all_paths(want, bound, [&](auto arch) {
-            using Arch = decltype(arch);
-            Matrix<T> y = Matrix<T>::Zero(2 * m, n);
-            core::gathered_expand<T, Arch>(view(a), view(bt), view_mut(y), set, alpha, false);
-            Matrix<double> got(m, n);
-            for (Index i = 0; i < m; ++i) got.row(i) = y.row(rows[std::size_t(i)]).template cast<double>();
-            return got;
-        });
-        // The same with U'ᵀ given (an AdapterBank's layout).
+        // Expand: T' = a (m × k) times U' = bt (n × k) transposed, into the scattered rows; U' as
+        // stored, or U'ᵀ given (an AdapterBank's layout).
         const Matrix<T> b_given = bt.transpose();
-        check_all_paths(want, bound, [&](auto arch) {
-            using Arch = decltype(arch);
-            Matrix<T> y = Matrix<T>::Zero(2 * m, n);
-            core::gathered_expand_transposed<T, Arch>(view(a), view(b_given), view_mut(y), set, alpha, false);
-            Matrix<double> got(m, n);
-            for (Index i = 0; i < m; ++i) got.row(i) = y.row(rows[std::size_t(i)]).template cast<double>();
-            return got;
-        });
+        for (const bool given : {false, true}) {
+            INFO("U' transposed ahead: " << given);
+            check_all_paths(want, bound, [&](auto arch) {
+                using Arch = decltype(arch);
+                Matrix<T> y = Matrix<T>::Zero(2 * m, n);
+                if (given)
+                    core::gathered_expand_transposed<T, Arch>(view(a), view(b_given), view_mut(y), set, alpha, false);
+                else
+                    core::gathered_expand<T, Arch>(view(a), view(bt), view_mut(y), set, alpha, false);
+                Matrix<double> got(m, n);
+                for (Index i = 0; i < m; ++i) got.row(i) = y.row(rows[std::size_t(i)]).template cast<double>();
+                return got;
+            });
+        }
     }
 }
