@@ -251,6 +251,21 @@ public:
     std::vector<MatrixView<T>> dv, du;
 };
 
+namespace detail {
+
+/// One adapter of a list checked against the out × in weight it is applied to (`against` names
+/// that weight in the message): shapes, factors not resized, a finite scale.
+template <Real T>
+void check_adapter(const char* fn, const Lora<T>& a, Index k, Index in, Index out, const char* against) {
+    if (a.in_features() != in || a.out_features() != out)
+        fail(fn, ": adapter ", k, " is for a ", a.out_features(), " x ", a.in_features(), " weight (B ",
+             shape_of(a.B()), ", A ", shape_of(a.A()), "), but ", against, " is ", out, " x ", in);
+    a.validate(fn, 0, in, out);
+    check_finite(fn, "adapter scale", a.scale());
+}
+
+}  // namespace detail
+
 /// Adapters laid out once for serving mixed batches: each adapter's A, its Bᵀ (r × out, the
 /// layout the expand kernel reads, with a row stride chosen to avoid L1 set conflicts) and its
 /// scale, copied from the `Lora`s. `mixed`, `mixed_delta`, `mixed_segments` and the masked
@@ -281,7 +296,7 @@ public:
     /// Replaces adapter k by a new copy of `lora` (same weight shape; the rank may change).
     void update(Index k, const Lora<T>& lora) {
         (void)entry(k);  // range check
-        check(lora, k, "lowrank::AdapterBank::update");
+        detail::check_adapter("lowrank::AdapterBank::update", lora, k, in_, out_, "the bank's weight");
         entries_[std::size_t(k)] = prepare(lora);
     }
     /// The kernels' view of adapter k (valid until the bank is changed or destroyed).
@@ -303,13 +318,6 @@ private:
         if (k < 0 || k >= size())
             detail::fail("lowrank::AdapterBank: adapter ", k, " is out of range for a bank of ", size());
         return entries_[std::size_t(k)];
-    }
-    void check(const Lora<T>& a, Index k, const char* fn) const {
-        if (a.in_features() != in_ || a.out_features() != out_)
-            detail::fail(fn, ": adapter ", k, " is for a ", a.out_features(), " x ", a.in_features(),
-                         " weight, but the bank holds adapters for ", out_, " x ", in_);
-        a.validate(fn, 0, in_, out_);
-        detail::check_finite(fn, "adapter scale", a.scale());
     }
     [[nodiscard]] Entry prepare(const Lora<T>& a) const {
         Entry e{a.A(), Matrix<T>(a.rank(), core::detail::padded_ld<T>(out_)), a.scale()};
@@ -349,12 +357,7 @@ void collect_adapters(const char* fn, const Adapters& adapters, Index in, Index 
     for (const auto& item : adapters) {
         const Lora<T>* a = adapter_address(item);
         if (!a) fail(fn, ": adapter ", k, " is a null pointer");
-        if (a->in_features() != in || a->out_features() != out)
-            fail(fn, ": adapter ", k, " is for a ", a->out_features(), " x ", a->in_features(),
-                 " weight (B ", shape_of(a->B()), ", A ", shape_of(a->A()), "), but W is ", out,
-                 " x ", in);
-        a->validate(fn, 0, in, out);
-        check_finite(fn, "adapter scale", a->scale());
+        check_adapter(fn, *a, k, in, out, "W");
         factors.push_back({a->shrink_factor(), a->expand_factor(), a->scale()});
         ++k;
     }
@@ -486,7 +489,7 @@ AdapterBank<T>::AdapterBank(const Adapters& adapters) {
             in_ = a->in_features();
             out_ = a->out_features();
         }
-        check(*a, k, fn);
+        detail::check_adapter(fn, *a, k, in_, out_, "the bank's weight");
         ++k;
     }
     entries_.reserve(std::size_t(k));  // every adapter checked before anything is copied
