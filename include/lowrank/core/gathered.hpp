@@ -104,18 +104,18 @@ inline void narrow_dot_tile(Index kc, Index kv, const T* const* x, const T* v, I
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     batch acc[MR][NR];
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) acc[i][j] = batch(T(0));
+    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+        LOWRANK_UNROLL for (int j = 0; j < NR; ++j) acc[i][j] = batch(T(0));
     for (Index p = 0; p < kv; p += W) {
         batch xv[MR];
-        for (int i = 0; i < MR; ++i) xv[i] = batch::load_unaligned(x[i] + p);
-        for (int j = 0; j < NR; ++j) {
+        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) xv[i] = batch::load_unaligned(x[i] + p);
+        LOWRANK_UNROLL for (int j = 0; j < NR; ++j) {
             const batch vv = batch::load_unaligned(v + j * ldv + p);
-            for (int i = 0; i < MR; ++i) acc[i][j] = xsimd::fma(xv[i], vv, acc[i][j]);
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = xsimd::fma(xv[i], vv, acc[i][j]);
         }
     }
-    for (int i = 0; i < MR; ++i)
-        for (int j = 0; j < NR; ++j) {
+    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+        LOWRANK_UNROLL for (int j = 0; j < NR; ++j) {
             T s = xsimd::hadd(acc[i][j]);
             for (Index p = kv; p < kc; ++p) s += x[i][p] * v[j * ldv + p];  // k tail
             T& dst = t[i * ldt + j];
@@ -197,8 +197,8 @@ inline void transpose_tile(const T* src, Index lds, T* dst, Index ldd) noexcept 
         return;
     }
 #endif
-    for (Index i = 0; i < W; ++i)
-        for (Index j = 0; j < W; ++j) dst[j * ldd + i] = src[i * lds + j];
+    LOWRANK_UNROLL for (Index i = 0; i < W; ++i)
+        LOWRANK_UNROLL for (Index j = 0; j < W; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
 /// packed[j][o] = u[o0 + o][p0 + j] for o < ob, j < wc (packed: wc × ob with leading dim ldp).
@@ -210,7 +210,7 @@ inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0,
     for (Index o = 0; o < ov; o += W) {
         const T* src = u.row(o0 + o) + p0;
         for (Index j = 0; j < jv; j += W) transpose_tile<T, Arch>(src + j, u.ld, packed + j * ldp + o, ldp);
-        for (Index i = 0; i < W; ++i)
+        LOWRANK_UNROLL for (Index i = 0; i < W; ++i)
             for (Index j = jv; j < wc; ++j) packed[j * ldp + o + i] = src[i * u.ld + j];
     }
     for (Index o = ov; o < ob; ++o) {
@@ -273,19 +273,19 @@ inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index 
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     batch acc[MR][NV];
-    for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = batch(T(0));
+    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = batch(T(0));
     for (Index j = 0; j < wc; ++j) {
         batch b[NV];
-        for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(packed + j * ldp + v * W);
-        for (int i = 0; i < MR; ++i) {
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(packed + j * ldp + v * W);
+        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
             const batch a(t[i * ldt + j]);
-            for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(a, b[v], acc[i][v]);
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(a, b[v], acc[i][v]);
         }
     }
     const batch al(alpha);
-    for (int i = 0; i < MR; ++i)
-        for (int v = 0; v < NV; ++v) {
+    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
             T* dst = y[i] + o + v * W;
             const batch r = accumulate ? xsimd::fma(al, acc[i][v], batch::load_unaligned(dst)) : al * acc[i][v];
             r.store_unaligned(dst);
@@ -298,7 +298,7 @@ inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index 
                         const T* t, Index ldt, const T* packed, Index ldp, T alpha, bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     T* yr[MR];
-    for (int i = 0; i < MR; ++i) yr[i] = y.row(rows[i0 + i]) + o0;
+    LOWRANK_UNROLL for (int i = 0; i < MR; ++i) yr[i] = y.row(rows[i0 + i]) + o0;
     const T* ti = t + i0 * ldt;
     Index o = 0;
     for (; o + expand_nv * W <= ob; o += expand_nv * W)
@@ -312,7 +312,7 @@ inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index 
         o += W;
     }
     for (; o < ob; ++o)  // column tail
-        for (int i = 0; i < MR; ++i) {
+        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
             T s(0);
             for (Index j = 0; j < wc; ++j) s += ti[i * ldt + j] * packed[j * ldp + o];
             yr[i][o] = accumulate ? yr[i][o] + alpha * s : alpha * s;
