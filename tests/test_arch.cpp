@@ -107,6 +107,17 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             core::gathered_shrink<T, Arch>(view(batch), set, view(bt), view_mut(t));
             return Matrix<double>(t.template cast<double>());
         });
+        // The same with Vᵀ given (an AdapterBank's layout: rows padded to 64 bytes with zeros).
+        const Index ldv = (n + 15) / 16 * 16;
+        Matrix<T> vt = Matrix<T>::Zero(k, ldv);
+        vt.leftCols(n) = bt.transpose();
+        check_all_paths(shrink_want, shrink_bound, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> t(m, n);
+            core::gathered_shrink_transposed<T, Arch>(view(batch), set, MatrixView<const T>{vt.data(), k, n, ldv},
+                                                      view_mut(t));
+            return Matrix<double>(t.template cast<double>());
+        });
         // Expand: T' = a (m × k) times U' = bt (n × k) transposed, into the scattered rows; U' as
         // stored, or U'ᵀ given (an AdapterBank's layout).
         const Matrix<T> b_given = bt.transpose();

@@ -115,6 +115,20 @@ TEMPLATE_TEST_CASE("gathered_shrink matches gemm_dot_ref and the exact product",
     Matrix<T> outside = t.storage;
     outside.block(1, 2, m, w) = fresh.block(1, 2, m, w);
     REQUIRE(outside == fresh);
+
+    // The same with Vᵀ given (an AdapterBank's layout): k × w inside a wider block whose padding
+    // columns hold large values (read by the full-vector loads, never used), and T accumulated
+    // over several passes of k starting from garbage in T.
+    const Index ldv = (w + W - 1) / W * W + 1;
+    Matrix<T> vt_storage = Matrix<T>::Constant(k + 1, ldv, T(1e30));
+    vt_storage.block(0, 0, k, w) = v.storage.block(1, 2, w, k).transpose();
+    const MatrixView<const T> vt{vt_storage.data(), k, w, ldv};
+    Strided<T> t2(m, w, 3);
+    core::gathered_shrink_transposed<T, Arch>(batch.view(), set, vt, t2.view());
+    require_within(t2.value(), want, bound, "simd (Vᵀ given) vs exact");
+    Matrix<T> outside2 = t2.storage;
+    outside2.block(1, 2, m, w) = fresh.block(1, 2, m, w);
+    REQUIRE(outside2 == fresh);
 }
 
 TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact product",
