@@ -363,36 +363,47 @@ void gathered_shrink_transposed(MatrixView<const T> x, RowSet rows, MatrixView<c
 
 namespace detail {
 
-/// Tile of gathered_expand: 4 rows × 3 vectors of outputs = 12 accumulators (FMA latency 4–5 ×
-/// 2 pipes needs ≥ 10 in flight), + 3 vectors of Uᵀ + 1 broadcast = 16 registers. 6 × 2 and
-/// 4 × 2 tiles measured the same within this VM's noise (mixed n = 64, 8 adapters, r = 16, 4096²).
-inline constexpr int expand_mr = 4;
-inline constexpr int expand_nv = 3;  // expand_rows covers the remainder with 2- and 1-vector tiles
+/// Tile of gathered_expand: 6 rows × 2 vectors of outputs = 12 accumulators (FMA latency 4 ×
+/// 2 pipes needs ≥ 8 in flight), + 2 vectors of Uᵀ + 1 broadcast = 15 registers; tiles of fewer
+/// rows split w into interleaved accumulator sets (see expand_tile). Against 4 × 3 (both with
+/// the tail tiles unrolled), same-binary runs of mixed n = 64, 8 adapters, r = 16, 4096², float
+/// (an AdapterBank), relative to a fixed prototype in the same binary: 1.08 / 1.03 vs 1.23 / 1.17.
+inline constexpr int expand_mr = 6;
+inline constexpr int expand_nv = 2;  // expand_rows covers the remainder with a 1-vector tile
 
 /// One tile of gathered_expand: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for
 /// the MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
-/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once.
+/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once. With
+/// fewer than 8 accumulators (the tail tiles) U sets of them take alternate j, so that enough
+/// FMAs are in flight, and are summed at the end.
 template <int MR, int NV, class T, class Arch>
 inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
                         Index o, T alpha, bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
-    batch acc[MR][NV];
-    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = batch(T(0));
-    for (Index j = 0; j < wc; ++j) {
+    constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
+    batch acc[U][MR][NV];
+    LOWRANK_UNROLL for (int u = 0; u < U; ++u)
+        LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
+    auto step = [&](Index j, auto& a) {
         batch b[NV];
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(packed + j * ldp + v * W);
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            const batch a(t[i * ldt + j]);
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(a, b[v], acc[i][v]);
+            const batch ti(t[i * ldt + j]);
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) a[i][v] = xsimd::fma(ti, b[v], a[i][v]);
         }
-    }
+    };
+    Index j = 0;
+    for (; j + U <= wc; j += U)
+        LOWRANK_UNROLL for (int u = 0; u < U; ++u) step(j + u, acc[u]);
+    for (; j < wc; ++j) step(j, acc[0]);
     const batch al(alpha);
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
             T* dst = y[i] + o + v * W;
-            const batch r = accumulate ? xsimd::fma(al, acc[i][v], batch::load_unaligned(dst)) : al * acc[i][v];
+            LOWRANK_UNROLL for (int u = 1; u < U; ++u) acc[0][i][v] += acc[u][i][v];
+            const batch r = accumulate ? xsimd::fma(al, acc[0][i][v], batch::load_unaligned(dst)) : al * acc[0][i][v];
             r.store_unaligned(dst);
         }
 }
@@ -408,10 +419,7 @@ inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index 
     Index o = 0;
     for (; o + expand_nv * W <= ob; o += expand_nv * W)
         expand_tile<MR, expand_nv, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
-    if (o + 2 * W <= ob) {
-        expand_tile<MR, 2, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
-        o += 2 * W;
-    }
+    static_assert(expand_nv == 2, "expand_rows: one 1-vector tile covers the remainder");
     if (o + W <= ob) {
         expand_tile<MR, 1, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
         o += W;
