@@ -10,11 +10,20 @@
 
 #include <catch2/catch.hpp>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
 #include <limits>
 #include <string>
 
 namespace lowrank::test {
+
+/// A path in the temporary directory that no other process uses: ctest runs test cases (the
+/// float and double instances of one template among them) in parallel processes.
+inline std::filesystem::path unique_temp_path(const std::string& name) {
+    return std::filesystem::temp_directory_path() / ("lowrank_" + name + "_" + std::to_string(::getpid()));
+}
 
 /// Uniform(-1, 1) entries from a seeded, platform-independent stream.
 template <class T>

@@ -14,7 +14,6 @@
 #include <filesystem>
 #include <fstream>
 
-#include <unistd.h>
 
 #include "lora_support.hpp"
 
@@ -117,9 +116,7 @@ double correction_condition(const Lora<T>& lora, double damping) {
 }
 
 std::string temp_path(const char* name) {
-    return (std::filesystem::temp_directory_path() /
-            (std::string("lowrank_test_lora_pro_") + name + "_" + std::to_string(::getpid())))
-        .string();
+    return test::unique_temp_path(std::string("test_lora_pro_") + name).string();
 }
 
 }  // namespace

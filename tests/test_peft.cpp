@@ -48,7 +48,7 @@ peft::Adapter<T> load_mem(const std::string& config, const std::vector<std::byte
 }
 
 std::filesystem::path temp_dir(const std::string& name) {
-    const auto dir = std::filesystem::temp_directory_path() / ("lowrank_test_peft_" + name);
+    const auto dir = test::unique_temp_path("test_peft_" + name);
     std::filesystem::remove_all(dir);
     return dir;
 }

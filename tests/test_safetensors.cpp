@@ -142,7 +142,7 @@ TEMPLATE_TEST_CASE("write then read returns the values, exactly or within half a
 }
 
 TEST_CASE("files on disk: buffered and memory-mapped reads agree", "[safetensors][roundtrip]") {
-    const auto dir = std::filesystem::temp_directory_path() / "lowrank_test_safetensors";
+    const auto dir = test::unique_temp_path("test_safetensors");
     std::filesystem::create_directories(dir);
     const Matrix<double> m = test::random_matrix<double>(7, 9, 3);
     Writer w;

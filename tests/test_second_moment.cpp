@@ -34,7 +34,7 @@ Matrix<double> sum_bound(const Matrix<double>& abs_e) {
 }
 
 std::string temp_path(const std::string& name) {
-    return (std::filesystem::temp_directory_path() / ("lowrank_r1_" + name)).string();
+    return test::unique_temp_path("r1_" + name).string();
 }
 
 std::vector<unsigned char> read_bytes(const std::string& path) {

@@ -11,8 +11,10 @@
 /// How the work is laid out: the rows of one adapter are used where they are (no copies of X or
 /// Y): two kernels tuned for few rows run on them through row pointers — `gathered_shrink`
 /// (2 × 6 dot tiles) into an m × w scratch, and `gathered_expand` (U transposed block by block
-/// into an L1 buffer with SIMD tile transposes, then 4-row × 3-vector tiles that add into Y's
-/// rows). So each adapter's factors are streamed from memory once per call however its rows are
+/// into an L1 buffer with SIMD tile transposes, then 6-row × 2-vector tiles that add into Y's
+/// rows). With the factors laid out ahead (an AdapterBank: Vᵀ and Uᵀ), `gathered_shrink_transposed`
+/// (6-row × 2-vector broadcast tiles over one sequential stream of Vᵀ) and
+/// `gathered_expand_transposed` (the same expand tiles, no transposes) take their place. So each adapter's factors are streamed from memory once per call however its rows are
 /// scattered (every pass over V or block of U serves all m rows), a row with no adapter is never
 /// touched, and nothing is allocated per row: the scratch comes from a `GatherWorkspace`, which a
 /// caller reuses across calls.
