@@ -12,9 +12,10 @@
 /// Y): two kernels tuned for few rows run on them through row pointers — `gathered_shrink`
 /// (2 × 6 dot tiles) into an m × w scratch, and `gathered_expand` (U transposed block by block
 /// into an L1 buffer with SIMD tile transposes, then 6-row × 2-vector tiles that add into Y's
-/// rows). With the factors laid out ahead (an AdapterBank: Vᵀ and Uᵀ), `gathered_shrink_transposed`
-/// (6-row × 2-vector broadcast tiles over one sequential stream of Vᵀ) and
-/// `gathered_expand_transposed` (the same expand tiles, no transposes) take their place. So each adapter's factors are streamed from memory once per call however its rows are
+/// rows). With the factors laid out ahead (an AdapterBank: Vᵀ and Uᵀ),
+/// `gathered_shrink_transposed` (6-row × 2-vector broadcast tiles over one sequential stream of
+/// Vᵀ) and `gathered_expand_transposed` (the same expand tiles, no transposes) take their place.
+/// So each adapter's factors are streamed from memory once per call however its rows are
 /// scattered (every pass over V or block of U serves all m rows), a row with no adapter is never
 /// touched, and nothing is allocated per row: the scratch comes from a `GatherWorkspace`, which a
 /// caller reuses across calls.
@@ -265,15 +266,15 @@ namespace detail {
 
 /// One tile of gathered_shrink_transposed: T[0..MR, 0..valid) (+)= X[0..MR) · Vᵀ[0..kc, 0..valid)
 /// (valid ≤ NV·W; the loads read NV full vectors of each row of Vᵀ, so its padding must be
-/// readable). Each element of X is broadcast against NV vectors of a row of Vᵀ. A tile of fewer
-/// than 4 rows runs U independent accumulator sets over alternate k, so that at least 8 FMAs are
-/// in flight (FMA latency 4 × 2 pipes) however few rows it has.
+/// readable). Each element of X is broadcast against NV vectors of a row of Vᵀ. A tile with fewer
+/// than 8 accumulators runs U independent sets of them over alternate k, so that at least 8 FMAs
+/// are in flight (FMA latency 4 × 2 pipes) however few rows and columns it has.
 template <int MR, int NV, class T, class Arch>
 inline void shrink_bcast_tile(Index kc, const T* const* x, const T* vt, Index ldv, T* t, Index ldt, Index valid,
                               bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
-    constexpr int U = MR >= 4 ? 1 : (MR == 3 ? 2 : 4 / MR);
+    constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
     batch acc[U][MR][NV];
     LOWRANK_UNROLL for (int u = 0; u < U; ++u)
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
@@ -323,7 +324,8 @@ inline void shrink_bcast_rows(MatrixView<const T> x, RowSet rows, Index i0, Inde
 }  // namespace detail
 
 /// gathered_shrink with Vᵀ given (vt: in × w, e.g. laid out once by an AdapterBank, with a
-/// leading dimension ≥ w rounded up to the SIMD width and that padding readable): T = X[ρ] Vᵀᵀ.
+/// leading dimension ≥ w rounded up to the SIMD width and that padding readable):
+/// T = X[ρ] · vt (= X[ρ] Vᵀ).
 /// Tiles of 6 rows × 2 vectors of T (12 accumulators) broadcast X against rows of Vᵀ, which are
 /// read in one sequential stream per pass of blocking::kc over k (a pass of Vᵀ stays in L1 for
 /// every tile of rows); the last 1–5 rows take one narrower tile. Against gathered_shrink's dot
