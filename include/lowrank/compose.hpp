@@ -292,7 +292,7 @@ public:
     [[nodiscard]] Index size() const noexcept { return Index(entries_.size()); }
     [[nodiscard]] Index in_features() const noexcept { return in_; }
     [[nodiscard]] Index out_features() const noexcept { return out_; }
-    [[nodiscard]] Index rank(Index k) const { return entry(k).rank; }
+    [[nodiscard]] Index rank(Index k) const { return entry(k).bt.rows(); }
     [[nodiscard]] T scale(Index k) const { return entry(k).scale; }
     /// Replaces adapter k by a new copy of `lora` (same weight shape; the rank may change).
     void update(Index k, const Lora<T>& lora) {
@@ -303,7 +303,7 @@ public:
     /// The kernels' view of adapter k (valid until the bank is changed or destroyed).
     [[nodiscard]] core::GatheredFactors<T> factors(Index k) const {
         const Entry& e = entry(k);
-        const Index r = e.rank;
+        const Index r = e.bt.rows();
         return {MatrixView<const T>{nullptr, r, in_, 0}, MatrixView<const T>{nullptr, out_, r, 0}, e.scale,
                 MatrixView<const T>{e.bt.data(), r, out_, e.bt.cols()},
                 MatrixView<const T>{e.at.data(), in_, r, e.at.cols()}};
@@ -314,7 +314,6 @@ private:
         Matrix<T> at;  // in × (r rounded up to 64 bytes): Aᵀ in the first r columns, zeros after
         Matrix<T> bt;  // r × padded out: Bᵀ in the first out columns
         T scale = T(1);
-        Index rank = 0;
     };
 
     [[nodiscard]] const Entry& entry(Index k) const {
@@ -325,7 +324,7 @@ private:
     [[nodiscard]] Entry prepare(const Lora<T>& a) const {
         constexpr Index line = 64 / Index(sizeof(T));
         Entry e{Matrix<T>::Zero(in_, (a.rank() + line - 1) / line * line),
-                Matrix<T>(a.rank(), core::detail::padded_ld<T>(out_)), a.scale(), a.rank()};
+                Matrix<T>(a.rank(), core::detail::padded_ld<T>(out_)), a.scale()};
         e.at.leftCols(a.rank()) = a.A().transpose();
         e.bt.leftCols(out_) = a.B().transpose();
         e.bt.rightCols(e.bt.cols() - out_).setZero();

@@ -225,6 +225,16 @@ inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0,
     }
 }
 
+/// The shrinks' shapes with nothing to multiply: T (m × w, over k input features) is empty, or
+/// k = 0 and T is set to zero. Returns whether T is done.
+template <class T>
+[[nodiscard]] bool shrink_trivial(Index k, MatrixView<T> t) noexcept {
+    if (t.rows == 0 || t.cols == 0) return true;
+    if (k != 0) return false;
+    for (Index i = 0; i < t.rows; ++i) std::fill_n(t.row(i), t.cols, T(0));
+    return true;
+}
+
 }  // namespace detail
 
 /// T = X[ρ] Vᵀ for a few rows ρ of X (read in place, wherever they are): T is m × w
@@ -238,11 +248,7 @@ void gathered_shrink(MatrixView<const T> x, RowSet rows, MatrixView<const T> v, 
     constexpr Index NR = 6;
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == rows.count && t.cols == v.rows);
     const Index m = rows.count, w = v.rows, k = x.cols;
-    if (m == 0 || w == 0) return;
-    if (k == 0) {
-        for (Index i = 0; i < m; ++i) std::fill_n(t.row(i), w, T(0));
-        return;
-    }
+    if (detail::shrink_trivial(k, t)) return;
     constexpr Index kc_max = 4096 / Index(sizeof(T));
     for (Index pc = 0; pc < k; pc += kc_max) {
         const Index kc = std::min(kc_max, k - pc), kv = kc / W * W;
@@ -338,11 +344,7 @@ void gathered_shrink_transposed(MatrixView<const T> x, RowSet rows, MatrixView<c
     LOWRANK_ASSERT(x.cols == vt.rows && t.rows == rows.count && t.cols == vt.cols);
     LOWRANK_ASSERT(vt.rows == 0 || vt.ld >= (vt.cols + W - 1) / W * W);
     const Index m = rows.count, w = vt.cols, k = x.cols;
-    if (m == 0 || w == 0) return;
-    if (k == 0) {
-        for (Index i = 0; i < m; ++i) std::fill_n(t.row(i), w, T(0));
-        return;
-    }
+    if (detail::shrink_trivial(k, t)) return;
     for (Index pc = 0; pc < k; pc += blocking::kc) {
         const Index kc = std::min(blocking::kc, k - pc);
         const bool acc = pc > 0;
