@@ -119,15 +119,16 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             return Matrix<double>(t.template cast<double>());
         });
         // Expand: T' = a (m × k) times U' = bt (n × k) transposed, into the scattered rows; U' as
-        // stored, or U'ᵀ given (an AdapterBank's layout).
-        const Matrix<T> b_given = bt.transpose();
+        // stored, or U'ᵀ in strips (an AdapterBank's layout).
+        Matrix<T> strips(core::strip_rows<T>(k, n), core::strip_width<T>);
+        core::pack_strips<T>(view(bt), view_mut(strips));
         for (const bool given : {false, true}) {
-            INFO("U' transposed ahead: " << given);
+            INFO("U'ᵀ in strips: " << given);
             check_all_paths(want, bound, [&](auto arch) {
                 using Arch = decltype(arch);
                 Matrix<T> y = Matrix<T>::Zero(2 * m, n);
                 if (given)
-                    core::gathered_expand_transposed<T, Arch>(view(a), view(b_given), view_mut(y), set, alpha, false);
+                    core::gathered_expand_strips<T, Arch>(view(a), view(strips), view_mut(y), set, alpha, false);
                 else
                     core::gathered_expand<T, Arch>(view(a), view(bt), view_mut(y), set, alpha, false);
                 Matrix<double> got(m, n);

@@ -179,12 +179,21 @@ TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact
     for (const Index r : rows) outside.row(1 + r).segment(2, out) = fresh.row(1 + r).segment(2, out);
     REQUIRE(outside == fresh);
 
-    // The same with Uᵀ given (an AdapterBank's layout), read in place from a strided w × out block.
-    Strided<T> ut_given(w, out, 0), y2(n, out, 13);
-    ut_given.storage.block(1, 2, w, out) = u.storage.block(1, 2, out, w).transpose();
-    core::gathered_expand_transposed<T, Arch>(t.view(), ut_given.view(), y2.view(), set, alpha, accumulate);
+    // The same with Uᵀ in strips (an AdapterBank's layout). The padding past `out` in the last
+    // strip is overwritten with 1e30: a tile that read it would put it into Y.
+    constexpr Index S = core::strip_width<T>;
+    Matrix<T> strips(core::strip_rows<T>(w, out), S);
+    core::pack_strips<T>(u.view(), view_mut(strips));
+    for (Index j = 0; j < w; ++j)
+        for (Index o = out; o % S != 0; ++o) strips((o / S) * w + j, o % S) = T(1e30);
+    Matrix<T> unpacked(w, out);  // the layout itself, element by element
+    for (Index j = 0; j < w; ++j)
+        for (Index o = 0; o < out; ++o) unpacked(j, o) = core::strip_at<T>(view(strips), w, j, o);
+    REQUIRE(unpacked == u.storage.block(1, 2, out, w).transpose());
+    Strided<T> y2(n, out, 13);
+    core::gathered_expand_strips<T, Arch>(t.view(), view(strips), y2.view(), set, alpha, accumulate);
     for (Index i = 0; i < m; ++i) got.row(i) = y2.value().row(rows[std::size_t(i)]);
-    require_within(got, want, bound, "Uᵀ given vs exact");
+    require_within(got, want, bound, "Uᵀ in strips vs exact");
     Matrix<T> outside2 = y2.storage;
     for (const Index r : rows) outside2.row(1 + r).segment(2, out) = fresh.row(1 + r).segment(2, out);
     REQUIRE(outside2 == fresh);

@@ -268,12 +268,13 @@ void check_adapter(const char* fn, const Lora<T>& a, Index k, Index in, Index ou
 
 /// Adapters laid out once for serving mixed batches: each adapter's Aᵀ (in × r, rows padded to
 /// 64 bytes: the shrink kernel reads it as one sequential stream and broadcasts X against it),
-/// its Bᵀ (r × out, the layout the expand kernel reads, with a row stride chosen to avoid L1 set
-/// conflicts) and its scale, copied from the `Lora`s. `mixed`, `mixed_delta`, `mixed_segments`
-/// and the masked functions take a bank wherever they take a list of adapters, and then skip the
-/// per-call transposes of B (the bank is the analogue of a pre-packed weight: pack at load, reuse
-/// every call). A snapshot: training the `Lora`s later does not change it (call `update`); the
-/// backward functions take the `Lora`s themselves. Memory: r·out + in·r₆₄ values per adapter (r₆₄: r rounded up to 64 bytes).
+/// its Bᵀ in cache-line strips (r × out, `core::pack_strips`: the expand kernel reads it as one
+/// sequential stream too) and its scale, copied from the `Lora`s. `mixed`, `mixed_delta`,
+/// `mixed_segments` and the masked functions take a bank wherever they take a list of adapters,
+/// and then skip the per-call transposes of B (the bank is the analogue of a pre-packed weight:
+/// pack at load, reuse every call). A snapshot: training the `Lora`s later does not change it
+/// (call `update`); the backward functions take the `Lora`s themselves. Memory: r·out₆₄ + in·r₆₄
+/// values per adapter (out₆₄, r₆₄: out and r rounded up to 64 bytes).
 ///
 /// \code
 ///   lowrank::AdapterBank<float> bank(adapters);     // once, at load
@@ -292,7 +293,7 @@ public:
     [[nodiscard]] Index size() const noexcept { return Index(entries_.size()); }
     [[nodiscard]] Index in_features() const noexcept { return in_; }
     [[nodiscard]] Index out_features() const noexcept { return out_; }
-    [[nodiscard]] Index rank(Index k) const { return entry(k).bt.rows(); }
+    [[nodiscard]] Index rank(Index k) const { return entry(k).rank; }
     [[nodiscard]] T scale(Index k) const { return entry(k).scale; }
     /// Replaces adapter k by a new copy of `lora` (same weight shape; the rank may change).
     void update(Index k, const Lora<T>& lora) {
@@ -303,16 +304,17 @@ public:
     /// The kernels' view of adapter k (valid until the bank is changed or destroyed).
     [[nodiscard]] core::GatheredFactors<T> factors(Index k) const {
         const Entry& e = entry(k);
-        const Index r = e.bt.rows();
+        const Index r = e.rank;
         return {MatrixView<const T>{nullptr, r, in_, 0}, MatrixView<const T>{nullptr, out_, r, 0}, e.scale,
-                MatrixView<const T>{e.bt.data(), r, out_, e.bt.cols()},
+                MatrixView<const T>{e.bt.data(), e.bt.rows(), e.bt.cols(), e.bt.cols()},
                 MatrixView<const T>{e.at.data(), in_, r, e.at.cols()}};
     }
 
 private:
     struct Entry {
         Matrix<T> at;  // in × (r rounded up to 64 bytes): Aᵀ in the first r columns, zeros after
-        Matrix<T> bt;  // r × padded out: Bᵀ in the first out columns
+        Matrix<T> bt;  // Bᵀ in strips: core::strip_rows<T>(r, out) × core::strip_width<T>
+        Index rank = 0;
         T scale = T(1);
     };
 
@@ -324,10 +326,9 @@ private:
     [[nodiscard]] Entry prepare(const Lora<T>& a) const {
         constexpr Index line = 64 / Index(sizeof(T));
         Entry e{Matrix<T>::Zero(in_, (a.rank() + line - 1) / line * line),
-                Matrix<T>(a.rank(), core::detail::padded_ld<T>(out_)), a.scale()};
+                Matrix<T>(core::strip_rows<T>(a.rank(), out_), core::strip_width<T>), a.rank(), a.scale()};
         e.at.leftCols(a.rank()) = a.A().transpose();
-        e.bt.leftCols(out_) = a.B().transpose();
-        e.bt.rightCols(e.bt.cols() - out_).setZero();
+        core::pack_strips<T>(a.expand_factor(), view_mut(e.bt));
         return e;
     }
 
