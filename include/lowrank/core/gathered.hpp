@@ -131,17 +131,6 @@ private:
 
 namespace detail {
 
-/// A leading dimension ≥ cols whose row stride in bytes is an odd multiple of 32: rows of a scratch
-/// block then fall in different L1 sets (a power-of-two stride, e.g. 4096 floats, maps every row
-/// of a tile to the same set and slows the micro-kernels by up to 4x on this machine).
-template <class T>
-[[nodiscard]] constexpr Index padded_ld(Index cols) noexcept {
-    constexpr Index chunk = 32 / Index(sizeof(T));
-    Index ld = (std::max<Index>(cols, 1) + chunk - 1) / chunk * chunk;
-    if ((ld / chunk) % 2 == 0) ld += chunk;
-    return ld;
-}
-
 /// One tile of gathered_shrink: T[0..MR, 0..NR) (+)= X[0..MR) · V[0..NR)ᵀ over kc (kv vectorised),
 /// the MR rows of X given by pointers (they may be scattered rows of a batch). The MR rows of X
 /// are held in registers; the NR rows of V are read as memory operands.
@@ -263,18 +252,6 @@ inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0,
     for (Index o = ov; o < ob; ++o) {
         const T* src = u.row(o0 + o) + p0;
         for (Index j = 0; j < wc; ++j) packed[j * ldp + o] = src[j];
-    }
-}
-
-/// Calls f(std::integral_constant<int, rem>()) for a row count 1 ≤ rem ≤ MR: the last rows of a
-/// sweep take one tile of exactly their count.
-template <int MR, class F>
-inline void dispatch_rows(Index rem, F&& f) {
-    if constexpr (MR > 0) {
-        if (rem == MR)
-            f(std::integral_constant<int, MR>());
-        else
-            dispatch_rows<MR - 1>(rem, std::forward<F>(f));
     }
 }
 

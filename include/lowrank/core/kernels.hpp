@@ -21,6 +21,8 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "view.hpp"
 
@@ -62,6 +64,13 @@ namespace lowrank::core {
 ///   streamed once (the small-batch regime, memory bound on W).
 /// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
 ///   256 KiB in float, an L2-sized share).
+/// - `stream_mr` × `stream_nr`: gemm_dot's tile when B is the larger operand (a weight streamed
+///   against a few rows): stream_nr rows of B over the whole of k, so each is read once in one
+///   sequential run, against stream_mr rows of A at a time (re-read from L2). 2 × 4 needs 11 of
+///   the 16 vector registers; GCC compiles the 3 × 4 and 4 × 3 tiles with operands reloaded
+///   (24 and 16 loads per 12 FMAs). Y = X Wᵀ, X 16 × 4096, W 4096², float, same run: 2 × 4 over
+///   all of k 10.8 ms, the former 3 × 4 in passes of dot_kc 18.5 ms (bench_core's fused forward,
+///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
 struct blocking {
     static constexpr Index mr = 6;
     static constexpr Index mc = 96;
@@ -71,6 +80,8 @@ struct blocking {
     static constexpr Index dot_mr = 3;
     static constexpr Index dot_nr = 4;
     static constexpr Index dot_kc = 1024;
+    static constexpr Index stream_mr = 2;
+    static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w) noexcept {
@@ -108,6 +119,29 @@ void gemm_dot_ref(Index m, Index n, Index k, T alpha, const T* a, Index lda, con
 }
 
 namespace detail {
+
+/// A leading dimension ≥ cols whose row stride in bytes is an odd multiple of 32: rows of a scratch
+/// block then fall in different L1 sets (a power-of-two stride, e.g. 4096 floats, maps every row
+/// of a tile to the same set and slows the micro-kernels by up to 4x on this machine).
+template <class T>
+[[nodiscard]] constexpr Index padded_ld(Index cols) noexcept {
+    constexpr Index chunk = 32 / Index(sizeof(T));
+    Index ld = (std::max<Index>(cols, 1) + chunk - 1) / chunk * chunk;
+    if ((ld / chunk) % 2 == 0) ld += chunk;
+    return ld;
+}
+
+/// Calls f(std::integral_constant<int, rem>()) for a row count 1 ≤ rem ≤ MR: the last rows of a
+/// sweep take one tile of exactly their count.
+template <int MR, class F>
+inline void dispatch_rows(Index rem, F&& f) {
+    if constexpr (MR > 0) {
+        if (rem == MR)
+            f(std::integral_constant<int, MR>());
+        else
+            dispatch_rows<MR - 1>(rem, std::forward<F>(f));
+    }
+}
 
 /// One micro-tile of gemm_bcast: rows [0, MR) of C, NV vectors of columns, over kc steps of k.
 /// Stores only the first `ncols` columns (a partial last vector goes through a small buffer).
@@ -317,12 +351,26 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
     };
     if (n <= m) {
         run(0, n);  // B is the smaller operand: it stays in cache while A streams through once
-    } else {
-        // B is the larger operand (a weight against a few rows): take it dot_nr rows at a time,
-        // so each row of B is read from memory exactly once and A stays in L2.
-        for (Index j0 = 0; j0 < n; j0 += blocking::dot_nr)
-            run(j0, std::min(blocking::dot_nr, n - j0));
+        return;
     }
+    // B is the larger operand (a weight against a few rows): take it stream_nr rows at a time over
+    // the whole of k, so each row of B is read from memory exactly once, in one sequential run,
+    // while A stays in L2.
+    constexpr int SR = int(blocking::stream_mr), SN = int(blocking::stream_nr);
+    const Index kv = k / W * W;
+    auto rows_of_b = [&](Index j0, auto nr) {
+        constexpr int NR = decltype(nr)::value;
+        auto tile = [&](Index i, auto mr) {
+            detail::dot_block<decltype(mr)::value, NR, T, Arch>(k, kv, alpha, a + i * lda, lda, b + j0 * ldb, ldb,
+                                                                c + i * ldc + j0, ldc, accumulate);
+        };
+        Index i = 0;
+        for (; i + SR <= m; i += SR) tile(i, std::integral_constant<int, SR>());
+        if (i < m) detail::dispatch_rows<SR - 1>(m - i, [&](auto mr) { tile(i, mr); });
+    };
+    Index j0 = 0;
+    for (; j0 + SN <= n; j0 += SN) rows_of_b(j0, std::integral_constant<int, SN>());
+    if (j0 < n) detail::dispatch_rows<SN - 1>(n - j0, [&](auto nr) { rows_of_b(j0, nr); });
 }
 
 namespace detail {
