@@ -170,7 +170,7 @@ public:
                          ") applied to a ", out, " x ", in, " weight");
     }
     /// W += alpha · s · B A.
-    void merge_into(MatrixView<T> w, T alpha) const noexcept {
+    void merge_into(MatrixView<T> w, T alpha) const {
         core::rank_update<T>(w, view(B_), view(A_), alpha * scale_);
     }
 

@@ -107,7 +107,7 @@ public:
                          " weight applied to a ", out, " x ", in, " weight");
     }
     /// W += alpha · U V.
-    void merge_into(MatrixView<T> w, T alpha) const noexcept {
+    void merge_into(MatrixView<T> w, T alpha) const {
         core::rank_update<T>(w, view(U_), view(V_), alpha);
     }
 

@@ -64,23 +64,6 @@ struct RowSet {
     [[nodiscard]] bool contiguous() const noexcept { return rows == nullptr; }
 };
 
-/// Uᵀ in strips one cache line wide, the layout `gathered_expand_strips` reads: for a w × out
-/// matrix Uᵀ (U: out × w), strip s holds columns [s·S, s·S + S) of all w rows, row after row
-/// (S = strip_width<T>: 64 bytes of T), and the strips follow each other. It is stored as a
-/// ⌈out / S⌉·w × S row-major matrix (row s·w + j = row j of strip s); the last strip's columns
-/// past `out` are padding, never read. An expand tile's panel (w rows × its columns) is then one
-/// contiguous run, and a sweep over the outputs reads Uᵀ as a single sequential stream instead
-/// of w interleaved rows (mixed n = 64, 8 adapters, r = 16, 4096², float: the expand
-/// 158 → 132 µs, same run; everything L2-resident: 52 → 66 GFLOP/s).
-template <class T>
-inline constexpr Index strip_width = 64 / Index(sizeof(T));
-
-/// Rows of the strip layout of a w × out Uᵀ.
-template <class T>
-[[nodiscard]] constexpr Index strip_rows(Index w, Index out) noexcept {
-    return (out + strip_width<T> - 1) / strip_width<T> * w;
-}
-
 /// Uᵀ[j, o] read from its strip layout `us` (w rows).
 template <class T>
 [[nodiscard]] T strip_at(MatrixView<const T> us, Index w, Index j, Index o) noexcept {
@@ -91,14 +74,8 @@ template <class T>
 /// strip_width<T>) in strips; padding columns are set to zero.
 template <class T>
 void pack_strips(MatrixView<const T> u, MatrixView<T> dst) noexcept {
-    constexpr Index S = strip_width<T>;
-    const Index out = u.rows, w = u.cols;
-    LOWRANK_ASSERT(dst.cols == S && dst.ld == S && dst.rows == strip_rows<T>(w, out));
-    for (Index s = 0; s * S < out; ++s)
-        for (Index j = 0; j < w; ++j) {
-            T* d = dst.row(s * w + j);
-            for (Index c = 0; c < S; ++c) d[c] = s * S + c < out ? u(s * S + c, j) : T(0);
-        }
+    LOWRANK_ASSERT(dst.cols == strip_width<T> && dst.ld == strip_width<T> && dst.rows == strip_rows<T>(u.cols, u.rows));
+    pack_strips<T>(u.cols, u.rows, u.data, 1, u.ld, dst.data);  // Uᵀ(j, o) = u[o·ld + j]
 }
 
 /// Reusable scratch of the gathered kernels: values (gathered rows, shrink outputs) and indices
@@ -396,51 +373,6 @@ void gathered_shrink_transposed(MatrixView<const T> x, RowSet rows, MatrixView<c
 
 namespace detail {
 
-/// Tile of gathered_expand: 6 rows × 2 vectors of outputs = 12 accumulators (FMA latency 4 ×
-/// 2 pipes needs ≥ 8 in flight), + 2 vectors of Uᵀ + 1 broadcast = 15 registers; tiles of fewer
-/// rows split w into interleaved accumulator sets (see expand_tile). Against 4 × 3 (both with
-/// the tail tiles unrolled), same-binary runs of mixed n = 64, 8 adapters, r = 16, 4096², float
-/// (an AdapterBank), relative to a fixed prototype in the same binary: 1.08 / 1.03 vs 1.23 / 1.17.
-inline constexpr int expand_mr = 6;
-inline constexpr int expand_nv = 2;  // expand_rows covers the remainder with a 1-vector tile
-
-/// One tile of gathered_expand: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for
-/// the MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
-/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once. With
-/// fewer than 8 accumulators (the tail tiles) U sets of them take alternate j, so that enough
-/// FMAs are in flight, and are summed at the end.
-template <int MR, int NV, class T, class Arch>
-inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
-                        Index o, T alpha, bool accumulate) noexcept {
-    using batch = xsimd::batch<T, Arch>;
-    constexpr Index W = batch::size;
-    constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
-    batch acc[U][MR][NV];
-    LOWRANK_UNROLL for (int u = 0; u < U; ++u)
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
-    auto step = [&](Index j, auto& a) {
-        batch b[NV];
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(packed + j * ldp + v * W);
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            const batch ti(t[i * ldt + j]);
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) a[i][v] = xsimd::fma(ti, b[v], a[i][v]);
-        }
-    };
-    Index j = 0;
-    for (; j + U <= wc; j += U)
-        LOWRANK_UNROLL for (int u = 0; u < U; ++u) step(j + u, acc[u]);
-    for (; j < wc; ++j) step(j, acc[0]);
-    const batch al(alpha);
-    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
-            T* dst = y[i] + o + v * W;
-            LOWRANK_UNROLL for (int u = 1; u < U; ++u) acc[0][i][v] += acc[u][i][v];
-            const batch r = accumulate ? xsimd::fma(al, acc[0][i][v], batch::load_unaligned(dst)) : al * acc[0][i][v];
-            r.store_unaligned(dst);
-        }
-}
-
 /// Rows [i0, i0 + MR) of gathered_expand over one packed panel (outputs o0 .. o0 + ob of Y).
 template <int MR, class T, class Arch>
 inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index ob, Index wc,
@@ -463,34 +395,6 @@ inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index 
             for (Index j = 0; j < wc; ++j) s += ti[i * ldt + j] * packed[j * ldp + o];
             yr[i][o] = accumulate ? yr[i][o] + alpha * s : alpha * s;
         }
-}
-
-/// Rows [i0, i0 + MR) of gathered_expand_strips over outputs [o0, o0 + ob) (o0 a multiple of the
-/// strip width): the same tiles as expand_rows, each reading its panel of Uᵀ from one strip.
-template <int MR, class T, class Arch>
-inline void expand_strip_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index ob, Index w,
-                              const T* t, Index ldt, const T* us, T alpha, bool accumulate) noexcept {
-    constexpr Index W = xsimd::batch<T, Arch>::size, S = strip_width<T>;
-    static_assert(S % W == 0, "expand_strip_rows: a vector must not straddle two strips");
-    constexpr int NV = int(std::min<Index>(expand_nv, S / W));  // a tile stays within one strip
-    T* yr[MR];
-    LOWRANK_UNROLL for (int i = 0; i < MR; ++i) yr[i] = y.row(rows[i0 + i]);
-    const T* ti = t + i0 * ldt;
-    auto panel = [&](Index o) { return us + o / S * w * S + o % S; };
-    const Index end = o0 + ob;
-    Index o = o0;
-    for (; o + NV * W <= end; o += NV * W)
-        expand_tile<MR, NV, T, Arch>(w, ti, ldt, panel(o), S, yr, o, alpha, accumulate);
-    if constexpr (NV > 1)
-        for (; o + W <= end; o += W) expand_tile<MR, 1, T, Arch>(w, ti, ldt, panel(o), S, yr, o, alpha, accumulate);
-    for (; o < end; ++o) {  // column tail
-        const T* p = panel(o);
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            T acc(0);
-            for (Index j = 0; j < w; ++j) acc += ti[i * ldt + j] * p[j * S];
-            yr[i][o] = accumulate ? yr[i][o] + alpha * acc : alpha * acc;
-        }
-    }
 }
 
 }  // namespace detail
@@ -558,8 +462,10 @@ void gathered_expand_strips(MatrixView<const T> t, MatrixView<const T> us, Matri
     for (Index o0 = 0; o0 < out; o0 += ob) {
         const Index obb = std::min(ob, out - o0);
         auto sweep = [&](Index i, auto mr) {
-            detail::expand_strip_rows<decltype(mr)::value, T, Arch>(y, rows, i, o0, obb, w, t.data, t.ld, us.data,
-                                                                    alpha, accumulate);
+            constexpr int MR = decltype(mr)::value;
+            T* yr[MR];
+            LOWRANK_UNROLL for (int q = 0; q < MR; ++q) yr[q] = y.row(rows[i + q]);
+            detail::strip_rows_sweep<MR, T, Arch>(yr, o0, obb, w, t.data + i * t.ld, t.ld, us.data, alpha, accumulate);
         };
         Index i = 0;
         for (; i + detail::expand_mr <= m; i += detail::expand_mr)
