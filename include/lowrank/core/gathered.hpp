@@ -279,35 +279,17 @@ namespace detail {
 
 /// One tile of gathered_shrink_transposed: T[0..MR, 0..valid) (+)= X[0..MR) · Vᵀ[0..kc, 0..valid)
 /// (valid ≤ NV·W; the loads read NV full vectors of each row of Vᵀ, so its padding must be
-/// readable). Each element of X is broadcast against NV vectors of a row of Vᵀ. A tile with fewer
-/// than 8 accumulators runs U independent sets of them over alternate k, so that at least 8 FMAs
-/// are in flight (FMA latency 4 × 2 pipes) however few rows and columns it has.
+/// readable). Each element of X is broadcast against NV vectors of a row of Vᵀ (bcast_accumulate).
 template <int MR, int NV, class T, class Arch>
 inline void shrink_bcast_tile(Index kc, const T* const* x, const T* vt, Index ldv, T* t, Index ldt, Index valid,
                               bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
-    constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
-    batch acc[U][MR][NV];
-    LOWRANK_UNROLL for (int u = 0; u < U; ++u)
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
-    auto step = [&](Index p, auto& a) {
-        batch b[NV];
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(vt + p * ldv + v * W);
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            const batch xi(x[i][p]);
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) a[i][v] = xsimd::fma(xi, b[v], a[i][v]);
-        }
-    };
-    Index p = 0;
-    for (; p + U <= kc; p += U)
-        LOWRANK_UNROLL for (int u = 0; u < U; ++u) step(p + u, acc[u]);
-    for (; p < kc; ++p) step(p, acc[0]);
+    batch acc[MR][NV];
+    bcast_accumulate<MR, NV, T, Arch>(kc, [&](int i, Index p) { return x[i][p]; }, vt, ldv, acc);
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
-            batch r = acc[0][i][v];
-            LOWRANK_UNROLL for (int u = 1; u < U; ++u) r += acc[u][i][v];
+            batch r = acc[i][v];
             T* dst = t + i * ldt + v * W;
             const Index n = std::min<Index>(W, valid - v * W);
             if (n == W) {

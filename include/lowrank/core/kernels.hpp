@@ -526,14 +526,14 @@ namespace detail {
 inline constexpr int expand_mr = 6;
 inline constexpr int expand_nv = 2;  // expand_rows covers the remainder with a 1-vector tile
 
-/// One tile of gathered_expand: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for
-/// the MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
-/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once. With
-/// fewer than 8 accumulators (the tail tiles) U sets of them take alternate j, so that enough
-/// FMAs are in flight, and are summed at the end.
-template <int MR, int NV, class T, class Arch>
-inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
-                        Index o, T alpha, bool accumulate) noexcept {
+/// What the broadcast tiles of the gathered kernels share: sum[i][v] = Σ_{p < steps} a(i, p) ·
+/// panel[p·ldp + v·W .. + W) for MR rows and NV vectors, each a(i, p) broadcast against NV vectors
+/// of row p of the panel. With fewer than 8 accumulators (narrow tiles) U independent sets of them
+/// take alternate p, so that at least 8 FMAs are in flight (latency 4 × 2 pipes), and are summed
+/// at the end.
+template <int MR, int NV, class T, class Arch, class A>
+inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp,
+                             xsimd::batch<T, Arch> (&sum)[MR][NV]) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
@@ -541,24 +541,40 @@ inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index 
     LOWRANK_UNROLL for (int u = 0; u < U; ++u)
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
-    auto step = [&](Index j, auto& a) {
+    auto step = [&](Index p, auto& s) {
         batch b[NV];
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(packed + j * ldp + v * W);
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(panel + p * ldp + v * W);
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            const batch ti(t[i * ldt + j]);
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) a[i][v] = xsimd::fma(ti, b[v], a[i][v]);
+            const batch ai(a(i, p));
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) s[i][v] = xsimd::fma(ai, b[v], s[i][v]);
         }
     };
-    Index j = 0;
-    for (; j + U <= wc; j += U)
-        LOWRANK_UNROLL for (int u = 0; u < U; ++u) step(j + u, acc[u]);
-    for (; j < wc; ++j) step(j, acc[0]);
+    Index p = 0;
+    for (; p + U <= steps; p += U)
+        LOWRANK_UNROLL for (int u = 0; u < U; ++u) step(p + u, acc[u]);
+    for (; p < steps; ++p) step(p, acc[0]);
+    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
+            sum[i][v] = acc[0][i][v];
+            LOWRANK_UNROLL for (int u = 1; u < U; ++u) sum[i][v] += acc[u][i][v];
+        }
+}
+
+/// One tile of gathered_expand: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for
+/// the MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
+/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once.
+template <int MR, int NV, class T, class Arch>
+inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
+                        Index o, T alpha, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch acc[MR][NV];
+    bcast_accumulate<MR, NV, T, Arch>(wc, [&](int i, Index j) { return t[i * ldt + j]; }, packed, ldp, acc);
     const batch al(alpha);
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
             T* dst = y[i] + o + v * W;
-            LOWRANK_UNROLL for (int u = 1; u < U; ++u) acc[0][i][v] += acc[u][i][v];
-            const batch r = accumulate ? xsimd::fma(al, acc[0][i][v], batch::load_unaligned(dst)) : al * acc[0][i][v];
+            const batch r = accumulate ? xsimd::fma(al, acc[i][v], batch::load_unaligned(dst)) : al * acc[i][v];
             r.store_unaligned(dst);
         }
 }
