@@ -51,7 +51,9 @@ namespace lowrank::core {
 ///   at 4096², float (bench_lora, medians): r = 8: 23.7 ms in 96 × 512 blocks → 6.7 ms in bands
 ///   (Eigen 8.8 ms); r = 64: 56.4 ms with short_k = 32 (blocks) → 41.0 ms with 128 (bands).
 /// - `nc`: columns of C per block, chosen so a kc × nc block of B (512 KiB in float) stays in L2.
-/// - `dot_mr` × `dot_nr`: outputs per micro-tile of gemm_dot (12 accumulators, 7 loads per 12 FMAs).
+/// - `dot_mr` × `dot_nr`: outputs per micro-tile of gemm_dot when B is the smaller operand
+///   (12 accumulators; 7 loads per 12 FMAs as written, but GCC 12 compiles it with its operands
+///   reloaded, 24 loads per 12 FMAs — see stream_mr for the tile that avoids it).
 /// - `narrow_dot(n, w)`: whether `expand` reduces with `gemm_dot_narrow` rather than transposing
 ///   U into a buffer for the broadcast kernel. The transposed copy costs ~0.6 instructions per
 ///   element of U once (AVX tiles); the narrow kernel a haddp reduction per 8 outputs and row.
