@@ -139,7 +139,9 @@ TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact
     const Index m = GENERATE(0, 1, 2, 3, 4, 5, 6, 7, 8, 11);  // 1-5 (mod 6): the narrower tail tiles
     // 300 exceeds one packing pass over w for every precision and architecture.
     const Index w = GENERATE(1, 3, 16, 300);
-    const Index out = GENERATE_COPY(Index(1), W - 1 > 0 ? W - 1 : Index(2), W + 1, Index(37), Index(600));
+    // 7W + 5: a 4-vector tile (the 1–3-row tails), then one 2-vector and one 1-vector tile, then
+    // 5 scalar columns, within one block of outputs.
+    const Index out = GENERATE_COPY(Index(1), W - 1 > 0 ? W - 1 : Index(2), W + 1, Index(37), 7 * W + 5, Index(600));
     const bool accumulate = GENERATE(false, true);
     CAPTURE(m, w, out, accumulate);
     // The m rows written are scattered over a larger batch (every other row, reversed) or contiguous;

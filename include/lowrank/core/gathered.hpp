@@ -286,7 +286,7 @@ inline void shrink_bcast_tile(Index kc, const T* const* x, const T* vt, Index ld
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     batch acc[MR][NV];
-    bcast_accumulate<MR, NV, T, Arch>(kc, [&](int i, Index p) { return x[i][p]; }, vt, ldv, acc);
+    bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return x[i][p]; }, vt, ldv, 0, acc);
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
             batch r = acc[i][v];
@@ -341,43 +341,35 @@ void gathered_shrink_transposed(MatrixView<const T> x, RowSet rows, MatrixView<c
             const Index valid = std::min(2 * W, w - j);
             const T* vj = vt.data + pc * vt.ld + j;
             T* tj = t.data + j;
-            Index i = 0;
-            for (; i + MR <= m; i += MR)
-                detail::shrink_bcast_rows<MR, T, Arch>(x, rows, i, pc, kc, vj, vt.ld, tj, t.ld, valid, acc);
-            if (i < m)
-                detail::dispatch_rows<MR - 1>(m - i, [&](auto mr) {
-                    detail::shrink_bcast_rows<decltype(mr)::value, T, Arch>(x, rows, i, pc, kc, vj, vt.ld, tj, t.ld,
-                                                                            valid, acc);
-                });
+            detail::row_tiles<MR>(m, [&](Index i, auto mr) {
+                detail::shrink_bcast_rows<decltype(mr)::value, T, Arch>(x, rows, i, pc, kc, vj, vt.ld, tj, t.ld,
+                                                                        valid, acc);
+            });
         }
     }
 }
 
 namespace detail {
 
-/// Rows [i0, i0 + MR) of gathered_expand over one packed panel (outputs o0 .. o0 + ob of Y).
-template <int MR, class T, class Arch>
-inline void expand_rows(MatrixView<T> y, RowSet rows, Index i0, Index o0, Index ob, Index wc,
-                        const T* t, Index ldt, const T* packed, Index ldp, T alpha, bool accumulate) noexcept {
-    constexpr Index W = xsimd::batch<T, Arch>::size;
-    T* yr[MR];
-    LOWRANK_UNROLL for (int i = 0; i < MR; ++i) yr[i] = y.row(rows[i0 + i]) + o0;
-    const T* ti = t + i0 * ldt;
-    Index o = 0;
-    for (; o + expand_nv * W <= ob; o += expand_nv * W)
-        expand_tile<MR, expand_nv, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
-    static_assert(expand_nv == 2, "expand_rows: one 1-vector tile covers the remainder");
-    if (o + W <= ob) {
-        expand_tile<MR, 1, T, Arch>(wc, ti, ldt, packed + o, ldp, yr, o, alpha, accumulate);
-        o += W;
-    }
-    for (; o < ob; ++o)  // column tail
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            T s(0);
-            for (Index j = 0; j < wc; ++j) s += ti[i * ldt + j] * packed[j * ldp + o];
-            yr[i][o] = accumulate ? yr[i][o] + alpha * s : alpha * s;
-        }
+/// The expands' shapes with nothing to multiply: no rows or no outputs, or w = 0 (Y's rows are
+/// then zeroed unless accumulating). Returns whether Y is done.
+template <class T>
+[[nodiscard]] bool expand_trivial(Index w, MatrixView<T> y, RowSet rows, bool accumulate) noexcept {
+    if (rows.count == 0 || y.cols == 0) return true;
+    if (w != 0) return false;
+    if (!accumulate)
+        for (Index i = 0; i < rows.count; ++i) std::fill_n(y.row(rows[i]), y.cols, T(0));
+    return true;
 }
+
+/// The MR rows ρ_{i0 + q} of Y, as row pointers for expand_sweep.
+template <int MR, class T>
+struct RowPointers {
+    T* at[MR];
+    RowPointers(MatrixView<T> y, RowSet rows, Index i0) noexcept {
+        LOWRANK_UNROLL for (int q = 0; q < MR; ++q) at[q] = y.row(rows[i0 + q]);
+    }
+};
 
 }  // namespace detail
 
@@ -393,12 +385,7 @@ void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T>
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index pack_elems = 16 * 1024 / Index(sizeof(T));
     const Index m = rows.count, w = t.cols, out = u.rows;
-    if (m == 0 || out == 0) return;
-    if (w == 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(y.row(rows[i]), out, T(0));
-        return;
-    }
+    if (detail::expand_trivial(w, y, rows, accumulate)) return;
     alignas(64) std::array<T, pack_elems> buffer;
     const Index max_w = std::max<Index>(1, pack_elems / (4 * W) - 1);  // at least 4 vectors of outputs
     for (Index p0 = 0; p0 < w; p0 += max_w) {
@@ -409,17 +396,14 @@ void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T>
         while (ob > W && detail::padded_ld<T>(ob) * wc > pack_elems) ob -= W;
         const Index ldp = detail::padded_ld<T>(ob);
         for (Index o0 = 0; o0 < out; o0 += ob) {
-            const Index obb = std::min(ob, out - o0);
-            detail::pack_transposed<T, Arch>(u, o0, obb, p0, wc, buffer.data(), ldp);
-            const T* tp = t.data + p0;
-            auto sweep = [&](Index i, auto mr) {
-                detail::expand_rows<decltype(mr)::value, T, Arch>(y, rows, i, o0, obb, wc, tp, t.ld, buffer.data(), ldp,
-                                                                  alpha, acc);
-            };
-            Index i = 0;
-            for (; i + detail::expand_mr <= m; i += detail::expand_mr)
-                sweep(i, std::integral_constant<int, detail::expand_mr>());
-            if (i < m) detail::dispatch_rows<detail::expand_mr - 1>(m - i, [&](auto mr) { sweep(i, mr); });
+            const Index o1 = std::min(out, o0 + ob);
+            detail::pack_transposed<T, Arch>(u, o0, o1 - o0, p0, wc, buffer.data(), ldp);
+            const detail::PackedPanel<T> panel{buffer.data(), o0, ldp};
+            detail::row_tiles<detail::expand_mr>(m, [&](Index i, auto mr) {
+                constexpr int MR = decltype(mr)::value;
+                detail::expand_sweep<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, wc,
+                                                  t.data + i * t.ld + p0, t.ld, panel, alpha, acc);
+            });
         }
     }
 }
@@ -434,25 +418,16 @@ void gathered_expand_strips(MatrixView<const T> t, MatrixView<const T> us, Matri
     constexpr Index S = strip_width<T>;
     const Index m = rows.count, w = t.cols, out = y.cols;
     LOWRANK_ASSERT(rows.count == t.rows && us.cols == S && us.ld == S && us.rows == strip_rows<T>(w, out));
-    if (m == 0 || out == 0) return;
-    if (w == 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(y.row(rows[i]), out, T(0));
-        return;
-    }
+    if (detail::expand_trivial(w, y, rows, accumulate)) return;
+    const detail::StripPanel<T> panel(us.data, w);
     const Index ob = std::max<Index>(S, 16 * 1024 / Index(sizeof(T)) / w / S * S);
     for (Index o0 = 0; o0 < out; o0 += ob) {
-        const Index obb = std::min(ob, out - o0);
-        auto sweep = [&](Index i, auto mr) {
+        const Index o1 = std::min(out, o0 + ob);
+        detail::row_tiles<detail::expand_mr>(m, [&](Index i, auto mr) {
             constexpr int MR = decltype(mr)::value;
-            T* yr[MR];
-            LOWRANK_UNROLL for (int q = 0; q < MR; ++q) yr[q] = y.row(rows[i + q]);
-            detail::strip_rows_sweep<MR, T, Arch>(yr, o0, obb, w, t.data + i * t.ld, t.ld, us.data, alpha, accumulate);
-        };
-        Index i = 0;
-        for (; i + detail::expand_mr <= m; i += detail::expand_mr)
-            sweep(i, std::integral_constant<int, detail::expand_mr>());
-        if (i < m) detail::dispatch_rows<detail::expand_mr - 1>(m - i, [&](auto mr) { sweep(i, mr); });
+            detail::expand_sweep<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, w,
+                                              t.data + i * t.ld, t.ld, panel, alpha, accumulate);
+        });
     }
 }
 

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -36,6 +37,15 @@
 #define LOWRANK_UNROLL _Pragma("GCC unroll 16")
 #else
 #define LOWRANK_UNROLL
+#endif
+
+/// A micro-tile inlined into its sweep whatever the inliner's size budget: a sweep that calls its
+/// tile per 16 steps of w pays a call, a frame and the tile's address set-up each time (the
+/// rank-16 merge of a 1024² weight: 5.28 M instructions with the tiles called, 4.96 M inlined).
+#if defined(__GNUC__) || defined(__clang__)
+#define LOWRANK_TILE_INLINE [[gnu::always_inline]] inline
+#else
+#define LOWRANK_TILE_INLINE inline
 #endif
 
 namespace lowrank::core {
@@ -174,6 +184,15 @@ inline void dispatch_rows(Index rem, F&& f) {
     }
 }
 
+/// Covers rows [0, m) with tiles: f(i, std::integral_constant<int, MR>()) for every full tile of
+/// MR rows starting at i, then f(i, std::integral_constant<int, m − i>()) once for the rows left.
+template <int MR, class F>
+inline void row_tiles(Index m, F&& f) {
+    Index i = 0;
+    for (; i + MR <= m; i += MR) f(i, std::integral_constant<int, MR>());
+    if (i < m) dispatch_rows<MR - 1>(m - i, [&](auto mr) { f(i, mr); });
+}
+
 /// One micro-tile of gemm_bcast: rows [0, MR) of C, NV vectors of columns, over kc steps of k.
 /// Stores only the first `ncols` columns (a partial last vector goes through a small buffer).
 template <int MR, int NV, class T, class Arch>
@@ -210,27 +229,14 @@ inline void bcast_tile(Index kc, T alpha, const T* a, Index rsa, Index csa, cons
         }
 }
 
-/// Dispatches the row remainder (m < MR) of a column block to the matching micro-tile.
+/// All m rows of a column block: tiles of blocking::mr rows, then one tile of the rows left.
 template <int NV, class T, class Arch>
 inline void bcast_rows(Index m, Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b,
                        Index ldb, T* c, Index ldc, bool accumulate, Index ncols) noexcept {
-    constexpr int MR = int(blocking::mr);
-    Index i = 0;
-    for (; i + MR <= m; i += MR)
-        bcast_tile<MR, NV, T, Arch>(kc, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc,
-                                    accumulate, ncols);
-    const Index rest = m - i;
-    const T* ai = a + i * rsa;
-    T* ci = c + i * ldc;
-    switch (rest) {
-        case 0: break;
-        case 1: bcast_tile<1, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
-        case 2: bcast_tile<2, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
-        case 3: bcast_tile<3, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
-        case 4: bcast_tile<4, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
-        default: bcast_tile<5, NV, T, Arch>(kc, alpha, ai, rsa, csa, b, ldb, ci, ldc, accumulate, ncols); break;
-    }
-    static_assert(blocking::mr == 6, "bcast_rows: the remainder switch covers 1..5 rows");
+    row_tiles<int(blocking::mr)>(m, [&](Index i, auto mr) {
+        bcast_tile<decltype(mr)::value, NV, T, Arch>(kc, alpha, a + i * rsa, rsa, csa, b, ldb, c + i * ldc, ldc,
+                                                      accumulate, ncols);
+    });
 }
 
 }  // namespace detail
@@ -352,7 +358,6 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
               T* c, Index ldc, bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr int MR = int(blocking::dot_mr);
-    static_assert(blocking::dot_mr == 3, "gemm_dot: the row remainder below covers 1..2 rows");
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
         if (!accumulate)
@@ -368,16 +373,10 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
             const T* a_p = a + pc;
             const T* b_p = b + j0 * ldb + pc;
             T* c_j = c + j0;
-            Index i = 0;
-            for (; i + MR <= m; i += MR)
-                detail::dot_row_block<MR, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                                   c_j + i * ldc, ldc, acc);
-            if (m - i == 2)
-                detail::dot_row_block<2, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                                  c_j + i * ldc, ldc, acc);
-            else if (m - i == 1)
-                detail::dot_row_block<1, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                                  c_j + i * ldc, ldc, acc);
+            detail::row_tiles<MR>(m, [&](Index i, auto mr) {
+                detail::dot_row_block<decltype(mr)::value, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
+                                                                    c_j + i * ldc, ldc, acc);
+            });
         }
     };
     if (n <= m) {
@@ -391,17 +390,12 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
     const Index kv = k / W * W;
     auto rows_of_b = [&](Index j0, auto nr) {
         constexpr int NR = decltype(nr)::value;
-        auto tile = [&](Index i, auto mr) {
+        detail::row_tiles<SR>(m, [&](Index i, auto mr) {
             detail::dot_block<decltype(mr)::value, NR, T, Arch>(k, kv, alpha, a + i * lda, lda, b + j0 * ldb, ldb,
                                                                 c + i * ldc + j0, ldc, accumulate);
-        };
-        Index i = 0;
-        for (; i + SR <= m; i += SR) tile(i, std::integral_constant<int, SR>());
-        if (i < m) detail::dispatch_rows<SR - 1>(m - i, [&](auto mr) { tile(i, mr); });
+        });
     };
-    Index j0 = 0;
-    for (; j0 + SN <= n; j0 += SN) rows_of_b(j0, std::integral_constant<int, SN>());
-    if (j0 < n) detail::dispatch_rows<SN - 1>(n - j0, [&](auto nr) { rows_of_b(j0, nr); });
+    detail::row_tiles<SN>(n, rows_of_b);
 }
 
 namespace detail {
@@ -520,21 +514,25 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
 
 namespace detail {
 
-/// Tile of gathered_expand: 6 rows × 2 vectors of outputs = 12 accumulators (FMA latency 4 ×
-/// 2 pipes needs ≥ 8 in flight), + 2 vectors of Uᵀ + 1 broadcast = 15 registers; tiles of fewer
-/// rows split w into interleaved accumulator sets (see expand_tile). Against 4 × 3 (both with
-/// the tail tiles unrolled), same-binary runs of mixed n = 64, 8 adapters, r = 16, 4096², float
-/// (an AdapterBank), relative to a fixed prototype in the same binary: 1.08 / 1.03 vs 1.23 / 1.17.
+/// Tiles of the expand sweeps: 6 rows × 2 vectors of outputs = 12 accumulators (FMA latency 4 ×
+/// 2 pipes needs ≥ 8 in flight), + 2 vectors of the panel + 1 broadcast = 15 registers. Against
+/// 4 × 3 (both with the tail tiles unrolled), same-binary runs of mixed n = 64, 8 adapters, r = 16,
+/// 4096², float (an AdapterBank), relative to a fixed prototype in the same binary: 1.08 / 1.03
+/// vs 1.23 / 1.17. The last 1–3 rows of a sweep take 4 vectors instead (4–12 accumulators, same
+/// register budget): two panel loads per broadcast rather than one halves the loads per FMA of
+/// these thin tiles (the rows of a mixed batch per adapter leave such tails in most groups).
 inline constexpr int expand_mr = 6;
-inline constexpr int expand_nv = 2;  // expand_rows covers the remainder with a 1-vector tile
+template <int MR>
+inline constexpr int expand_nv = MR >= 4 ? 2 : 4;
 
 /// What the broadcast tiles of the gathered kernels share: sum[i][v] = Σ_{p < steps} a(i, p) ·
-/// panel[p·ldp + v·W .. + W) for MR rows and NV vectors, each a(i, p) broadcast against NV vectors
-/// of row p of the panel. With fewer than 8 accumulators (narrow tiles) U independent sets of them
-/// take alternate p, so that at least 8 FMAs are in flight (latency 4 × 2 pipes), and are summed
-/// at the end.
-template <int MR, int NV, class T, class Arch, class A>
-inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp,
+/// (vector v of row p of the panel) for MR rows and NV vectors, each a(i, p) broadcast against NV
+/// vectors. Row p starts at panel + p·ldp; its vectors come in runs of RV contiguous ones, each
+/// run `jump` past the previous (RV = NV: all contiguous). With fewer than 8 accumulators (narrow
+/// tiles) U independent sets of them take alternate p, so that at least 8 FMAs are in flight
+/// (latency 4 × 2 pipes), and are summed at the end.
+template <int MR, int NV, int RV, class T, class Arch, class A>
+inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Index jump,
                              xsimd::batch<T, Arch> (&sum)[MR][NV]) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
@@ -545,7 +543,8 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp,
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
     auto step = [&](Index p, auto& s) {
         batch b[NV];
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) b[v] = batch::load_unaligned(panel + p * ldp + v * W);
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v)
+            b[v] = batch::load_unaligned(panel + p * ldp + (v / RV) * jump + (v % RV) * W);
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
             const batch ai(a(i, p));
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) s[i][v] = xsimd::fma(ai, b[v], s[i][v]);
@@ -562,16 +561,42 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp,
         }
 }
 
-/// One tile of gathered_expand: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · packed[j][0 .. NV·W) for
-/// the MR output rows y_i (pointers: scattered rows of a batch), over a packed panel of wc rows.
-/// MR × NV accumulators stay in registers for the whole panel; Y is read and written once.
-template <int MR, int NV, class T, class Arch>
-inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index ldp, T* const* y,
-                        Index o, T alpha, bool accumulate) noexcept {
+/// Where the expand tiles find B (w × out): `at(c)` is column c's first row, `ld` the distance
+/// between rows; columns come in runs of `run` contiguous ones, each run `jump` past the previous.
+/// The sweeps start a tile of NV vectors at a multiple of NV·W past a run boundary, so a tile
+/// lies within one run or starts one.
+/// B packed (a transposed block of columns o0 .., padded ld): one run.
+template <class T>
+struct PackedPanel {
+    static constexpr Index run = std::numeric_limits<Index>::max();
+    const T* data;
+    Index o0, ld;
+    static constexpr Index jump = 0;
+    [[nodiscard]] const T* at(Index c) const noexcept { return data + (c - o0); }
+};
+
+/// B in strips (pack_strips): runs of strip_width<T> columns, w rows each, one after the other.
+template <class T>
+struct StripPanel {
+    static constexpr Index run = strip_width<T>, ld = run;
+    const T* strips;
+    Index jump;  // w · run
+    StripPanel(const T* s, Index w) noexcept : strips(s), jump(w * run) {}
+    [[nodiscard]] const T* at(Index c) const noexcept { return strips + c / run * jump + c % run; }
+};
+
+/// One expand tile: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · B[j, o .. o + NV·W) for the MR output
+/// rows y_i (pointers: scattered rows of a batch, or rows of W), B read through `panel`. MR × NV
+/// accumulators stay in registers over all w rows of B; Y is read and written once.
+template <int MR, int NV, class T, class Arch, class Panel>
+LOWRANK_TILE_INLINE void expand_tile(Index w, const T* t, Index ldt, const Panel& panel, T* const* y, Index o, T alpha,
+                        bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
+    constexpr int RV = int(std::min<Index>(NV, std::max<Index>(1, Panel::run / W)));
     batch acc[MR][NV];
-    bcast_accumulate<MR, NV, T, Arch>(wc, [&](int i, Index j) { return t[i * ldt + j]; }, packed, ldp, acc);
+    bcast_accumulate<MR, NV, RV, T, Arch>(w, [&](int i, Index j) { return t[i * ldt + j]; }, panel.at(o), panel.ld,
+                                          panel.jump, acc);
     const batch al(alpha);
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
@@ -581,26 +606,31 @@ inline void expand_tile(Index wc, const T* t, Index ldt, const T* packed, Index 
         }
 }
 
-/// MR rows y_i (pointers) (+)= α t_i · B over columns [o0, o0 + ob) (o0 a multiple of the strip
-/// width), B (w × n) given in strips `bs`: the expand tiles, each reading its panel from one strip.
-template <int MR, class T, class Arch>
-inline void strip_rows_sweep(T* const* y, Index o0, Index ob, Index w, const T* t, Index ldt, const T* bs,
-                             T alpha, bool accumulate) noexcept {
-    constexpr Index W = xsimd::batch<T, Arch>::size, S = strip_width<T>;
-    static_assert(S % W == 0, "strip_rows_sweep: a vector must not straddle two strips");
-    constexpr int NV = int(std::min<Index>(expand_nv, S / W));  // a tile stays within one strip
-    auto panel = [&](Index o) { return bs + o / S * w * S + o % S; };
-    const Index end = o0 + ob;
+/// MR rows y_i (pointers) (+)= α t_i · B over columns [o0, o1) of Y (t_i: row i of t, w values;
+/// B: w × out, read through `panel`, o0 at a run boundary of it): expand_nv<MR>-vector tiles, then
+/// narrower ones, then the last columns one by one.
+template <int MR, class T, class Arch, class Panel>
+inline void expand_sweep(T* const* y, Index o0, Index o1, Index w, const T* t, Index ldt, const Panel& panel,
+                         T alpha, bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr int NV = expand_nv<MR>;
+    static_assert(NV == 2 || NV == 4, "expand_sweep: the remainder takes one 2-vector and one 1-vector tile");
     Index o = o0;
-    for (; o + NV * W <= end; o += NV * W)
-        expand_tile<MR, NV, T, Arch>(w, t, ldt, panel(o), S, y, o, alpha, accumulate);
-    if constexpr (NV > 1)
-        for (; o + W <= end; o += W) expand_tile<MR, 1, T, Arch>(w, t, ldt, panel(o), S, y, o, alpha, accumulate);
-    for (; o < end; ++o) {  // column tail
-        const T* p = panel(o);
+    for (; o + NV * W <= o1; o += NV * W) expand_tile<MR, NV, T, Arch>(w, t, ldt, panel, y, o, alpha, accumulate);
+    if constexpr (NV == 4)
+        if (o + 2 * W <= o1) {
+            expand_tile<MR, 2, T, Arch>(w, t, ldt, panel, y, o, alpha, accumulate);
+            o += 2 * W;
+        }
+    if (o + W <= o1) {
+        expand_tile<MR, 1, T, Arch>(w, t, ldt, panel, y, o, alpha, accumulate);
+        o += W;
+    }
+    for (; o < o1; ++o) {  // column tail
+        const T* p = panel.at(o);
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
             T acc(0);
-            for (Index j = 0; j < w; ++j) acc += t[i * ldt + j] * p[j * S];
+            for (Index j = 0; j < w; ++j) acc += t[i * ldt + j] * p[j * panel.ld];
             y[i][o] = accumulate ? y[i][o] + alpha * acc : alpha * acc;
         }
     }

@@ -176,15 +176,13 @@ void rank_update(MatrixView<T> w, MatrixView<const T> u, MatrixView<const T> v, 
     std::vector<T, xsimd::aligned_allocator<T, 64>> strips(
         static_cast<std::size_t>(strip_rows<T>(r, in) * strip_width<T>));
     pack_strips<T>(r, in, v.data, v.ld, 1, strips.data());
-    auto band = [&](Index i, auto mr) {
+    const detail::StripPanel<T> panel(strips.data(), r);
+    detail::row_tiles<detail::expand_mr>(out, [&](Index i, auto mr) {
         constexpr int MR = decltype(mr)::value;
         T* rows[MR];
         LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = w.row(i + q);
-        detail::strip_rows_sweep<MR, T, Arch>(rows, 0, in, r, u.row(i), u.ld, strips.data(), alpha, true);
-    };
-    Index i = 0;
-    for (; i + detail::expand_mr <= out; i += detail::expand_mr) band(i, std::integral_constant<int, detail::expand_mr>());
-    if (i < out) detail::dispatch_rows<detail::expand_mr - 1>(out - i, [&](auto mr) { band(i, mr); });
+        detail::expand_sweep<MR, T, Arch>(rows, 0, in, r, u.row(i), u.ld, panel, alpha, true);
+    });
 }
 
 }  // namespace lowrank::core
