@@ -101,6 +101,44 @@ TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product"
     require_within(c_ref.value(), want, bound, "scalar reference vs exact");
 }
 
+TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels]",
+                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // Edges of every block: m around the 6-row micro-panels and past gemm_mc (144), n around the
+    // 2-vector micro-panels and past gemm_nc (1024), k around the SIMD width (the packing
+    // transposes' tails) and past gemm_kc (384).
+    const Index m = GENERATE(1, 5, 6, 7, 13, 150);
+    const Index n = GENERATE_COPY(Index(1), 2 * W - 1, 2 * W, 2 * W + 1, Index(37), Index(1030));
+    const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W + 1, Index(77), Index(400));
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate);
+    if (m * n * k > 4'000'000) return;  // the naive double product of the largest shapes
+
+    Strided<T> a(m, k, 41), b(n, k, 42), c(m, n, 43), c_ref(m, n, 43);
+    const T alpha = T(-0.625);
+    const Matrix<double> c0 = c.value();
+    Matrix<double> want = alpha * naive_product(a.value(), b.value().transpose());
+    Matrix<double> bound = product_bound(a.value().cwiseAbs(), b.value().transpose().cwiseAbs(), eps<T>(), alpha);
+    if (accumulate) {
+        want += c0;
+        bound += 2 * eps<T>() * c0.cwiseAbs();
+    }
+    auto av = a.view(), bv = b.view(), cv = c.view(), crv = c_ref.view();
+    core::GemmWorkspace<T> ws;
+    core::gemm_packed<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate, ws);
+    core::gemm_dot_ref<T>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, crv.data, crv.ld, accumulate);
+    require_within(c.value(), want, bound, "packed vs exact");
+    require_within(c_ref.value(), want, bound, "scalar reference vs exact");
+    // Strided<T> surrounds C with a border: the micro-kernel's edge tiles must not write past C.
+    const Strided<T> fresh(m, n, 43);
+    Matrix<T> outside = c.storage, untouched = fresh.storage;
+    outside.block(1, 2, m, n).setZero();
+    untouched.block(1, 2, m, n).setZero();
+    REQUIRE(outside == untouched);
+}
+
 TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatSse2, DoubleSse2,
                    FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;

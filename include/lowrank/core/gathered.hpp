@@ -151,69 +151,6 @@ inline void narrow_dot_cols(Index j0, Index nr, Index kc, Index kv, const T* con
     }
 }
 
-/// W × W transpose of a tile: dst[j][i] = src[i][j]. In registers on AVX and SSE2 (the shuffle
-/// network of the classic 8×8 / 4×4 transposes), scalar otherwise.
-template <class T, class Arch>
-inline void transpose_tile(const T* src, Index lds, T* dst, Index ldd) noexcept {
-    constexpr Index W = xsimd::batch<T, Arch>::size;
-#if XSIMD_WITH_AVX
-    if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, float>) {
-        static_assert(W == 8, "transpose_tile: AVX float tiles are 8 x 8");
-        __m256 r[8], s[8];
-        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
-        for (int i = 0; i < 8; i += 2) {
-            s[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-            s[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-        }
-        for (int i = 0; i < 8; i += 4) {
-            r[i] = _mm256_shuffle_ps(s[i], s[i + 2], 0x44);
-            r[i + 1] = _mm256_shuffle_ps(s[i], s[i + 2], 0xEE);
-            r[i + 2] = _mm256_shuffle_ps(s[i + 1], s[i + 3], 0x44);
-            r[i + 3] = _mm256_shuffle_ps(s[i + 1], s[i + 3], 0xEE);
-        }
-        for (int i = 0; i < 4; ++i) {
-            _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-            _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
-        }
-        return;
-    } else if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, double>) {
-        static_assert(W == 4, "transpose_tile: AVX double tiles are 4 x 4");
-        __m256d r[4], s[4];
-        for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_pd(src + i * lds);
-        s[0] = _mm256_unpacklo_pd(r[0], r[1]);
-        s[1] = _mm256_unpackhi_pd(r[0], r[1]);
-        s[2] = _mm256_unpacklo_pd(r[2], r[3]);
-        s[3] = _mm256_unpackhi_pd(r[2], r[3]);
-        _mm256_storeu_pd(dst + 0 * ldd, _mm256_permute2f128_pd(s[0], s[2], 0x20));
-        _mm256_storeu_pd(dst + 1 * ldd, _mm256_permute2f128_pd(s[1], s[3], 0x20));
-        _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(s[0], s[2], 0x31));
-        _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(s[1], s[3], 0x31));
-        return;
-    }
-#endif
-#if XSIMD_WITH_SSE2
-    if constexpr (std::is_base_of_v<xsimd::sse2, Arch> && std::is_same_v<T, float>) {
-        static_assert(W == 4, "transpose_tile: SSE float tiles are 4 x 4");
-        __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + lds), r2 = _mm_loadu_ps(src + 2 * lds),
-               r3 = _mm_loadu_ps(src + 3 * lds);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(dst, r0);
-        _mm_storeu_ps(dst + ldd, r1);
-        _mm_storeu_ps(dst + 2 * ldd, r2);
-        _mm_storeu_ps(dst + 3 * ldd, r3);
-        return;
-    } else if constexpr (std::is_base_of_v<xsimd::sse2, Arch> && std::is_same_v<T, double>) {
-        static_assert(W == 2, "transpose_tile: SSE double tiles are 2 x 2");
-        const __m128d r0 = _mm_loadu_pd(src), r1 = _mm_loadu_pd(src + lds);
-        _mm_storeu_pd(dst, _mm_unpacklo_pd(r0, r1));
-        _mm_storeu_pd(dst + ldd, _mm_unpackhi_pd(r0, r1));
-        return;
-    }
-#endif
-    LOWRANK_UNROLL for (Index i = 0; i < W; ++i)
-        LOWRANK_UNROLL for (Index j = 0; j < W; ++j) dst[j * ldd + i] = src[i * lds + j];
-}
-
 /// packed[j][o] = u[o0 + o][p0 + j] for o < ob, j < wc (packed: wc × ob with leading dim ldp).
 template <class T, class Arch>
 inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0, Index wc, T* packed,

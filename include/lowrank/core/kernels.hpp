@@ -83,6 +83,13 @@ namespace lowrank::core {
 ///   (24 and 16 loads per 12 FMAs). Y = X Wᵀ, X 16 × 4096, W 4096², float, same run: 2 × 4 over
 ///   all of k 10.8 ms, the former 3 × 4 in passes of dot_kc 18.5 ms (bench_core's fused forward,
 ///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
+/// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
+///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
+///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
+///   W 4096², float, medians of 9 interleaved runs (ms; OpenBLAS 67.6 in the same run): kc 256 /
+///   384 / 512 with nc = 1024: 72.6 / 65.3 / 70.6; nc = 768: 69.3 / 73.6 / 71.6; an earlier run
+///   57–58 ms for all three at nc = 1024 (OpenBLAS 56.1) and 65–79 ms at nc = 4096, whose 4 MiB
+///   block of B does not stay in this VM's share of L3.
 struct blocking {
     static constexpr Index mr = 6;
     static constexpr Index mc = 96;
@@ -95,6 +102,9 @@ struct blocking {
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
+    static constexpr Index gemm_kc = 384;
+    static constexpr Index gemm_mc = 144;
+    static constexpr Index gemm_nc = 1024;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w) noexcept {
         return n >= 8 && w <= 1024;
@@ -170,6 +180,69 @@ template <class T>
     Index ld = (std::max<Index>(cols, 1) + chunk - 1) / chunk * chunk;
     if ((ld / chunk) % 2 == 0) ld += chunk;
     return ld;
+}
+
+/// W × W transpose of a tile: dst[j][i] = src[i][j]. In registers on AVX and SSE2 (the shuffle
+/// network of the classic 8×8 / 4×4 transposes), scalar otherwise.
+template <class T, class Arch>
+inline void transpose_tile(const T* src, Index lds, T* dst, Index ldd) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+#if XSIMD_WITH_AVX
+    if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, float>) {
+        static_assert(W == 8, "transpose_tile: AVX float tiles are 8 x 8");
+        __m256 r[8], s[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+        for (int i = 0; i < 8; i += 2) {
+            s[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            s[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_shuffle_ps(s[i], s[i + 2], 0x44);
+            r[i + 1] = _mm256_shuffle_ps(s[i], s[i + 2], 0xEE);
+            r[i + 2] = _mm256_shuffle_ps(s[i + 1], s[i + 3], 0x44);
+            r[i + 3] = _mm256_shuffle_ps(s[i + 1], s[i + 3], 0xEE);
+        }
+        for (int i = 0; i < 4; ++i) {
+            _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+            _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+        }
+        return;
+    } else if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, double>) {
+        static_assert(W == 4, "transpose_tile: AVX double tiles are 4 x 4");
+        __m256d r[4], s[4];
+        for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_pd(src + i * lds);
+        s[0] = _mm256_unpacklo_pd(r[0], r[1]);
+        s[1] = _mm256_unpackhi_pd(r[0], r[1]);
+        s[2] = _mm256_unpacklo_pd(r[2], r[3]);
+        s[3] = _mm256_unpackhi_pd(r[2], r[3]);
+        _mm256_storeu_pd(dst + 0 * ldd, _mm256_permute2f128_pd(s[0], s[2], 0x20));
+        _mm256_storeu_pd(dst + 1 * ldd, _mm256_permute2f128_pd(s[1], s[3], 0x20));
+        _mm256_storeu_pd(dst + 2 * ldd, _mm256_permute2f128_pd(s[0], s[2], 0x31));
+        _mm256_storeu_pd(dst + 3 * ldd, _mm256_permute2f128_pd(s[1], s[3], 0x31));
+        return;
+    }
+#endif
+#if XSIMD_WITH_SSE2
+    if constexpr (std::is_base_of_v<xsimd::sse2, Arch> && std::is_same_v<T, float>) {
+        static_assert(W == 4, "transpose_tile: SSE float tiles are 4 x 4");
+        __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + lds), r2 = _mm_loadu_ps(src + 2 * lds),
+               r3 = _mm_loadu_ps(src + 3 * lds);
+        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+        _mm_storeu_ps(dst, r0);
+        _mm_storeu_ps(dst + ldd, r1);
+        _mm_storeu_ps(dst + 2 * ldd, r2);
+        _mm_storeu_ps(dst + 3 * ldd, r3);
+        return;
+    } else if constexpr (std::is_base_of_v<xsimd::sse2, Arch> && std::is_same_v<T, double>) {
+        static_assert(W == 2, "transpose_tile: SSE double tiles are 2 x 2");
+        const __m128d r0 = _mm_loadu_pd(src), r1 = _mm_loadu_pd(src + lds);
+        _mm_storeu_pd(dst, _mm_unpacklo_pd(r0, r1));
+        _mm_storeu_pd(dst + ldd, _mm_unpackhi_pd(r0, r1));
+        return;
+    }
+#endif
+    LOWRANK_UNROLL for (Index i = 0; i < W; ++i)
+        LOWRANK_UNROLL for (Index j = 0; j < W; ++j) dst[j * ldd + i] = src[i * lds + j];
 }
 
 /// Calls f(std::integral_constant<int, rem>()) for a row count 1 ≤ rem ≤ MR: the last rows of a

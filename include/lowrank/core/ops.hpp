@@ -13,20 +13,23 @@
 ///
 /// Shapes are checked by LOWRANK_ASSERT only: these are the inner layer, called after the public
 /// entry points have validated their arguments. None allocates except base_product (a copy of a
-/// few rows of X) and rank_update (V in strips), each O(rows · in). Aliasing: the destination of each
-/// operation must not overlap any of its sources.
+/// few rows of X, O(rows · in); or gemm_packed's blocks, at most (gemm_mc + gemm_nc) · gemm_kc)
+/// and rank_update (V in strips, O(r · in)). Aliasing: the destination of each operation must not
+/// overlap any of its sources.
 
 #include <algorithm>
 #include <array>
 #include <vector>
 
+#include "gemm.hpp"
 #include "kernels.hpp"
 
 namespace lowrank::core {
 
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). From 2 to `blocking::stream_weight_rows`
 /// rows, the dot kernel streams W once; one row is Eigen's GEMV (already at the memory roofline:
-/// 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora); beyond, Eigen's packed GEMM.
+/// 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora); beyond, gemm_packed (packing
+/// both operands into blocks, BLIS-style; allocates its (gemm_mc + gemm_nc) × gemm_kc blocks).
 template <class T, class Arch = xsimd::default_arch>
 void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y) {
     LOWRANK_ASSERT(x.cols == w.cols && y.rows == x.rows && y.cols == w.rows);
@@ -47,7 +50,12 @@ void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y)
         gemm_dot<T, Arch>(x.rows, w.rows, x.cols, T(1), xs.data(), ld, w.data, w.ld, y.data, y.ld, false);
         return;
     }
-    eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
+    if (x.rows == 1) {
+        eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
+        return;
+    }
+    GemmWorkspace<T> ws;
+    gemm_packed<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
 }
 
 /// dX (+)= dY W (the base part of the input gradient).

@@ -126,8 +126,9 @@ template <class T, LowRankTerm... Terms>
 
 /// Y (=|+=) X Wᵀ + Σ_k φ_k(X V_kᵀ) U_kᵀ on up to `threads.count` threads. With an empty `w` the
 /// base product is skipped and the terms are added to Y (the adapter part alone). scratch:
-/// `scratch_rows(n, in, threads, terms…)` × Σw. Small batches (n ≤ stream_weight_rows) split
-/// the output features, so each thread streams its own share of W once; larger ones split rows.
+/// `scratch_rows(n, in, threads, terms…)` × Σw. With a base product the threads split the output
+/// features, so each streams (or packs) its own share of W once; the adapter part alone splits
+/// rows. (Split by rows, every thread packed all of W: n = 128, 4096², 2 threads 1.46×.)
 template <class T, class Arch = xsimd::default_arch, LowRankTerm... Terms>
 void linear_terms(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y,
                   MatrixView<T> scratch, Threads threads, const Terms&... terms) {
@@ -139,8 +140,9 @@ void linear_terms(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y,
         apply_terms_at<T, Arch>(x, y, scratch, 0, terms...);
         return;
     }
-    if (n <= blocking::stream_weight_rows) {
-        // Shrink and transform once on this thread (n × Σw, small), then split the outputs.
+    if (base) {
+        // Shrink and transform once on this thread (n × Σw: 2·n·Σw·in flops against the base
+        // product's 2·n·out·in), then split the outputs.
         Index col = 0;
         auto prepare = [&](const auto& term) {
             const auto t = scratch.block(0, col, n, term.width());
