@@ -101,6 +101,25 @@ TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product"
     require_within(c_ref.value(), want, bound, "scalar reference vs exact");
 }
 
+TEMPLATE_TEST_CASE("the block transpose is exact, tails included", "[kernels]", FloatSse2, DoubleSse2,
+                   FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index rows = GENERATE_COPY(Index(1), W - 1 > 0 ? W - 1 : Index(1), W, 2 * W + 3);
+    const Index cols = GENERATE_COPY(Index(1), W, W + 1, 3 * W);
+    CAPTURE(rows, cols);
+    Strided<T> src(rows, cols, 51);
+    const Index ldd = rows + 3;
+    std::vector<T> dst(std::size_t(cols * ldd), T(-7));
+    const auto sv = src.view();
+    core::detail::transpose<T, Arch>(rows, cols, sv.data, sv.ld, dst.data(), ldd);
+    for (Index j = 0; j < cols; ++j) {
+        for (Index i = 0; i < rows; ++i) REQUIRE(dst[std::size_t(j * ldd + i)] == sv(i, j));
+        for (Index i = rows; i < ldd; ++i) REQUIRE(dst[std::size_t(j * ldd + i)] == T(-7));  // padding untouched
+    }
+}
+
 TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels]",
                    FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;

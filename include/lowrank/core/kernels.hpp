@@ -187,7 +187,7 @@ template <class T>
 /// W × W transpose of a tile: dst[j][i] = src[i][j]. In registers on AVX and SSE2 (the shuffle
 /// network of the classic 8×8 / 4×4 transposes), scalar otherwise.
 template <class T, class Arch>
-inline void transpose_tile(const T* src, Index lds, T* dst, Index ldd) noexcept {
+LOWRANK_TILE_INLINE void transpose_tile(const T* src, Index lds, T* dst, Index ldd) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
 #if XSIMD_WITH_AVX
     if constexpr (std::is_base_of_v<xsimd::avx, Arch> && std::is_same_v<T, float>) {
@@ -476,63 +476,17 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
 namespace detail {
 
 /// dst (cols × rows, leading dimension ldd) = srcᵀ, src rows × cols (leading dimension lds).
-/// Full 8 × 8 float and 4 × 4 double tiles go through AVX registers (24 and 8 shuffles per tile
-/// instead of 64 and 16 scalar moves); the rest, and other architectures, are scalar.
+/// Full W × W tiles go through transpose_tile (in registers on AVX and SSE2: 24 shuffles per 8 × 8
+/// float tile instead of 64 scalar moves); the edges are scalar.
 template <class T, class Arch>
 inline void transpose(Index rows, Index cols, const T* src, Index lds, T* dst, Index ldd) noexcept {
-    Index i0 = 0;
-#if XSIMD_WITH_AVX
-    if constexpr (std::is_base_of_v<xsimd::avx, Arch>) {
-        if constexpr (std::is_same_v<T, float>) {
-            for (; i0 + 8 <= rows; i0 += 8) {
-                Index j0 = 0;
-                for (; j0 + 8 <= cols; j0 += 8) {
-                    __m256 r[8], t[8];
-                    for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(src + (i0 + k) * lds + j0);
-                    for (int k = 0; k < 8; k += 2) {
-                        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
-                        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
-                    }
-                    for (int k = 0; k < 8; k += 4) {
-                        r[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
-                        r[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
-                        r[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
-                        r[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
-                    }
-                    for (int k = 0; k < 4; ++k) {
-                        _mm256_storeu_ps(dst + (j0 + k) * ldd + i0,
-                                         _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
-                        _mm256_storeu_ps(dst + (j0 + k + 4) * ldd + i0,
-                                         _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
-                    }
-                }
-                for (; j0 < cols; ++j0)
-                    for (Index k = 0; k < 8; ++k) dst[j0 * ldd + i0 + k] = src[(i0 + k) * lds + j0];
-            }
-        } else if constexpr (std::is_same_v<T, double>) {
-            for (; i0 + 4 <= rows; i0 += 4) {
-                Index j0 = 0;
-                for (; j0 + 4 <= cols; j0 += 4) {
-                    __m256d r[4], t[4];
-                    for (int k = 0; k < 4; ++k) r[k] = _mm256_loadu_pd(src + (i0 + k) * lds + j0);
-                    t[0] = _mm256_unpacklo_pd(r[0], r[1]);
-                    t[1] = _mm256_unpackhi_pd(r[0], r[1]);
-                    t[2] = _mm256_unpacklo_pd(r[2], r[3]);
-                    t[3] = _mm256_unpackhi_pd(r[2], r[3]);
-                    _mm256_storeu_pd(dst + (j0 + 0) * ldd + i0, _mm256_permute2f128_pd(t[0], t[2], 0x20));
-                    _mm256_storeu_pd(dst + (j0 + 1) * ldd + i0, _mm256_permute2f128_pd(t[1], t[3], 0x20));
-                    _mm256_storeu_pd(dst + (j0 + 2) * ldd + i0, _mm256_permute2f128_pd(t[0], t[2], 0x31));
-                    _mm256_storeu_pd(dst + (j0 + 3) * ldd + i0, _mm256_permute2f128_pd(t[1], t[3], 0x31));
-                }
-                for (; j0 < cols; ++j0)
-                    for (Index k = 0; k < 4; ++k) dst[j0 * ldd + i0 + k] = src[(i0 + k) * lds + j0];
-            }
-        }
-    }
-#endif
-    for (Index i = i0; i < rows; ++i) {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index rv = rows / W * W, cv = cols / W * W;
+    for (Index i0 = 0; i0 < rv; i0 += W)
+        for (Index j0 = 0; j0 < cv; j0 += W) transpose_tile<T, Arch>(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+    for (Index i = 0; i < rows; ++i) {  // the columns past the tiles, and the rows past them
         const T* s = src + i * lds;
-        for (Index j = 0; j < cols; ++j) dst[j * ldd + i] = s[j];
+        for (Index j = i < rv ? cv : 0; j < cols; ++j) dst[j * ldd + i] = s[j];
     }
 }
 
