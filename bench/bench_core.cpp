@@ -22,6 +22,7 @@
 //
 //   bench_core --benchmark_min_time=0.05 --benchmark_filter=forward
 
+#include <lowrank/expr/expr.hpp>
 #include <lowrank/lora.hpp>
 
 #include <benchmark/benchmark.h>
@@ -161,6 +162,24 @@ void forward_lowrank(benchmark::State& state, int threads) {
     forward_counters<T>(state, n, d, r, threads);
 }
 
+/// The same forward from a PackedWeight (laid out once, outside the timed loop).
+template <class T>
+void forward_packed(benchmark::State& state) {
+    const Index n = state.range(0), d = state.range(1), r = state.range(2);
+    const auto& W = shared_matrix<T>(d, d, seed_w);
+    const auto& X = shared_matrix<T>(n, d, seed_x);
+    const auto& lora = shared_lora<T>(d, r);
+    const lowrank::PackedWeight<T> packed(W);
+    Matrix<T> Y(n, d);
+    lowrank::Workspace<T> ws;
+    for (auto _ : state) {
+        Y = lowrank::linear(X, packed + lora, ws);
+        benchmark::DoNotOptimize(Y.data());
+        benchmark::ClobberMemory();
+    }
+    forward_counters<T>(state, n, d, r, 1);
+}
+
 template <class T>
 void forward_eigen(benchmark::State& state) {
     const Index n = state.range(0), d = state.range(1), r = state.range(2);
@@ -212,6 +231,7 @@ void forward_openblas(benchmark::State& state, int threads) {
 
 void BM_forward_lowrank(benchmark::State& state) { forward_lowrank<float>(state, 1); }
 void BM_forward_eigen(benchmark::State& state) { forward_eigen<float>(state); }
+void BM_forward_packed_lowrank(benchmark::State& state) { forward_packed<float>(state); }
 
 void BM_forward_f64_lowrank(benchmark::State& state) { forward_lowrank<double>(state, 1); }
 void BM_forward_f64_eigen(benchmark::State& state) { forward_eigen<double>(state); }
@@ -283,6 +303,12 @@ void forward_grid(benchmark::internal::Benchmark* b) {
             for (int n : {1, 16, 32, 128}) b->Args({n, d, r});
 }
 
+void packed_grid(benchmark::internal::Benchmark* b) {
+    b->ArgNames({"n", "d", "r"});
+    for (int d : {1024, 4096})
+        for (int n : {1, 16, 32, 128}) b->Args({n, d, 16});
+}
+
 void f64_grid(benchmark::internal::Benchmark* b) {
     b->ArgNames({"n", "d", "r"});
     for (int d : {1024, 4096}) b->Args({128, d, 16});
@@ -316,6 +342,7 @@ void merge_threads_grid(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_forward_lowrank)->Apply(forward_grid);
 BENCHMARK(BM_forward_eigen)->Apply(forward_grid);
+BENCHMARK(BM_forward_packed_lowrank)->Apply(packed_grid);
 BENCHMARK(BM_merge_lowrank)->Apply(merge_grid);
 BENCHMARK(BM_merge_eigen)->Apply(merge_grid);
 BENCHMARK(BM_forward_threads_lowrank)->Apply(forward_threads_grid);

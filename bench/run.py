@@ -274,6 +274,23 @@ def comparison_table(rf, ix, rows, op, keys, labels, impls=("lowrank", "eigen", 
     return table(header, out)
 
 
+def packed_table(rf, ix, rows):
+    """Forward from a PackedWeight against the row-major W and OpenBLAS, same shapes."""
+    out = []
+    for (n, d, r) in shapes(rows, "forward_packed", ("n", "d", "r")):
+        packed = get(ix, "forward_packed", "lowrank", n=n, d=d, r=r)
+        plain = get(ix, "forward", "lowrank", n=n, d=d, r=r)
+        blas = get(ix, "forward", "openblas", n=n, d=d, r=r)
+        t, kind, bw = rf.bound(packed)
+        out.append([str(n), str(d), str(r), fmt_time(packed["time_s"] if packed else None),
+                    fmt_time(plain["time_s"] if plain else None), fmt_time(blas["time_s"] if blas else None),
+                    fmt_ratio(plain["time_s"] if plain else None, packed["time_s"] if packed else None),
+                    fmt_ratio(blas["time_s"] if blas else None, packed["time_s"] if packed else None),
+                    f"{fmt_time(t)} ({kind}, {bw / 1e9:.0f})", fmt_pct(t / packed["time_s"]) if packed else "—"])
+    return table(["n", "d", "r", "packed", "row-major W", "OpenBLAS", "row-major / packed",
+                  "OpenBLAS / packed", "roofline (bound, GB/s used)", "packed % roofline"], out)
+
+
 def threads_table(ix, rows):
     out = []
     for op, keys in (("forward_threads", ("n", "d", "r")), ("merge_threads", ("d", "r"))):
@@ -407,6 +424,11 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
                 "baseline at n = 16, d = 4096; n = 1 at ≥ 95%; n ≥ 128 at ≥ 75% of the FMA peak "
                 "and ≥ 1.25× OpenBLAS.", "",
                 comparison_table(rf, ix, core, "forward", ("n", "d", "r"), ["n", "d", "r"]), ""]
+    if any(r["op"] == "forward_packed" for r in core):
+        doc += ["## The same forward from a `PackedWeight` (W laid out once, fp32, one thread, r = 16)", "",
+                "Issue 7 asks for the small-batch forward both from W in its stored layout and "
+                "from a pre-packed weight type.", "",
+                packed_table(rf, ix, core), ""]
     if any(r["op"] == "merge" for r in core):
         doc += ["## Merge `W += s B A` (fp32, one thread)", "",
                 "Target: ≥ 80% of the read-modify-write bandwidth.", "",

@@ -62,6 +62,8 @@ static_assert(!Addable<const Matrix<double>&, const Lora<float>&>,
 static_assert(Addable<Eigen::Map<const Matrix<float>>, const Lora<float>&>,
               "a Map of live memory may be a temporary");
 static_assert(LowRankTerm<Lora<float>> && MergeableTerm<Lora<double>>, "Lora is a core term");
+static_assert(Addable<const PackedWeight<float>&, const Lora<float>&>, "a PackedWeight is a base");
+static_assert(!Addable<PackedWeight<float>, const Lora<float>&>, "a temporary PackedWeight would dangle");
 
 TEMPLATE_TEST_CASE("linear(X, W + lora) equals forward, and sums of weighted adapters their sum",
                    "[expr]", float, double) {
@@ -92,6 +94,38 @@ TEMPLATE_TEST_CASE("linear(X, W + lora) equals forward, and sums of weighted ada
     Eigen::Map<Matrix<T>> Ym(host.data(), n, out);
     Ym = linear(X, W + l1 + 0.5 * l2 + l3 * -2);
     REQUIRE(Matrix<T>(Ym) == Ysum);
+}
+
+TEMPLATE_TEST_CASE("a PackedWeight base gives the row-major W's product", "[expr][packed]", float, double) {
+    using T = TestType;
+    // out = 37: the last strip of the packed W is partial; n from one row to past the 6-row tiles
+    // and the small-batch threshold; 2 threads split the outputs on strip boundaries.
+    const Index n = GENERATE(0, 1, 5, 33, 70), out = GENERATE(37, 300), in = 29;
+    const int threads = GENERATE(1, 2);
+    CAPTURE(n, out, threads);
+    const Lora<T> l1 = random_lora<T>(out, in, 4, 8, 11), l2 = random_lora<T>(out, in, 2, 3, 12);
+    const Matrix<T> X = random_matrix<T>(n, in, 13), W = random_matrix<T>(out, in, 14);
+    const PackedWeight<T> packed(W);
+    REQUIRE(packed.rows() == out);
+    REQUIRE(packed.cols() == in);
+    Workspace<T> ws;
+    const Matrix<T> Yp = linear(X, packed + l1 + 0.5 * l2, ws, Threads{threads});
+    const Matrix<double> want = naive_product(to_double(X), to_double(W).transpose()) +
+                                double(l1.scale()) * naive_product(naive_product(to_double(X), to_double(l1.A()).transpose()),
+                                                                   to_double(l1.B()).transpose()) +
+                                0.5 * double(l2.scale()) * naive_product(naive_product(to_double(X), to_double(l2.A()).transpose()),
+                                                                         to_double(l2.B()).transpose());
+    REQUIRE(Yp.rows() == n);
+    REQUIRE(Yp.cols() == out);
+    REQUIRE(max_abs(to_double(Yp) - want) <= 16 * eps<T>() * in * (1 + max_abs(want)));
+    const Matrix<T> Yd = linear(X, W + l1 + 0.5 * l2);
+    REQUIRE(max_abs(to_double(Yp) - to_double(Yd)) <= 32 * eps<T>() * in * (1 + max_abs(want)));
+
+    // Errors: X's width against the packed W, and a merge, which needs the row-major W.
+    const Matrix<T> bad = random_matrix<T>(3, in + 1, 15);
+    REQUIRE_THROWS_AS(Matrix<T>(linear(bad, packed + l1)), lowrank::error);
+    Matrix<T> merged;
+    REQUIRE_THROWS_AS(merged = dense(packed + l1), lowrank::error);
 }
 
 TEMPLATE_TEST_CASE("dense(W + terms) is the merged weight", "[expr]", float, double) {

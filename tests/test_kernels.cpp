@@ -128,7 +128,7 @@ TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact produ
     // Edges of every block: m around the 6-row micro-panels and past gemm_mc (144), n around the
     // 2-vector micro-panels and past gemm_nc (1024), k around the SIMD width (the packing
     // transposes' tails) and past gemm_kc (384).
-    const Index m = GENERATE(1, 5, 6, 7, 13, 150);
+    const Index m = GENERATE(1, 3, 5, 6, 7, 13, 150);  // 1 and 3: gemm_strips's expand path
     const Index n = GENERATE_COPY(Index(1), 2 * W - 1, 2 * W, 2 * W + 1, Index(37), Index(1030));
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W + 1, Index(77), Index(400));
     const bool accumulate = GENERATE(false, true);
@@ -150,12 +150,24 @@ TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact produ
     core::gemm_dot_ref<T>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, crv.data, crv.ld, accumulate);
     require_within(c.value(), want, bound, "packed vs exact");
     require_within(c_ref.value(), want, bound, "scalar reference vs exact");
+
+    // The same with B laid out ahead (a PackedWeight's strips): gemm_strips.
+    std::vector<T> strips(std::size_t(core::packed_weight_size<T>(n, k)));
+    core::pack_weight<T>(MatrixView<const T>(bv), strips.data());
+    Strided<T> c2(m, n, 43);
+    auto c2v = c2.view();
+    core::gemm_strips<T, Arch>(m, alpha, av.data, av.ld, core::PackedWeightView<T>{strips.data(), n, k}, c2v.data,
+                               c2v.ld, accumulate, ws);
+    require_within(c2.value(), want, bound, "strips vs exact");
+    Matrix<T> outside2 = c2.storage;
+    outside2.block(1, 2, m, n).setZero();
     // Strided<T> surrounds C with a border: the micro-kernel's edge tiles must not write past C.
     const Strided<T> fresh(m, n, 43);
     Matrix<T> outside = c.storage, untouched = fresh.storage;
     outside.block(1, 2, m, n).setZero();
     untouched.block(1, 2, m, n).setZero();
     REQUIRE(outside == untouched);
+    REQUIRE(outside2 == untouched);
 }
 
 TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatSse2, DoubleSse2,

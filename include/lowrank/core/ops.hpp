@@ -26,14 +26,43 @@
 
 namespace lowrank::core {
 
-/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). From 2 to `blocking::stream_weight_rows`
-/// rows, the dot kernel streams W once; one row is Eigen's GEMV (already at the memory roofline:
-/// 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora); beyond, gemm_packed (packing
-/// both operands into blocks, BLIS-style; allocates its (gemm_mc + gemm_nc) × gemm_kc blocks).
+/// The base weight of a product: W (out × in) row-major, or laid out ahead in strips.
+template <class T>
+struct WeightRef {
+    MatrixView<const T> dense{};
+    PackedWeightView<T> packed{};
+
+    WeightRef() = default;
+    WeightRef(MatrixView<const T> w) noexcept : dense(w) {}  // NOLINT: implicit, as a view is one
+    WeightRef(PackedWeightView<T> w) noexcept : packed(w), packed_(true) {}  // NOLINT
+    [[nodiscard]] bool is_packed() const noexcept { return packed_; }
+    [[nodiscard]] Index rows() const noexcept { return is_packed() ? packed.rows : dense.rows; }
+    [[nodiscard]] Index cols() const noexcept { return is_packed() ? packed.cols : dense.cols; }
+    /// Rows [r0, r0 + count) of W (for a packed W, r0 a multiple of strip_width<T>).
+    [[nodiscard]] WeightRef middle_rows(Index r0, Index count) const noexcept {
+        if (is_packed()) return WeightRef(packed.middle_rows(r0, count));
+        return WeightRef(dense.middle_rows(r0, count));
+    }
+
+private:
+    bool packed_ = false;
+};
+
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: from 2 to
+/// `blocking::stream_weight_rows` rows the dot kernel streams W once; one row is Eigen's GEMV
+/// (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora);
+/// beyond, gemm_packed (packing both operands into blocks, BLIS-style; allocates its
+/// (gemm_mc + gemm_nc) × gemm_kc blocks). W packed ahead: gemm_strips at every batch size.
 template <class T, class Arch = xsimd::default_arch>
-void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y) {
-    LOWRANK_ASSERT(x.cols == w.cols && y.rows == x.rows && y.cols == w.rows);
+void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y) {
+    LOWRANK_ASSERT(x.cols == weight.cols() && y.rows == x.rows && y.cols == weight.rows());
     if (y.empty()) return;
+    if (weight.is_packed()) {
+        GemmWorkspace<T> ws;
+        gemm_strips<T, Arch>(x.rows, T(1), x.data, x.ld, weight.packed, y.data, y.ld, false, ws);
+        return;
+    }
+    const MatrixView<const T> w = weight.dense;
     if (x.rows >= 2 && x.rows <= blocking::stream_weight_rows) {
         // Few rows: dot products that read each row of W from memory exactly once (GEMM
         // libraries re-pack W for every call; at small n that traffic dominates). The tiles re-read
