@@ -146,12 +146,25 @@ void openblas_forward(const Matrix<T>& X, const Matrix<T>& W, const lowrank::Lor
 
 // ---- fused forward --------------------------------------------------------------------------------
 
+/// The data of one forward shape (state.range: n, d, r): W d × d, X n × d, a rank-r adapter.
+template <class T>
+struct ForwardCase {
+    Index n, d, r;
+    const Matrix<T>& W;
+    const Matrix<T>& X;
+    const lowrank::Lora<T>& lora;
+    explicit ForwardCase(const benchmark::State& state)
+        : n(state.range(0)), d(state.range(1)), r(state.range(2)), W(shared_matrix<T>(d, d, seed_w)),
+          X(shared_matrix<T>(n, d, seed_x)), lora(shared_lora<T>(d, r)) {}
+};
+
 template <class T>
 void forward_lowrank(benchmark::State& state, int threads) {
-    const Index n = state.range(0), d = state.range(1), r = state.range(2);
-    const auto& W = shared_matrix<T>(d, d, seed_w);
-    const auto& X = shared_matrix<T>(n, d, seed_x);
-    const auto& lora = shared_lora<T>(d, r);
+    const ForwardCase<T> fc(state);
+    const Index n = fc.n, d = fc.d, r = fc.r;
+    const auto& W = fc.W;
+    const auto& X = fc.X;
+    const auto& lora = fc.lora;
     Matrix<T> Y(n, d);
     lowrank::Workspace<T> ws;
     for (auto _ : state) {
@@ -165,10 +178,11 @@ void forward_lowrank(benchmark::State& state, int threads) {
 /// The same forward from a PackedWeight (laid out once, outside the timed loop).
 template <class T>
 void forward_packed(benchmark::State& state) {
-    const Index n = state.range(0), d = state.range(1), r = state.range(2);
-    const auto& W = shared_matrix<T>(d, d, seed_w);
-    const auto& X = shared_matrix<T>(n, d, seed_x);
-    const auto& lora = shared_lora<T>(d, r);
+    const ForwardCase<T> fc(state);
+    const Index n = fc.n, d = fc.d, r = fc.r;
+    const auto& W = fc.W;
+    const auto& X = fc.X;
+    const auto& lora = fc.lora;
     const lowrank::PackedWeight<T> packed(W);
     Matrix<T> Y(n, d);
     lowrank::Workspace<T> ws;
@@ -182,10 +196,11 @@ void forward_packed(benchmark::State& state) {
 
 template <class T>
 void forward_eigen(benchmark::State& state) {
-    const Index n = state.range(0), d = state.range(1), r = state.range(2);
-    const auto& W = shared_matrix<T>(d, d, seed_w);
-    const auto& X = shared_matrix<T>(n, d, seed_x);
-    const auto& lora = shared_lora<T>(d, r);
+    const ForwardCase<T> fc(state);
+    const Index n = fc.n, d = fc.d, r = fc.r;
+    const auto& W = fc.W;
+    const auto& X = fc.X;
+    const auto& lora = fc.lora;
     const T s = lora.scale();
     Matrix<T> Y(n, d);
     for (auto _ : state) {
@@ -200,10 +215,11 @@ void forward_eigen(benchmark::State& state) {
 #ifdef LOWRANK_BENCH_OPENBLAS
 template <class T>
 void forward_openblas(benchmark::State& state, int threads) {
-    const Index n = state.range(0), d = state.range(1), r = state.range(2);
-    const auto& W = shared_matrix<T>(d, d, seed_w);
-    const auto& X = shared_matrix<T>(n, d, seed_x);
-    const auto& lora = shared_lora<T>(d, r);
+    const ForwardCase<T> fc(state);
+    const Index n = fc.n, d = fc.d, r = fc.r;
+    const auto& W = fc.W;
+    const auto& X = fc.X;
+    const auto& lora = fc.lora;
     Matrix<T> Y(n, d), Tm(n, r);
     // The baseline's calls are checked once per shape against the Eigen expression (relative
     // Frobenius error; a length-d float dot product is good to ~d·2⁻²⁴ ≈ 2.4e-4 at d = 4096).
