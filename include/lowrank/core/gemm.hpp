@@ -14,12 +14,15 @@
 /// The micro-kernel is the broadcast tile of the other kernels (blocking::mr rows × 2 vectors,
 /// 12 accumulators) reading both operands as contiguous packed streams. The block sizes and
 /// where they come from are in `blocking` (gemm_mc, gemm_kc, gemm_nc).
+///
+/// `gemm_strips` is the same product with B laid out ahead (a PackedWeight: Bᵀ in strips one
+/// cache line wide, `pack_weight`): nothing of B is packed per call, and each strip is read once,
+/// sequentially, against every micro-panel of A.
 
 #include <algorithm>
 #include <vector>
 
 #include "kernels.hpp"
-#include "parallel.hpp"
 
 namespace lowrank::core {
 
