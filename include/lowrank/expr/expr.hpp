@@ -129,7 +129,7 @@ private:
 /// A base weight W (out × in, nn.Linear layout) laid out once for the forward product, as an
 /// inference engine does at load time: Wᵀ in strips one cache line wide (core::pack_weight), so
 /// every `linear(X, packed + terms…)` reads it as one sequential stream and packs nothing per
-/// call (n = 16, 4096², float: 10.1 ms vs 12.9 ms from the row-major W, see bench_core). A copy
+/// call (n = 16, 4096², float: 9.77 ms vs 11.4 ms from the row-major W, bench/results). A copy
 /// of W's size; W itself is not referenced afterwards. `dense(packed + …)` is not available (merge
 /// into the row-major W instead).
 template <Real T>
