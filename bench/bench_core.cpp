@@ -158,90 +158,66 @@ struct ForwardCase {
           X(shared_matrix<T>(n, d, seed_x)), lora(shared_lora<T>(d, r)) {}
 };
 
-template <class T>
-void forward_lowrank(benchmark::State& state, int threads) {
-    const ForwardCase<T> fc(state);
-    const Index n = fc.n, d = fc.d, r = fc.r;
-    const auto& W = fc.W;
-    const auto& X = fc.X;
-    const auto& lora = fc.lora;
-    Matrix<T> Y(n, d);
-    lowrank::Workspace<T> ws;
+/// The timed loop of one forward shape: `body(Y)` computes Y (n × d) each iteration.
+template <class T, class F>
+void run_forward(benchmark::State& state, const ForwardCase<T>& fc, int threads, F&& body) {
+    Matrix<T> Y(fc.n, fc.d);
     for (auto _ : state) {
-        lowrank::forward(X, W, lora, Y, ws, lowrank::Threads{threads});
+        body(Y);
         benchmark::DoNotOptimize(Y.data());
         benchmark::ClobberMemory();
     }
-    forward_counters<T>(state, n, d, r, threads);
+    forward_counters<T>(state, fc.n, fc.d, fc.r, threads);
+}
+
+template <class T>
+void forward_lowrank(benchmark::State& state, int threads) {
+    const ForwardCase<T> fc(state);
+    lowrank::Workspace<T> ws;
+    run_forward<T>(state, fc, threads,
+                   [&](Matrix<T>& Y) { lowrank::forward(fc.X, fc.W, fc.lora, Y, ws, lowrank::Threads{threads}); });
 }
 
 /// The same forward from a PackedWeight (laid out once, outside the timed loop).
 template <class T>
 void forward_packed(benchmark::State& state) {
     const ForwardCase<T> fc(state);
-    const Index n = fc.n, d = fc.d, r = fc.r;
-    const auto& W = fc.W;
-    const auto& X = fc.X;
-    const auto& lora = fc.lora;
-    const lowrank::PackedWeight<T> packed(W);
-    Matrix<T> Y(n, d);
+    const lowrank::PackedWeight<T> packed(fc.W);
     lowrank::Workspace<T> ws;
-    for (auto _ : state) {
-        Y = lowrank::linear(X, packed + lora, ws);
-        benchmark::DoNotOptimize(Y.data());
-        benchmark::ClobberMemory();
-    }
-    forward_counters<T>(state, n, d, r, 1);
+    run_forward<T>(state, fc, 1, [&](Matrix<T>& Y) { Y = lowrank::linear(fc.X, packed + fc.lora, ws); });
 }
 
 template <class T>
 void forward_eigen(benchmark::State& state) {
     const ForwardCase<T> fc(state);
-    const Index n = fc.n, d = fc.d, r = fc.r;
-    const auto& W = fc.W;
-    const auto& X = fc.X;
-    const auto& lora = fc.lora;
-    const T s = lora.scale();
-    Matrix<T> Y(n, d);
-    for (auto _ : state) {
-        Y.noalias() = X * W.transpose();
-        Y.noalias() += s * (X * lora.A().transpose()) * lora.B().transpose();
-        benchmark::DoNotOptimize(Y.data());
-        benchmark::ClobberMemory();
-    }
-    forward_counters<T>(state, n, d, r, 1);
+    const T s = fc.lora.scale();
+    run_forward<T>(state, fc, 1, [&](Matrix<T>& Y) {
+        Y.noalias() = fc.X * fc.W.transpose();
+        Y.noalias() += s * (fc.X * fc.lora.A().transpose()) * fc.lora.B().transpose();
+    });
 }
 
 #ifdef LOWRANK_BENCH_OPENBLAS
 template <class T>
 void forward_openblas(benchmark::State& state, int threads) {
     const ForwardCase<T> fc(state);
-    const Index n = fc.n, d = fc.d, r = fc.r;
-    const auto& W = fc.W;
-    const auto& X = fc.X;
-    const auto& lora = fc.lora;
-    Matrix<T> Y(n, d), Tm(n, r);
+    Matrix<T> Tm(fc.n, fc.r), Y(fc.n, fc.d);
     // The baseline's calls are checked once per shape against the Eigen expression (relative
     // Frobenius error; a length-d float dot product is good to ~d·2⁻²⁴ ≈ 2.4e-4 at d = 4096).
     openblas_set_num_threads(1);
     static std::set<std::tuple<Index, Index, Index>> checked;
-    if (checked.insert({n, d, r}).second) {
-        openblas_forward(X, W, lora, Tm, Y);
-        const Matrix<T> reference =
-            X * W.transpose() + lora.scale() * (X * lora.A().transpose()) * lora.B().transpose();
+    if (checked.insert({fc.n, fc.d, fc.r}).second) {
+        openblas_forward(fc.X, fc.W, fc.lora, Tm, Y);
+        const Matrix<T> reference = fc.X * fc.W.transpose() +
+                                    fc.lora.scale() * (fc.X * fc.lora.A().transpose()) * fc.lora.B().transpose();
         if ((Y - reference).norm() > T(1e-3) * reference.norm()) {
             state.SkipWithError("OpenBLAS forward disagrees with the Eigen expression");
             return;
         }
     }
     openblas_set_num_threads(threads);
-    for (auto _ : state) {
-        openblas_forward(X, W, lora, Tm, Y);
-        benchmark::DoNotOptimize(Y.data());
-        benchmark::ClobberMemory();
-    }
+    run_forward<T>(state, fc, threads, [&](Matrix<T>& Yb) { openblas_forward(fc.X, fc.W, fc.lora, Tm, Yb); });
     openblas_set_num_threads(1);
-    forward_counters<T>(state, n, d, r, threads);
 }
 #endif
 

@@ -317,7 +317,7 @@ template <class DX, Real T, LowRankTerm... Terms>
     return {X, e, nullptr, Threads{}};
 }
 /// As above, with the n × Σw scratch taken from (and kept in) `ws`, on up to `threads.count`
-/// threads (see core/parallel.hpp: small batches split the output features, larger ones rows).
+/// threads (see core/terms.hpp: with a base weight the threads split its output features).
 template <class DX, Real T, LowRankTerm... Terms>
     requires std::same_as<typename DX::Scalar, T>
 [[nodiscard]] LinearExpr<SumExpr<T, Terms...>, DX> linear(const Eigen::MatrixBase<DX>& X,
