@@ -449,7 +449,10 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
             if any(r["op"] == op for r in lora):
                 doc += [f"## {title}", "",
                         "Target: ≥ 70% of the roofline at every shape. Flops and bytes recovered "
-                        "from bench_lora's rate counters; working set taken as the bytes.", "",
+                        "from bench_lora's rate counters; working set taken as the bytes." +
+                        (" The backward's flops are the five products it must form, X Aᵀ included "
+                         "(not an input of the call): 2·n·r·(3 in + 2 out)."
+                         if op == "backward_delta" else ""), "",
                         comparison_table(rf, ix, lora, op, ("arg0", "arg1", "arg2"), ["n", "d", "r"],
                                          impls=("lowrank", "eigen")), ""]
     if callgrind:

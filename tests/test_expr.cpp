@@ -128,6 +128,30 @@ TEMPLATE_TEST_CASE("a PackedWeight base gives the row-major W's product", "[expr
     REQUIRE_THROWS_AS(merged = dense(packed + l1), lowrank::error);
 }
 
+TEMPLATE_TEST_CASE("a PackedWeight packs W from any layout to the same strips", "[expr][packed]", float, double) {
+    using T = TestType;
+    const Index n = 7, out = 19, in = 23;
+    const Lora<T> l1 = random_lora<T>(out, in, 3, 6, 21);
+    const Matrix<T> X = random_matrix<T>(n, in, 22), W = random_matrix<T>(out, in, 23);
+    const PackedWeight<T> from_rows(W);
+    const Matrix<T> want = linear(X, from_rows + l1);
+    // Column-major storage, a block of a larger matrix (strided rows), and expressions without
+    // memory of their own (evaluated first): the same values, so exactly the same product.
+    const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor> Wc = W;
+    Matrix<T> big = Matrix<T>::Zero(out + 3, in + 5);
+    big.block(2, 4, out, in) = W;
+    const Matrix<T> half = W / T(2);
+    const PackedWeight<T> from_cols(Wc), from_block(big.block(2, 4, out, in)), from_expr(half * T(2)),
+        from_transposed(Wc.transpose().transpose());
+    REQUIRE(Matrix<T>(linear(X, from_cols + l1)) == want);
+    REQUIRE(Matrix<T>(linear(X, from_block + l1)) == want);
+    REQUIRE(Matrix<T>(linear(X, from_expr + l1)) == want);
+    REQUIRE(Matrix<T>(linear(X, from_transposed + l1)) == want);
+    // A packed W of the wrong width is caught.
+    const PackedWeight<T> wide(Matrix<T>(random_matrix<T>(out, in + 1, 24)));
+    REQUIRE_THROWS_AS(Matrix<T>(linear(X, wide + l1)), lowrank::error);
+}
+
 TEMPLATE_TEST_CASE("dense(W + terms) is the merged weight", "[expr]", float, double) {
     using T = TestType;
     const Index out = 21, in = 18;

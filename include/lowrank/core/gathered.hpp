@@ -218,26 +218,11 @@ namespace detail {
 /// (valid ≤ NV·W; the loads read NV full vectors of each row of Vᵀ, so its padding must be
 /// readable). Each element of X is broadcast against NV vectors of a row of Vᵀ (bcast_accumulate).
 template <int MR, int NV, class T, class Arch>
-inline void shrink_bcast_tile(Index kc, const T* const* x, const T* vt, Index ldv, T* t, Index ldt, Index valid,
+LOWRANK_TILE_INLINE void shrink_bcast_tile(Index kc, const T* const* x, const T* vt, Index ldv, T* t, Index ldt, Index valid,
                               bool accumulate) noexcept {
-    using batch = xsimd::batch<T, Arch>;
-    constexpr Index W = batch::size;
-    batch acc[MR][NV];
+    xsimd::batch<T, Arch> acc[MR][NV];
     bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return x[i][p]; }, vt, ldv, 0, acc);
-    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
-            batch r = acc[i][v];
-            T* dst = t + i * ldt + v * W;
-            const Index n = std::min<Index>(W, valid - v * W);
-            if (n == W) {
-                if (accumulate) r += batch::load_unaligned(dst);
-                r.store_unaligned(dst);
-            } else {
-                alignas(64) std::array<T, W> tmp;
-                r.store_aligned(tmp.data());
-                for (Index j = 0; j < n; ++j) dst[j] = (accumulate ? dst[j] : T(0)) + tmp[j];
-            }
-        }
+    store_tile<MR, NV, T, Arch>(acc, [&](int i) { return t + i * ldt; }, T(1), accumulate, valid);
 }
 
 /// Rows [i0, i0 + MR) of gathered_shrink_transposed over one pass of k and one block of ≤ 2W columns.

@@ -69,30 +69,14 @@ void pack_gemm_b(Index nc, Index kc, const T* b, Index ldb, T* dst) noexcept {
 
 /// The micro-kernel: C[0..MR, 0..cols) (+)= α · A · B over kc steps, A a packed micro-panel (row
 /// i of step p at ap[p·lda + i], lda ≥ MR: the last rows of a block take a tile of exactly their
-/// count), B a micro-panel of NV vectors (step p at bp + p·ldb); a full tile is written straight
-/// from the registers, a tile with fewer than NV·W columns through a small buffer.
+/// count), B a micro-panel of NV vectors (step p at bp + p·ldb); only the first `cols` columns
+/// of C are written.
 template <int MR, int NV, class T, class Arch>
 LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* bp, Index ldb, T* c, Index ldc,
                                     Index cols, T alpha, bool accumulate) noexcept {
-    using batch = xsimd::batch<T, Arch>;
-    constexpr Index W = batch::size, NR = NV * W;
-    batch acc[MR][NV];
+    xsimd::batch<T, Arch> acc[MR][NV];
     bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return ap[p * lda + i]; }, bp, ldb, 0, acc);
-    const batch al(alpha);
-    if (cols == NR) {
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
-                T* dst = c + i * ldc + v * W;
-                const batch r = accumulate ? xsimd::fma(al, acc[i][v], batch::load_unaligned(dst)) : al * acc[i][v];
-                r.store_unaligned(dst);
-            }
-        return;
-    }
-    alignas(64) T tile[MR * NR];
-    LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) (al * acc[i][v]).store_aligned(tile + i * NR + v * W);
-    for (Index i = 0; i < MR; ++i)
-        for (Index j = 0; j < cols; ++j) c[i * ldc + j] = (accumulate ? c[i * ldc + j] : T(0)) + tile[i * NR + j];
+    store_tile<MR, NV, T, Arch>(acc, [&](int i) { return c + i * ldc; }, alpha, accumulate, cols);
 }
 
 /// All mc rows of a packed block of A (micro-panels of blocking::mr rows, kc steps each) against

@@ -139,9 +139,16 @@ public:
         requires std::same_as<typename D::Scalar, T>
     explicit PackedWeight(const Eigen::MatrixBase<D>& W)
         : rows_(Index(W.rows())), cols_(Index(W.cols())) {
-        const Matrix<T> w = W;  // row-major, contiguous
         data_.resize(static_cast<std::size_t>(core::packed_weight_size<T>(rows_, cols_)));
-        core::pack_weight<T>(lowrank::view(w), data_.data());
+        if constexpr (bool(Eigen::internal::traits<D>::Flags & Eigen::DirectAccessBit)) {
+            // Any layout in memory (row- or column-major, a block, a Map): packed straight from it.
+            const D& w = W.derived();
+            core::pack_strips<T>(cols_, rows_, w.data(), Index(w.colStride()), Index(w.rowStride()),
+                                 data_.data());
+        } else {  // an expression: evaluated once
+            const Matrix<T> w = W;
+            core::pack_weight<T>(lowrank::view(w), data_.data());
+        }
     }
 
     [[nodiscard]] Index rows() const noexcept { return rows_; }  ///< out_features
