@@ -249,6 +249,7 @@ public:
     core::GatherWorkspace<T> gather;
     std::vector<core::GatheredFactors<T>> factors;
     std::vector<MatrixView<T>> dv, du;
+    core::GemmWorkspace<T> base;  ///< the base product's buffers
 };
 
 namespace detail {
@@ -547,7 +548,7 @@ void mixed(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, w.rows, true);
     detail::check_no_overlap(fn, "Y", y, "X", x);
     detail::check_no_overlap(fn, "Y", y, "W", w);
-    core::base_product<T>(x, w, y);
+    core::base_product<T>(x, w, y, ws.base);
     core::bgmv<T>(x, y, std::span<const core::GatheredFactors<T>>(ws.factors), ids, ws.gather);
 }
 template <class DX, class DW, class Adapters, detail::IndexRange Idx, Destination DY>
@@ -634,7 +635,7 @@ void mixed_segments(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>&
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, w.rows, true);
     detail::check_no_overlap(fn, "Y", y, "X", x);
     detail::check_no_overlap(fn, "Y", y, "W", w);
-    core::base_product<T>(x, w, y);
+    core::base_product<T>(x, w, y, ws.base);
     core::sgmv<T>(x, y, std::span<const core::GatheredFactors<T>>(ws.factors), seg, ids, ws.gather);
 }
 template <class DX, class DW, class Adapters, detail::IndexRange Seg, detail::IndexRange Idx,

@@ -238,8 +238,9 @@ void lora_backward_delta(MatrixView<const T> xa, const Lora<T>& lora, MatrixView
 
 /// Y = X Wᵀ + s (X Aᵀ) Bᵀ. X: n × in, W: out × in, Y: n × out (a plain Matrix is resized).
 /// Y must not overlap X or W. Cost: 2·n·out·in + 2·n·r·(in + out) flops. With `ws`, the n × r
-/// scratch is reused across calls; with `threads`, the work is split between that many threads
-/// (output features for n ≤ 32, rows beyond; see core/parallel.hpp).
+/// scratch and the base product's packed blocks are reused across calls (none allocated once
+/// `ws` has grown to the shapes); with `threads`, the work is split between that many threads
+/// (the output features; see core/terms.hpp).
 template <class DX, class DW, Real T, Destination DY>
 void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
              DY&& Y, Workspace<T>& ws, Threads threads = {}) {
@@ -250,8 +251,7 @@ void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, con
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, w.rows, true);
     detail::check_no_overlap(fn, "Y", y, "X", x);
     detail::check_no_overlap(fn, "Y", y, "W", w);
-    const Index rows = core::scratch_rows<T>(x.rows, x.cols, threads, lora);
-    core::linear_terms<T>(x, w, y, ws.matrix(rows, lora.rank()), threads, lora);
+    core::linear_terms<T>(x, w, y, ws, threads, lora);
 }
 template <class DX, class DW, Real T, Destination DY>
 void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
@@ -274,7 +274,7 @@ void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, con
     detail::check_no_overlap(fn, "Y", y, "Xa", xa);
     detail::check_no_overlap(fn, "Y", y, "W", w);
     Workspace<T> ws;
-    core::base_product<T>(x, w, y);
+    core::base_product<T>(x, w, y, ws.gemm());
     detail::lora_add_delta<T>(xa, lora, y, ws);
 }
 
@@ -289,8 +289,7 @@ void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y, Work
     lora.validate(fn, x.rows, lora.in_features(), lora.out_features());
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, lora.out_features(), false);
     detail::check_no_overlap(fn, "Y", y, "X", x);
-    const Index rows = core::scratch_rows<T>(x.rows, x.cols, threads, lora);
-    core::linear_terms<T>(x, MatrixView<const T>{}, y, ws.matrix(rows, lora.rank()), threads, lora);
+    core::linear_terms<T>(x, MatrixView<const T>{}, y, ws, threads, lora);
 }
 template <class DX, Real T, Destination DY>
 void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y) {

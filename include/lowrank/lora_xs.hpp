@@ -300,7 +300,7 @@ void forward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, con
     auto y = detail::output_view(fn, "Y", std::forward<DY>(Y), x.rows, w.rows, true);
     detail::check_no_overlap(fn, "Y", y, "X", x);
     detail::check_no_overlap(fn, "Y", y, "W", w);
-    core::base_product<T>(x, w, y);
+    core::base_product<T>(x, w, y, ws.gemm());
     detail::lora_xs_add_delta<T>(x, xs, y, ws);
 }
 template <class DX, class DW, Real T, Destination DY>

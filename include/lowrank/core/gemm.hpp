@@ -100,6 +100,12 @@ void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, I
 template <class T>
 struct GemmWorkspace {
     std::vector<T, xsimd::aligned_allocator<T, 64>> a, b;
+    /// Makes `v` hold at least `count` values; never shrinks (a buffer that alternates between
+    /// two sizes is neither reallocated nor refilled).
+    static T* reserve(std::vector<T, xsimd::aligned_allocator<T, 64>>& v, Index count) {
+        if (v.size() < static_cast<std::size_t>(count)) v.resize(static_cast<std::size_t>(count));
+        return v.data();
+    }
 };
 
 /// C (+)= α A Bᵀ: C m × n (ldc), A m × k (lda), B n × k (ldb), all row-major. With `accumulate ==
@@ -119,10 +125,8 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
     const Index kc_max = std::min(blocking::gemm_kc, k);
     const Index mc_max = std::min((m + MR - 1) / MR * MR, blocking::gemm_mc / MR * MR);
     const Index nc_max = std::min((n + NR - 1) / NR * NR, std::max(NR, blocking::gemm_nc / NR * NR));
-    ws.a.resize(static_cast<std::size_t>(mc_max * kc_max));
-    ws.b.resize(static_cast<std::size_t>(nc_max * kc_max));
-    T* ap = ws.a.data();
-    T* bp = ws.b.data();
+    T* ap = GemmWorkspace<T>::reserve(ws.a, mc_max * kc_max);
+    T* bp = GemmWorkspace<T>::reserve(ws.b, nc_max * kc_max);
     for (Index jc = 0; jc < n; jc += nc_max) {
         const Index nc = std::min(nc_max, n - jc);
         for (Index pc = 0; pc < k; pc += kc_max) {
@@ -201,13 +205,13 @@ void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w,
         return;
     }
     const Index kc_max = std::min(blocking::gemm_kc, k), mp = (m + MR - 1) / MR * MR;
-    ws.a.resize(static_cast<std::size_t>(mp * k));
+    T* ap = GemmWorkspace<T>::reserve(ws.a, mp * k);
     for (Index pc = 0; pc < k; pc += kc_max)
-        detail::pack_gemm_a<MR, T>(m, std::min(kc_max, k - pc), a + pc, lda, ws.a.data() + pc * mp);
+        detail::pack_gemm_a<MR, T>(m, std::min(kc_max, k - pc), a + pc, lda, ap + pc * mp);
     for (Index jr = 0; jr < n; jr += S) {
         const T* strip = w.strips + jr * k;
         for (Index pc = 0; pc < k; pc += kc_max)
-            detail::gemm_block_panel<T, Arch>(m, std::min(kc_max, k - pc), ws.a.data() + pc * mp, strip + pc * S, S,
+            detail::gemm_block_panel<T, Arch>(m, std::min(kc_max, k - pc), ap + pc * mp, strip + pc * S, S,
                                               std::min(S, n - jr), c + jr, ldc, alpha, accumulate || pc > 0);
     }
 }

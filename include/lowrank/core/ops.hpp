@@ -51,14 +51,14 @@ private:
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: from 2 to
 /// `blocking::stream_weight_rows` rows the dot kernel streams W once; one row is Eigen's GEMV
 /// (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora);
-/// beyond, gemm_packed (packing both operands into blocks, BLIS-style; allocates its
-/// (gemm_mc + gemm_nc) × gemm_kc blocks). W packed ahead: gemm_strips at every batch size.
+/// beyond, gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
+/// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
+/// in `ws`, which grows as needed (no allocation once it has grown to the shape).
 template <class T, class Arch = xsimd::default_arch>
-void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y) {
+void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(x.cols == weight.cols() && y.rows == x.rows && y.cols == weight.rows());
     if (y.empty()) return;
     if (weight.is_packed()) {
-        GemmWorkspace<T> ws;
         gemm_strips<T, Arch>(x.rows, T(1), x.data, x.ld, weight.packed, y.data, y.ld, false, ws);
         return;
     }
@@ -74,17 +74,23 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y) {
         // copy changes nothing measurable (16 × 4096 × 4096: 10.86 vs 10.82 ms); it costs
         // 2·n·in bytes of traffic against W's out·in.
         const Index ld = detail::padded_ld<T>(x.cols);
-        std::vector<T, xsimd::aligned_allocator<T, 64>> xs(static_cast<std::size_t>(x.rows * ld));
-        for (Index i = 0; i < x.rows; ++i) std::copy_n(x.row(i), x.cols, xs.data() + i * ld);
-        gemm_dot<T, Arch>(x.rows, w.rows, x.cols, T(1), xs.data(), ld, w.data, w.ld, y.data, y.ld, false);
+        T* xs = GemmWorkspace<T>::reserve(ws.a, x.rows * ld);
+        for (Index i = 0; i < x.rows; ++i) std::copy_n(x.row(i), x.cols, xs + i * ld);
+        gemm_dot<T, Arch>(x.rows, w.rows, x.cols, T(1), xs, ld, w.data, w.ld, y.data, y.ld, false);
         return;
     }
     if (x.rows == 1) {
         eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
         return;
     }
-    GemmWorkspace<T> ws;
     gemm_packed<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
+}
+
+/// The same with buffers of its own (allocated for this call).
+template <class T, class Arch = xsimd::default_arch>
+void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y) {
+    GemmWorkspace<T> ws;
+    base_product<T, Arch>(x, weight, y, ws);
 }
 
 /// dX (+)= dY W (the base part of the input gradient).

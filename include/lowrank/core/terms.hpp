@@ -18,7 +18,8 @@
 namespace lowrank {
 
 /// A reusable scratch buffer. Calls that take a `Workspace&` allocate only when it must grow, so a
-/// training loop that passes the same workspace every step allocates nothing in steady state.
+/// training loop that passes the same workspace every step allocates nothing in steady state
+/// (on one thread: a call given `Threads{k > 1}` starts threads and gives each its own buffers).
 template <class T>
 class Workspace {
 public:
@@ -28,11 +29,15 @@ public:
         if (buffer_.size() < need) buffer_.resize(need);
         return {buffer_.data(), rows, cols, cols};
     }
-    /// Elements currently held.
+    /// The base product's buffers (packed blocks of X and W, or X's aligned copy), kept apart
+    /// from `matrix()` so that both can be in use at once.
+    [[nodiscard]] core::GemmWorkspace<T>& gemm() noexcept { return gemm_; }
+    /// Elements currently held by `matrix()`'s buffer.
     [[nodiscard]] std::size_t capacity() const noexcept { return buffer_.size(); }
 
 private:
     std::vector<T> buffer_;
+    core::GemmWorkspace<T> gemm_;
 };
 
 /// What the core needs of a term `φ(X Vᵀ) Uᵀ`.
@@ -125,18 +130,20 @@ template <class T, LowRankTerm... Terms>
 }
 
 /// Y (=|+=) X Wᵀ + Σ_k φ_k(X V_kᵀ) U_kᵀ on up to `threads.count` threads. With an empty `w` the
-/// base product is skipped and the terms are added to Y (the adapter part alone). scratch:
-/// `scratch_rows(n, in, threads, terms…)` × Σw. With a base product the threads split the output
-/// features, so each streams (or packs) its own share of W once; the adapter part alone splits
+/// base product is skipped and the terms are added to Y (the adapter part alone). The shrink
+/// outputs (`scratch_rows(n, in, threads, terms…)` × Σw) and, on one thread, the base product's
+/// packed blocks live in `ws`. With a base product the threads split the output features, so each
+/// streams (or packs, into its own buffers) its share of W once; the adapter part alone splits
 /// rows. (Split by rows, every thread packed all of W: n = 128, 4096², 2 threads 1.46×.)
 template <class T, class Arch = xsimd::default_arch, LowRankTerm... Terms>
-void linear_terms(MatrixView<const T> x, WeightRef<T> w, MatrixView<T> y,
-                  MatrixView<T> scratch, Threads threads, const Terms&... terms) {
+void linear_terms(MatrixView<const T> x, WeightRef<T> w, MatrixView<T> y, Workspace<T>& ws,
+                  Threads threads, const Terms&... terms) {
     const Index n = x.rows, out = y.cols;
     const bool base = w.rows() > 0;
     if (n == 0 || out == 0) return;
+    const MatrixView<T> scratch = ws.matrix(scratch_rows<T>(n, x.cols, threads, terms...), total_width(terms...));
     if (threads.count <= 1) {
-        if (base) base_product<T, Arch>(x, w, y);
+        if (base) base_product<T, Arch>(x, w, y, ws.gemm());
         apply_terms_at<T, Arch>(x, y, scratch, 0, terms...);
         return;
     }

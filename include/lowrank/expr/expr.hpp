@@ -268,9 +268,7 @@ public:
         Workspace<scalar> local;
         Workspace<scalar>& ws = ws_ ? *ws_ : local;
         expr_.apply([&](const auto&... terms) {
-            const Index rows = core::scratch_rows<scalar>(x.rows, x.cols, threads_, terms...);
-            auto scratch = ws.matrix(rows, core::total_width(terms...));
-            core::linear_terms<scalar>(x, expr_.weight(), y, scratch, threads_, terms...);
+            core::linear_terms<scalar>(x, expr_.weight(), y, ws, threads_, terms...);
         });
     }
 
