@@ -12,10 +12,10 @@
 ///     rank_update  W += α U V           (out × in)  (merge / unmerge)
 ///
 /// Shapes are checked by LOWRANK_ASSERT only: these are the inner layer, called after the public
-/// entry points have validated their arguments. None allocates except base_product (a copy of a
-/// few rows of X, O(rows · in); or gemm_packed's blocks, at most (gemm_mc + gemm_nc) · gemm_kc)
-/// and rank_update (V in strips, O(r · in)). Aliasing: the destination of each operation must not
-/// overlap any of its sources.
+/// entry points have validated their arguments. None allocates except base_product (when its
+/// GemmWorkspace must grow: a copy of a few rows of X, O(rows · in), or gemm_packed's blocks, at
+/// most (gemm_mc + gemm_nc) · gemm_kc) and rank_update (V in strips, O(r · in)). Aliasing: the
+/// destination of each operation must not overlap any of its sources.
 
 #include <algorithm>
 #include <array>
