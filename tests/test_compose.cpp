@@ -11,6 +11,7 @@
 #include <functional>
 #include <numeric>
 
+#include "alloc_count.hpp"
 #include "lora_support.hpp"
 
 using namespace lowrank;
@@ -527,3 +528,30 @@ TEST_CASE("bad input raises lowrank::error and writes nothing", "[compose][error
                             Contains("mask has length 3"));
     }
 }
+
+#ifdef LOWRANK_TEST_COUNT_ALLOCATIONS
+TEMPLATE_TEST_CASE("mixed and mixed_segments with a MixedWorkspace allocate nothing in steady state",
+                   "[compose][mixed][workspace]", float, double) {
+    using T = TestType;
+    // 5 rows: the base product's aligned copy of X; 40 rows: the packed GEMM's blocks.
+    const Index n = GENERATE(5, 40), out = 70, in = 50;
+    CAPTURE(n);
+    const Lora<T> a = random_lora<T>(out, in, 4, 8, 41), b = random_lora<T>(out, in, 3, 6, 42);
+    const Matrix<T> X = random_matrix<T>(n, in, 43), W = random_matrix<T>(out, in, 44);
+    const std::vector<const Lora<T>*> adapters{&a, &b};
+    std::vector<int> idx(static_cast<std::size_t>(n)), seg_ids{1, 0};
+    const std::vector<Index> seg{0, n / 2, n};
+    for (Index t = 0; t < n; ++t) idx[std::size_t(t)] = int(t % 3) - 1;  // none, a, b
+    Matrix<T> Y(n, out), Ys(n, out);
+    MixedWorkspace<T> ws;
+    auto step = [&] {
+        mixed(X, W, adapters, idx, Y, ws);
+        mixed_segments(X, W, adapters, seg, seg_ids, Ys, ws);
+    };
+    step();  // the workspace grows here
+    const Matrix<T> Y1 = Y, Ys1 = Ys;
+    REQUIRE(allocations_in(step) == 0);
+    REQUIRE(Y == Y1);
+    REQUIRE(Ys == Ys1);
+}
+#endif

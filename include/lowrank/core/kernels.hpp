@@ -415,9 +415,9 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
             }
         return;
     }
-    // A short k (a rank-r update) makes C's read-modify-write the cost: sweep C
-    // row band by row band across its full width (a few sequential streams the prefetcher
-    // follows) instead of in mc × nc blocks of column strips (one page per row per strip).
+    // A short k (a rank-r update) makes C's read-modify-write the cost: sweep C row band by row
+    // band across its full width (a few sequential streams the prefetcher follows) instead of in
+    // mc × nc blocks of column strips (one page per row per strip).
     const bool short_k = k <= blocking::short_k;
     const Index nc = short_k ? std::max<Index>(n, 1)
                              : std::max<Index>(2 * W, (blocking::nc_bytes / Index(sizeof(T)) /
