@@ -48,6 +48,13 @@
 #define LOWRANK_TILE_INLINE inline
 #endif
 
+/// A software prefetch of the cache line at `ptr` into L2 (prefetcht1 on x86; nothing elsewhere).
+#if defined(__GNUC__) || defined(__clang__)
+#define LOWRANK_PREFETCH_L2(ptr) __builtin_prefetch((ptr), 0, 2)
+#else
+#define LOWRANK_PREFETCH_L2(ptr) ((void)(ptr))
+#endif
+
 namespace lowrank::core {
 
 /// Blocking parameters, in one place.
@@ -273,10 +280,11 @@ inline void row_tiles(Index m, F&& f) {
 /// vectors. Row p starts at panel + p·ldp; its vectors come in runs of RV contiguous ones, each
 /// run `jump` past the previous (RV = NV: all contiguous). With fewer than 8 accumulators (narrow
 /// tiles) U independent sets of them take alternate p, so that at least 8 FMAs are in flight
-/// (latency 4 × 2 pipes), and are summed at the end.
+/// (latency 4 × 2 pipes), and are summed at the end. With `prefetch`, step p also prefetches the
+/// line at prefetch + p·ldp into L2 (a panel streamed from memory: the next one, read meanwhile).
 template <int MR, int NV, int RV, class T, class Arch, class A>
 inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Index jump,
-                             xsimd::batch<T, Arch> (&sum)[MR][NV]) noexcept {
+                             xsimd::batch<T, Arch> (&sum)[MR][NV], const T* prefetch = nullptr) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
@@ -285,6 +293,7 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Inde
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
     auto step = [&](Index p, auto& s) {
+        if (prefetch) LOWRANK_PREFETCH_L2(prefetch + p * ldp);
         batch b[NV];
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v)
             b[v] = batch::load_unaligned(panel + p * ldp + (v / RV) * jump + (v % RV) * W);
