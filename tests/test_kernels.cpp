@@ -223,6 +223,13 @@ TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatS
         core::input_grad<T, Arch>(g.view(), v.view(), dx.view(), T(3), false);
         require_within(dx.value(), 3 * naive_product(G0, V),
                        product_bound(G0.cwiseAbs(), V.cwiseAbs(), u, 3), "input_grad");
+        // Accumulating, with a kept workspace (from blocking::band_rows rows: V in its strips).
+        const Matrix<double> dX0 = dx.value();
+        core::GemmWorkspace<T> ws;
+        core::input_grad<T, Arch>(g.view(), v.view(), dx.view(), T(-0.5), true, ws);
+        Matrix<double> bound = product_bound(G0.cwiseAbs(), V.cwiseAbs(), u, 0.5);
+        bound += 2 * u * dX0.cwiseAbs();
+        require_within(dx.value(), dX0 - 0.5 * naive_product(G0, V), bound, "input_grad, accumulating");
     }
 }
 

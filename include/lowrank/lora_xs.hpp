@@ -271,7 +271,7 @@ void lora_xs_backward_delta(MatrixView<const T> xa, const LoraXS<T>& xs, MatrixV
     core::grad_shrink<T>(g, t, view_mut(grad.R), s, false);  // dR = s Gᵀ T
     if (dxa) {
         core::input_grad<T>(g, view(xs.R()), gr, T(1), false);               // G R
-        core::input_grad<T>(gr, xs.shrink_factor(), *dxa, s, accumulate_dx);  // s (G R) A
+        core::input_grad<T>(gr, xs.shrink_factor(), *dxa, s, accumulate_dx, ws.gemm());  // s (G R) A
     }
 }
 

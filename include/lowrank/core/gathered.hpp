@@ -90,6 +90,8 @@ public:
         if (index_.size() < static_cast<std::size_t>(count)) index_.resize(static_cast<std::size_t>(count));
         return index_.data();
     }
+    /// Buffers of the core products that keep some (V in strips for input_grad).
+    [[nodiscard]] GemmWorkspace<T>& gemm() noexcept { return values_.gemm(); }
     /// `count` uninitialised per-row weights.
     [[nodiscard]] T* weights(Index count) {
         if (weight_.size() < static_cast<std::size_t>(count)) weight_.resize(static_cast<std::size_t>(count));
@@ -520,10 +522,10 @@ void gathered_backward(MatrixView<const T> x, MatrixView<const T> dy, const Gath
     grad_shrink<T, Arch>(g, xs, dv, f.alpha, accumulate);
     if (dx) {
         if (gather) {
-            input_grad<T, Arch>(g, f.v, dxg, f.alpha, false);
+            input_grad<T, Arch>(g, f.v, dxg, f.alpha, false, ws.gemm());
             scatter_add_rows<T, Arch>(dxg, rows, *dx);
         } else {
-            input_grad<T, Arch>(g, f.v, dx->middle_rows(rows.first, m), f.alpha, true);
+            input_grad<T, Arch>(g, f.v, dx->middle_rows(rows.first, m), f.alpha, true, ws.gemm());
         }
     }
 }

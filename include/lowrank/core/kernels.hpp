@@ -67,6 +67,8 @@ namespace lowrank::core {
 /// - `short_k`: up to this depth C is swept in mr-row bands across its full width. Merge W += s B A
 ///   at 4096², float (bench_lora, medians): r = 8: 23.7 ms in 96 × 512 blocks → 6.7 ms in bands
 ///   (Eigen 8.8 ms); r = 64: 56.4 ms with short_k = 32 (blocks) → 41.0 ms with 128 (bands).
+/// - `band_rows`: from this many rows of G on, input_grad (dX = α G V) copies V into strips and
+///   runs the band product (see ops.hpp: the copy is amortised from about 32 rows at in = 4096).
 /// - `nc`: columns of C per block, chosen so a kc × nc block of B (512 KiB in float) stays in L2.
 /// - `dot_mr` × `dot_nr`: outputs per micro-tile of gemm_dot when B is the smaller operand
 ///   (12 accumulators; 7 loads per 12 FMAs as written, but GCC 12 compiles it with its operands
@@ -103,6 +105,7 @@ struct blocking {
     static constexpr Index mr = 6;
     static constexpr Index mc = 96;
     static constexpr Index short_k = 128;
+    static constexpr Index band_rows = 32;
     static constexpr Index kc = 256;
     static constexpr Index nc_bytes = 512 * 1024;
     static constexpr Index dot_mr = 3;
@@ -142,6 +145,15 @@ template <class T>
 template <class T>
 void pack_strips(Index w, Index n, const T* b, Index rsb, Index csb, T* dst) noexcept {
     constexpr Index S = strip_width<T>;
+    if (csb == 1) {  // rows of B contiguous: each full strip row is a copy of S values
+        const Index full = n / S;
+        for (Index s = 0; s < full; ++s)
+            for (Index j = 0; j < w; ++j) std::copy_n(b + j * rsb + s * S, S, dst + (s * w + j) * S);
+        if (full * S == n) return;
+        b += full * S;
+        dst += full * w * S;
+        n -= full * S;
+    }
     for (Index s = 0; s * S < n; ++s)
         for (Index j = 0; j < w; ++j) {
             T* d = dst + (s * w + j) * S;

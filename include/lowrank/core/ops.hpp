@@ -14,7 +14,8 @@
 /// Shapes are checked by LOWRANK_ASSERT only: these are the inner layer, called after the public
 /// entry points have validated their arguments. None allocates except base_product (when its
 /// GemmWorkspace must grow: a copy of a few rows of X, O(rows · in), or gemm_packed's blocks, at
-/// most (gemm_mc + gemm_nc) · gemm_kc) and rank_update (V in strips, O(r · in)). Aliasing: the
+/// most (gemm_mc + gemm_nc) · gemm_kc), rank_update (V in strips, O(r · in)) and input_grad from
+/// blocking::band_rows rows on (the same, in its GemmWorkspace when given one). Aliasing: the
 /// destination of each operation must not overlap any of its sources.
 
 #include <algorithm>
@@ -189,43 +190,72 @@ void grad_shrink(MatrixView<const T> g, MatrixView<const T> x, MatrixView<T> dv,
                         dv.ld, accumulate);
 }
 
-/// dX (+)= α G V.
+namespace detail {
+
+/// C (+)= α U V for a short shared dimension r ≤ blocking::short_k (U: m × r, V: r × cols, both
+/// row-major): V is first copied into cache-line strips (r·cols values, in `strips`, grown as
+/// needed) and C is swept in bands of expand_mr rows across its full width, each tile reading
+/// its panel of V as one contiguous run (a few sequential streams through C), rather than the
+/// broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at lengths
+/// of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
+template <class T, class Arch>
+void band_product(MatrixView<T> c, MatrixView<const T> u, MatrixView<const T> v, T alpha, bool accumulate,
+                  std::vector<T, xsimd::aligned_allocator<T, 64>>& strips) {
+    const Index cols = c.cols, r = u.cols;
+    T* packed = GemmWorkspace<T>::reserve(strips, strip_rows<T>(r, cols) * strip_width<T>);
+    pack_strips<T>(r, cols, v.data, v.ld, 1, packed);
+    const StripPanel<T> panel(packed, r);
+    row_tiles<expand_mr>(c.rows, [&](Index i, auto mr) {
+        constexpr int MR = decltype(mr)::value;
+        T* rows[MR];
+        LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = c.row(i + q);
+        expand_sweep<MR, T, Arch>(rows, 0, cols, r, u.row(i), u.ld, panel, alpha, accumulate);
+    });
+}
+
+}  // namespace detail
+
+/// dX (+)= α G V. From blocking::band_rows rows of G on (and r ≤ blocking::short_k), the band
+/// product on V in strips (kept in `ws.b`); below, the broadcast kernel on V in place, which
+/// needs no copy. Same run, float, µs, in place → strips: n = 128, in = 4096, r = 16 346 → 242,
+/// r = 64 1095 → 899; n = 32, r = 16 92.9 → 69.0; n = 16, in = 4096: r = 8 18.0 → 22.2,
+/// r = 64 154 → 177 (the copy not amortised).
 template <class T, class Arch = xsimd::default_arch>
-void input_grad(MatrixView<const T> g, MatrixView<const T> v, MatrixView<T> dx, T alpha,
-                bool accumulate) noexcept {
+void input_grad(MatrixView<const T> g, MatrixView<const T> v, MatrixView<T> dx, T alpha, bool accumulate,
+                GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(g.cols == v.rows && dx.rows == g.rows && dx.cols == v.cols);
+    if (g.rows >= blocking::band_rows && g.cols > 0 && g.cols <= blocking::short_k && !dx.empty()) {
+        detail::band_product<T, Arch>(dx, g, v, alpha, accumulate, ws.b);
+        return;
+    }
     gemm_bcast<T, Arch>(g.rows, v.cols, g.cols, alpha, g.data, g.ld, 1, v.data, v.ld, dx.data,
                         dx.ld, accumulate);
 }
 
+/// The same with buffers of its own (allocated for this call when the band product is used).
+template <class T, class Arch = xsimd::default_arch>
+void input_grad(MatrixView<const T> g, MatrixView<const T> v, MatrixView<T> dx, T alpha, bool accumulate) {
+    GemmWorkspace<T> ws;
+    input_grad<T, Arch>(g, v, dx, alpha, accumulate, ws);
+}
+
 /// W += α U V (merge with α = s, unmerge with α = −s). ΔW is formed tile by tile in registers and
 /// added to W in one read-modify-write pass; nothing of size out × in is allocated. For r ≤
-/// blocking::short_k, V is first copied into cache-line strips (r·in values) and W is swept in
-/// bands of 6 rows across its full width (a few sequential streams through W), each tile reading
-/// its panel of V as one contiguous run: merge at 4096², float, same run: r = 16 18.9 → 8.5 ms,
-/// r = 64 53.1 → 30.3 ms against the broadcast kernel on V in place (whose tiles read r rows of V
-/// 16 KiB apart). Each element of W takes one rounding (an FMA of α·(U V)ᵢⱼ, whose sum over r is
-/// formed the same way for either sign of α), so merge then unmerge returns W within
-/// u(2|W| + |ΔW|).
+/// blocking::short_k, the band product (V in strips, r·in values): merge at 4096², float, same
+/// run: r = 16 18.9 → 8.5 ms, r = 64 53.1 → 30.3 ms against the broadcast kernel on V in place.
+/// Each element of W takes one rounding (an FMA of α·(U V)ᵢⱼ, whose sum over r is formed the same
+/// way for either sign of α), so merge then unmerge returns W within u(2|W| + |ΔW|).
 template <class T, class Arch = xsimd::default_arch>
 void rank_update(MatrixView<T> w, MatrixView<const T> u, MatrixView<const T> v, T alpha) {
     LOWRANK_ASSERT(u.cols == v.rows && w.rows == u.rows && w.cols == v.cols);
-    const Index out = w.rows, in = w.cols, r = u.cols;
+    const Index r = u.cols;
     if (w.empty() || r == 0) return;
     if (r > blocking::short_k) {
-        gemm_bcast<T, Arch>(out, in, r, alpha, u.data, u.ld, 1, v.data, v.ld, w.data, w.ld, true);
+        gemm_bcast<T, Arch>(w.rows, w.cols, r, alpha, u.data, u.ld, 1, v.data, v.ld, w.data, w.ld, true);
         return;
     }
-    std::vector<T, xsimd::aligned_allocator<T, 64>> strips(
-        static_cast<std::size_t>(strip_rows<T>(r, in) * strip_width<T>));
-    pack_strips<T>(r, in, v.data, v.ld, 1, strips.data());
-    const detail::StripPanel<T> panel(strips.data(), r);
-    detail::row_tiles<detail::expand_mr>(out, [&](Index i, auto mr) {
-        constexpr int MR = decltype(mr)::value;
-        T* rows[MR];
-        LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = w.row(i + q);
-        detail::expand_sweep<MR, T, Arch>(rows, 0, in, r, u.row(i), u.ld, panel, alpha, true);
-    });
+    std::vector<T, xsimd::aligned_allocator<T, 64>> strips;
+    detail::band_product<T, Arch>(w, u, v, alpha, true, strips);
 }
 
 }  // namespace lowrank::core
