@@ -233,6 +233,39 @@ TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatS
     }
 }
 
+TEMPLATE_TEST_CASE("grad_shrink with wide factors (Gᵀ and X in strips) equals its dense formula", "[ops]",
+                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // w from blocking::band_width on; in across blocking::band_cols (several blocks, a tail
+    // block, a tail column); n = 1 and rows past a 6-row band.
+    const Index n = GENERATE(1, 7, 40);
+    const Index in = GENERATE_COPY(W + 1, Index(130), Index(600));
+    const Index w = GENERATE(32, 45);
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(n, in, w, accumulate);
+    const double u = eps<T>();
+    core::GemmWorkspace<T> ws;
+    for (int round = 0; round < 2; ++round) {  // the second round reuses the grown workspace
+        Strided<T> x(n, in, 51 + round), g(n, w, 52 + round), dv(w, in, 53 + round);
+        const Matrix<double> X = x.value(), G0 = g.value(), dV0 = dv.value();
+        core::grad_shrink<T, Arch>(g.view(), x.view(), dv.view(), T(0.75), accumulate, ws);
+        Matrix<double> want = 0.75 * naive_product(G0.transpose(), X);
+        Matrix<double> bound = product_bound(G0.transpose().cwiseAbs(), X.cwiseAbs(), u, 0.75);
+        if (accumulate) {
+            want += dV0;
+            bound += 2 * u * dV0.cwiseAbs();
+        }
+        require_within(dv.value(), want, bound, "grad_shrink, wide");
+        const Strided<T> fresh(w, in, 53 + round);  // nothing written around dV
+        Matrix<T> outside = dv.storage, untouched = fresh.storage;
+        outside.block(1, 2, w, in).setZero();
+        untouched.block(1, 2, w, in).setZero();
+        REQUIRE(outside == untouched);
+    }
+}
+
 TEMPLATE_TEST_CASE("expand handles widths beyond one packing pass", "[ops]", float, double) {
     using T = TestType;
     const Index n = 5, out = 37, w = 1500;  // w > 32 KiB / sizeof(T) / W: several passes over w

@@ -230,7 +230,7 @@ void lora_backward_delta(MatrixView<const T> xa, const Lora<T>& lora, MatrixView
     core::shrink<T>(xa, lora.shrink_factor(), t);
     core::project_back<T>(dy, lora.expand_factor(), g);
     core::grad_expand<T>(dy, t, view_mut(grad.B), s, false);  // dB = s dYᵀ T
-    core::grad_shrink<T>(g, xa, view_mut(grad.A), s, false);  // dA = s Gᵀ Xa
+    core::grad_shrink<T>(g, xa, view_mut(grad.A), s, false, ws.gemm());  // dA = s Gᵀ Xa
     if (dxa) core::input_grad<T>(g, lora.shrink_factor(), *dxa, s, accumulate_dx, ws.gemm());  // s G A
 }
 

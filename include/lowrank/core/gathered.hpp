@@ -519,7 +519,7 @@ void gathered_backward(MatrixView<const T> x, MatrixView<const T> dy, const Gath
         scale_rows(g, weights);
     }
     grad_expand<T, Arch>(dys, t, du, f.alpha, accumulate);
-    grad_shrink<T, Arch>(g, xs, dv, f.alpha, accumulate);
+    grad_shrink<T, Arch>(g, xs, dv, f.alpha, accumulate, ws.gemm());
     if (dx) {
         if (gather) {
             input_grad<T, Arch>(g, f.v, dxg, f.alpha, false, ws.gemm());

@@ -69,6 +69,10 @@ namespace lowrank::core {
 ///   (Eigen 8.8 ms); r = 64: 56.4 ms with short_k = 32 (blocks) → 41.0 ms with 128 (bands).
 /// - `band_rows`: from this many rows of G on, input_grad (dX = α G V) copies V into strips and
 ///   runs the band product (see ops.hpp: the copy is amortised from about 32 rows at in = 4096).
+/// - `band_width`, `band_depth`, `band_cols`: grad_shrink (dV = α Gᵀ X) copies X into strips, in
+///   blocks of band_cols columns (n × 256 values: 128 KiB at n = 128 in float), for factors of at
+///   least band_width rows and batches of at most band_depth rows (the depth of one sweep); see
+///   ops.hpp for the measurements (band_cols = 256 was within 5% of one block of all of in).
 /// - `nc`: columns of C per block, chosen so a kc × nc block of B (512 KiB in float) stays in L2.
 /// - `dot_mr` × `dot_nr`: outputs per micro-tile of gemm_dot when B is the smaller operand
 ///   (12 accumulators; 7 loads per 12 FMAs as written, but GCC 12 compiles it with its operands
@@ -106,6 +110,9 @@ struct blocking {
     static constexpr Index mc = 96;
     static constexpr Index short_k = 128;
     static constexpr Index band_rows = 32;
+    static constexpr Index band_width = 32;
+    static constexpr Index band_depth = 1024;
+    static constexpr Index band_cols = 256;
     static constexpr Index kc = 256;
     static constexpr Index nc_bytes = 512 * 1024;
     static constexpr Index dot_mr = 3;
