@@ -385,4 +385,27 @@ TEMPLATE_TEST_CASE("with a workspace, forward, add_delta and linear allocate not
     // The counter itself works: an allocation the library does make (no workspace) is seen.
     REQUIRE(allocations_in([&] { forward(X, W, lora, Y); }) > 0);
 }
+
+TEMPLATE_TEST_CASE("with a workspace, backward allocates nothing in steady state", "[lora][workspace]", float,
+                   double) {
+    using T = TestType;
+    // 1, 5 and 40 rows (from 32 on, dX's adapter part copies A into strips); rank 4 and rank 40
+    // (from 32 on, grad.A copies Gᵀ and blocks of X): those buffers live in the workspace. The
+    // shapes keep Eigen's dY W (the base part of dX) on its stack buffers.
+    const Index n = GENERATE(1, 5, 40), rank = GENERATE(4, 40), out = 70, in = 50;
+    CAPTURE(n, rank);
+    const Lora<T> lora = random_lora<T>(out, in, rank, 8, 41);
+    const Matrix<T> X = random_matrix<T>(n, in, 42), W = random_matrix<T>(out, in, 43),
+                    dY = random_matrix<T>(n, out, 44);
+    LoraGrad<T> grad;
+    Matrix<T> dX(n, in);
+    Workspace<T> ws;
+    backward(X, W, lora, dY, grad, dX, ws);  // the workspace and the gradients grow here
+    const LoraGrad<T> first = grad;
+    const Matrix<T> dX1 = dX;
+    REQUIRE(allocations_in([&] { backward(X, W, lora, dY, grad, dX, ws); }) == 0);
+    REQUIRE(grad.A == first.A);
+    REQUIRE(grad.B == first.B);
+    REQUIRE(dX == dX1);
+}
 #endif
