@@ -70,10 +70,11 @@ void pack_gemm_b(Index nc, Index kc, const T* b, Index ldb, T* dst) noexcept {
 /// The micro-kernel: C[0..MR, 0..cols) (+)= α · A · B over kc steps, A a packed micro-panel (row
 /// i of step p at ap[p·lda + i], lda ≥ MR: the last rows of a block take a tile of exactly their
 /// count), B a micro-panel of NV vectors (step p at bp + p·ldb); only the first `cols` columns
-/// of C are written. With `prefetch`, step p also prefetches the line at prefetch + p·ldb.
-template <int MR, int NV, class T, class Arch>
+/// of C are written. With a `prefetch` pointer, step p also prefetches the line at prefetch + p·ldb
+/// (P = nullptr_t: the kernel without, see bcast_accumulate).
+template <int MR, int NV, class T, class Arch, class P>
 LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* bp, Index ldb, T* c, Index ldc,
-                                    Index cols, T alpha, bool accumulate, const T* prefetch) noexcept {
+                                    Index cols, T alpha, bool accumulate, P prefetch) noexcept {
     xsimd::batch<T, Arch> acc[MR][NV];
     bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return ap[p * lda + i]; }, bp, ldb, 0, acc,
                                           prefetch);
@@ -84,17 +85,24 @@ LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* b
 /// one micro-panel of B `width` columns wide (step p at bp + p·ldb), in sub-panels of 2 vectors.
 /// With Prefetch and a non-null `prefetch` (a panel of the same layout), every tile prefetches it
 /// line by line as it reads B's (the first tile fetches it, the others find it in cache);
-/// without, the micro-kernels are compiled with no prefetch test at all.
+/// without, the micro-kernels are compiled with no prefetch test at all. Out of line: inlined into
+/// gemm_packed (its only caller once the two instantiations split), GCC 12 spilled one of the
+/// micro-kernel's two panel vectors to the stack (forward n = 128, 1024², r = 16: 3.4 → 5.1 ms).
 template <class T, class Arch, bool Prefetch = false>
-void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index width, T* c, Index ldc,
+LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index width, T* c, Index ldc,
                       T alpha, bool accumulate, const T* prefetch = nullptr) noexcept {
     constexpr int MR = int(blocking::mr), NV = 2;
     constexpr Index NR = NV * xsimd::batch<T, Arch>::size;
     for (Index j = 0; j < width; j += NR)
         row_tiles<MR>(mc, [&](Index ir, auto mr) {
-            gemm_micro<decltype(mr)::value, NV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, c + ir * ldc + j, ldc,
-                                                         std::min(NR, width - j), alpha, accumulate,
-                                                         Prefetch && prefetch ? prefetch + j : nullptr);
+            constexpr int R = decltype(mr)::value;
+            const Index cols = std::min(NR, width - j);
+            if constexpr (Prefetch)
+                gemm_micro<R, NV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, c + ir * ldc + j, ldc, cols, alpha,
+                                           accumulate, prefetch ? prefetch + j : nullptr);
+            else
+                gemm_micro<R, NV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, c + ir * ldc + j, ldc, cols, alpha,
+                                           accumulate, nullptr);
         });
 }
 
