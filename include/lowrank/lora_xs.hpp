@@ -268,7 +268,7 @@ void lora_xs_backward_delta(MatrixView<const T> xa, const LoraXS<T>& xs, MatrixV
     const auto gr = scratch.block(0, 2 * r, n, r);  // G R
     core::shrink<T>(xa, xs.shrink_factor(), t);
     core::project_back<T>(dy, xs.expand_factor(), g);
-    core::grad_shrink<T>(g, t, view_mut(grad.R), s, false);  // dR = s Gᵀ T
+    core::grad_shrink<T>(g, t, view_mut(grad.R), s, false, ws.gemm());  // dR = s Gᵀ T
     if (dxa) {
         core::input_grad<T>(g, view(xs.R()), gr, T(1), false);               // G R
         core::input_grad<T>(gr, xs.shrink_factor(), *dxa, s, accumulate_dx, ws.gemm());  // s (G R) A

@@ -89,8 +89,8 @@ LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* b
 /// gemm_packed (its only caller once the two instantiations split), GCC 12 spilled one of the
 /// micro-kernel's two panel vectors to the stack (forward n = 128, 1024², r = 16: 3.4 → 5.1 ms).
 template <class T, class Arch, bool Prefetch = false>
-LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index width, T* c, Index ldc,
-                      T alpha, bool accumulate, const T* prefetch = nullptr) noexcept {
+LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index width, T* c,
+                                       Index ldc, T alpha, bool accumulate, const T* prefetch = nullptr) noexcept {
     constexpr int MR = int(blocking::mr), NV = 2;
     constexpr Index NR = NV * xsimd::batch<T, Arch>::size;
     for (Index j = 0; j < width; j += NR)

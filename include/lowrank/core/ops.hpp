@@ -17,8 +17,8 @@
 /// most (gemm_mc + gemm_nc) · gemm_kc), rank_update (V in strips, O(r · in)), input_grad from
 /// blocking::band_rows rows on (the same) and grad_shrink from blocking::band_width rows of dV on
 /// (Gᵀ and a block of X in strips, O(w · n + n · band_cols)); the last two keep them in their
-/// GemmWorkspace when given one. Aliasing: the
-/// destination of each operation must not overlap any of its sources.
+/// GemmWorkspace when given one. Aliasing: the destination of each operation must not overlap
+/// any of its sources.
 
 #include <algorithm>
 #include <array>
