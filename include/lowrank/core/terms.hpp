@@ -29,8 +29,9 @@ public:
         if (buffer_.size() < need) buffer_.resize(need);
         return {buffer_.data(), rows, cols, cols};
     }
-    /// The base product's buffers (packed blocks of X and W, or X's aligned copy), kept apart
-    /// from `matrix()` so that both can be in use at once.
+    /// The core products' own buffers, kept apart from `matrix()` so that both can be in use at
+    /// once: the base product's (packed blocks of X and W, or X's aligned copy) and the
+    /// backward's (A, Gᵀ and blocks of X in strips; see input_grad and grad_shrink).
     [[nodiscard]] core::GemmWorkspace<T>& gemm() noexcept { return gemm_; }
     /// Elements currently held by `matrix()`'s buffer.
     [[nodiscard]] std::size_t capacity() const noexcept { return buffer_.size(); }
