@@ -183,6 +183,40 @@ void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du
                         du.ld, accumulate);
 }
 
+namespace detail {
+
+/// C (+)= α U B for U with `depth` columns (row i at u + i·ldu) and B (depth × C's columns) in
+/// strips: C in bands of expand_mr rows across its full width, each tile reading its panel of B
+/// as one contiguous run. Out of line (see gemm_block_panel): inlined into grad_shrink's loop over
+/// blocks of X, GCC 12 ran its tiles 1.45× slower (grad_shrink, w = 64, n = 128, 4096²).
+template <class T, class Arch>
+LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index depth, const StripPanel<T>& panel,
+                                 T alpha, bool accumulate) {
+    row_tiles<expand_mr>(c.rows, [&](Index i, auto mr) {
+        constexpr int MR = decltype(mr)::value;
+        T* rows[MR];
+        LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = c.row(i + q);
+        expand_sweep<MR, T, Arch>(rows, 0, c.cols, depth, u + i * ldu, ldu, panel, alpha, accumulate);
+    });
+}
+
+/// C (+)= α U V for a short shared dimension r ≤ blocking::short_k (U: m × r, V: r × cols, both
+/// row-major): V is first copied into cache-line strips (r·cols values, in `strips`, grown as
+/// needed) and C is swept in bands of expand_mr rows across its full width, each tile reading
+/// its panel of V as one contiguous run (a few sequential streams through C), rather than the
+/// broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at lengths
+/// of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
+template <class T, class Arch>
+void band_product(MatrixView<T> c, MatrixView<const T> u, MatrixView<const T> v, T alpha, bool accumulate,
+                  std::vector<T, xsimd::aligned_allocator<T, 64>>& strips) {
+    const Index r = u.cols;
+    T* packed = GemmWorkspace<T>::reserve(strips, strip_rows<T>(r, c.cols) * strip_width<T>);
+    pack_strips<T>(r, c.cols, v.data, v.ld, 1, packed);
+    band_sweep<T, Arch>(c, u.data, u.ld, r, StripPanel<T>(packed, r), alpha, accumulate);
+}
+
+}  // namespace detail
+
 /// dV (+)= α Gᵀ X. From blocking::band_width rows of dV on (and up to blocking::band_depth rows of
 /// X), Gᵀ is transposed once (ws.a) and X is copied block by block (blocking::band_cols columns
 /// of all its rows, ws.b) into cache-line strips, each swept by bands of 6 rows of dV: the
@@ -201,20 +235,14 @@ void grad_shrink(MatrixView<const T> g, MatrixView<const T> x, MatrixView<T> dv,
         return;
     }
     T* gt = GemmWorkspace<T>::reserve(ws.a, w * n);  // Gᵀ, w × n
-    for (Index i = 0; i < n; ++i)
-        for (Index j = 0; j < w; ++j) gt[j * n + i] = g.data[i * g.ld + j];
+    detail::transpose<T, Arch>(n, w, g.data, g.ld, gt, n);
     const Index cb = std::min(blocking::band_cols, in);
     T* strips = GemmWorkspace<T>::reserve(ws.b, strip_rows<T>(n, cb) * strip_width<T>);
-    const detail::StripPanel<T> panel(strips, n);
     for (Index c0 = 0; c0 < in; c0 += cb) {
         const Index cw = std::min(cb, in - c0);
         pack_strips<T>(n, cw, x.data + c0, x.ld, 1, strips);
-        detail::row_tiles<detail::expand_mr>(w, [&](Index i, auto mr) {
-            constexpr int MR = decltype(mr)::value;
-            T* rows[MR];
-            LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = dv.row(i + q) + c0;
-            detail::expand_sweep<MR, T, Arch>(rows, 0, cw, n, gt + i * n, n, panel, alpha, accumulate);
-        });
+        detail::band_sweep<T, Arch>(dv.block(0, c0, w, cw), gt, n, n, detail::StripPanel<T>(strips, n), alpha,
+                                    accumulate);
     }
 }
 
@@ -224,31 +252,6 @@ void grad_shrink(MatrixView<const T> g, MatrixView<const T> x, MatrixView<T> dv,
     GemmWorkspace<T> ws;
     grad_shrink<T, Arch>(g, x, dv, alpha, accumulate, ws);
 }
-
-namespace detail {
-
-/// C (+)= α U V for a short shared dimension r ≤ blocking::short_k (U: m × r, V: r × cols, both
-/// row-major): V is first copied into cache-line strips (r·cols values, in `strips`, grown as
-/// needed) and C is swept in bands of expand_mr rows across its full width, each tile reading
-/// its panel of V as one contiguous run (a few sequential streams through C), rather than the
-/// broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at lengths
-/// of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
-template <class T, class Arch>
-void band_product(MatrixView<T> c, MatrixView<const T> u, MatrixView<const T> v, T alpha, bool accumulate,
-                  std::vector<T, xsimd::aligned_allocator<T, 64>>& strips) {
-    const Index cols = c.cols, r = u.cols;
-    T* packed = GemmWorkspace<T>::reserve(strips, strip_rows<T>(r, cols) * strip_width<T>);
-    pack_strips<T>(r, cols, v.data, v.ld, 1, packed);
-    const StripPanel<T> panel(packed, r);
-    row_tiles<expand_mr>(c.rows, [&](Index i, auto mr) {
-        constexpr int MR = decltype(mr)::value;
-        T* rows[MR];
-        LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = c.row(i + q);
-        expand_sweep<MR, T, Arch>(rows, 0, cols, r, u.row(i), u.ld, panel, alpha, accumulate);
-    });
-}
-
-}  // namespace detail
 
 /// dX (+)= α G V. From blocking::band_rows rows of G on (and r ≤ blocking::short_k), the band
 /// product on V in strips (kept in `ws.b`); below, the broadcast kernel on V in place, which
