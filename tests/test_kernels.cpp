@@ -239,8 +239,9 @@ TEMPLATE_TEST_CASE("grad_shrink with wide factors (Gᵀ and X in strips) equals 
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // w from blocking::band_width on; in across blocking::band_cols (several blocks, a tail
-    // block, a tail column); n = 1 and rows past a 6-row band.
-    const Index n = GENERATE(1, 7, 40);
+    // block, a tail column); n = 1, rows past a 6-row band, and a depth past one packed piece of
+    // Gᵀ (expand_depth: 256 values in float, 128 in double).
+    const Index n = GENERATE(1, 7, 40, 300);
     const Index in = GENERATE_COPY(W + 1, Index(130), Index(600));
     const Index w = GENERATE(32, 45);
     const bool accumulate = GENERATE(false, true);

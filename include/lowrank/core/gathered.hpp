@@ -154,9 +154,12 @@ inline void narrow_dot_cols(Index j0, Index nr, Index kc, Index kv, const T* con
 }
 
 /// packed[j][o] = u[o0 + o][p0 + j] for o < ob, j < wc (packed: wc × ob with leading dim ldp).
+/// Out of line: inlined into gathered_expand beside the packed expand sweeps, GCC 12 spilled the
+/// eight rows of each transpose tile to the stack (masked n = 77, 1–2 rows per adapter, out = 1280,
+/// where the transposes are most of the work: 12.3–13.9 → 15.1–17.4 µs; out of line 12.3–13.0).
 template <class T, class Arch>
-inline void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0, Index wc, T* packed,
-                            Index ldp) noexcept {
+LOWRANK_NOINLINE void pack_transposed(MatrixView<const T> u, Index o0, Index ob, Index p0, Index wc, T* packed,
+                                      Index ldp) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index ov = ob / W * W, jv = wc / W * W;
     for (Index o = 0; o < ov; o += W) {
@@ -325,8 +328,8 @@ void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T>
             const detail::PackedPanel<T> panel{buffer.data(), o0, ldp};
             detail::row_tiles<detail::expand_mr>(m, [&](Index i, auto mr) {
                 constexpr int MR = decltype(mr)::value;
-                detail::expand_sweep<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, wc,
-                                                  t.data + i * t.ld + p0, t.ld, panel, alpha, acc);
+                detail::expand_rows<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, wc,
+                                                 t.data + i * t.ld + p0, t.ld, panel, alpha, acc);
             });
         }
     }
@@ -349,8 +352,8 @@ void gathered_expand_strips(MatrixView<const T> t, MatrixView<const T> us, Matri
         const Index o1 = std::min(out, o0 + ob);
         detail::row_tiles<detail::expand_mr>(m, [&](Index i, auto mr) {
             constexpr int MR = decltype(mr)::value;
-            detail::expand_sweep<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, w,
-                                              t.data + i * t.ld, t.ld, panel, alpha, accumulate);
+            detail::expand_rows<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, w,
+                                             t.data + i * t.ld, t.ld, panel, alpha, accumulate);
         });
     }
 }

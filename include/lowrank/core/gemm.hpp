@@ -219,7 +219,7 @@ void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w,
             constexpr int R = decltype(mr)::value;
             T* rows[R];
             LOWRANK_UNROLL for (int i = 0; i < R; ++i) rows[i] = c + i * ldc;
-            detail::expand_sweep<R, T, Arch>(rows, 0, n, k, a, lda, panel, alpha, accumulate);
+            detail::expand_sweep<R, T, Arch>(rows, 0, n, k, detail::RowsOperand<T>{a, lda, alpha}, panel, accumulate);
         });
         return;
     }

@@ -196,7 +196,7 @@ LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index d
         constexpr int MR = decltype(mr)::value;
         T* rows[MR];
         LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = c.row(i + q);
-        expand_sweep<MR, T, Arch>(rows, 0, c.cols, depth, u + i * ldu, ldu, panel, alpha, accumulate);
+        expand_rows<MR, T, Arch>(rows, 0, c.cols, depth, u + i * ldu, ldu, panel, alpha, accumulate);
     });
 }
 
