@@ -40,27 +40,21 @@
 #define LOWRANK_UNROLL
 #endif
 
-/// A micro-tile inlined into its sweep whatever the inliner's size budget: a sweep that calls its
-/// tile per 16 steps of w pays a call, a frame and the tile's address set-up each time (the
-/// rank-16 merge of a 1024² weight: 5.28 M instructions with the tiles called, 4.96 M inlined).
+/// - LOWRANK_TILE_INLINE: a micro-tile inlined into its sweep whatever the inliner's size budget:
+///   a sweep that calls its tile per 16 steps of w pays a call, a frame and the tile's address
+///   set-up each time (the rank-16 merge of a 1024² weight: 5.28 M instructions with the tiles
+///   called, 4.96 M inlined).
+/// - LOWRANK_NOINLINE: a function kept out of line: the loops it holds are register-allocated on
+///   their own, not as part of a larger caller (see gemm_block_panel).
+/// - LOWRANK_PREFETCH_L2(ptr): a software prefetch of the cache line at `ptr` into L2 (prefetcht1
+///   on x86; nothing elsewhere).
 #if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_TILE_INLINE [[gnu::always_inline]] inline
-#else
-#define LOWRANK_TILE_INLINE inline
-#endif
-
-/// A function kept out of line: the loops it holds are register-allocated on their own, not as part
-/// of a larger caller (see gemm_block_panel).
-#if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_NOINLINE [[gnu::noinline]]
-#else
-#define LOWRANK_NOINLINE
-#endif
-
-/// A software prefetch of the cache line at `ptr` into L2 (prefetcht1 on x86; nothing elsewhere).
-#if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_PREFETCH_L2(ptr) __builtin_prefetch((ptr), 0, 2)
 #else
+#define LOWRANK_TILE_INLINE inline
+#define LOWRANK_NOINLINE
 #define LOWRANK_PREFETCH_L2(ptr) ((void)(ptr))
 #endif
 
