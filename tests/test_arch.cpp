@@ -12,6 +12,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <array>
 #include <string>
 #include <vector>
 
@@ -137,4 +138,30 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             });
         }
     }
+}
+
+TEMPLATE_TEST_CASE("detail::haddp puts the sum of vector j in lane j on every architecture", "[arch]", float,
+                   double) {
+    // Small integers, so every sum is exact whatever the order: a lane that holds another vector's
+    // sum (xsimd 8.1's AVX-512 float haddp swapped four pairs) differs by a multiple of W.
+    using T = TestType;
+    xsimd::supported_architectures::for_each([&](auto arch) {
+        using Arch = decltype(arch);
+        using batch = xsimd::batch<T, Arch>;
+        constexpr Index W = batch::size;
+        CAPTURE(Arch::name());
+        batch acc[W];
+        alignas(64) std::array<T, W> lanes{};
+        for (Index j = 0; j < W; ++j) {
+            for (Index l = 0; l < W; ++l) lanes[std::size_t(l)] = T(3 * j * W + (l * 7) % W);
+            acc[j] = batch::load_aligned(lanes.data());
+        }
+        core::detail::haddp<T, Arch>(acc).store_aligned(lanes.data());
+        for (Index j = 0; j < W; ++j) {
+            T want = 0;
+            for (Index l = 0; l < W; ++l) want += T(3 * j * W + (l * 7) % W);
+            CAPTURE(j);
+            REQUIRE(lanes[std::size_t(j)] == want);
+        }
+    });
 }

@@ -253,30 +253,31 @@ TEMPLATE_TEST_CASE("gathered_apply and its backward equal the references and den
     const Index n = 11, in = GENERATE(3, 130), out = GENERATE(5, 70), w = GENERATE(1, 7);
     const bool contiguous = GENERATE(false, true);
     const bool weighted = GENERATE(false, true);
-    CAPTURE(in, out, w, contiguous, weighted);
+    const Index m = GENERATE(2, 5);  // 2: each row reduced against U in place (blocking::narrow_dot)
+    CAPTURE(in, out, w, contiguous, weighted, m);
     Strided<T> x(n, in, 41), v(w, in, 42), u(out, w, 43), y(n, out, 44), y_ref(n, out, 44),
         dy(n, out, 45);
     const std::vector<Index> scattered = {9, 2, 4, 0, 7};
-    const core::RowSet rows = contiguous ? core::RowSet{nullptr, 3, 5} : core::RowSet{scattered.data(), 0, 5};
+    const core::RowSet rows = contiguous ? core::RowSet{nullptr, 3, m} : core::RowSet{scattered.data(), 0, m};
     const std::vector<T> wts = {T(1), T(0.5), T(-2), T(0.25), T(3)};
     const T* weights = weighted ? wts.data() : nullptr;
     const core::GatheredFactors<T> f{v.view(), u.view(), T(1.5)};
     core::GatherWorkspace<T> ws;
 
-    Matrix<double> x_rows(5, in), dy_rows(5, out);
-    for (Index i = 0; i < 5; ++i) {
+    Matrix<double> x_rows(m, in), dy_rows(m, out);
+    for (Index i = 0; i < m; ++i) {
         x_rows.row(i) = x.value().row(rows[i]);
         dy_rows.row(i) = dy.value().row(rows[i]);
     }
     std::vector<double> wd;
-    if (weighted) wd.assign(wts.begin(), wts.end());
+    if (weighted) wd.assign(wts.begin(), wts.begin() + m);
     const Delta d = exact_delta(x_rows, v.value(), u.value(), 1.5, wd, eps<T>());
 
     core::gathered_apply<T, Arch>(x.view(), y.view(), f, rows, weights, ws);
     core::gathered_apply_ref<T>(x.view(), y_ref.view(), f, rows, weights);
     const Matrix<double> y0 = Strided<T>(n, out, 44).value();
     Matrix<double> want = y0, bound = Matrix<double>::Constant(n, out, std::numeric_limits<double>::min());
-    for (Index i = 0; i < 5; ++i) {
+    for (Index i = 0; i < m; ++i) {
         want.row(rows[i]) += d.value.row(i);
         bound.row(rows[i]) += d.bound.row(i);
     }
@@ -305,7 +306,7 @@ TEMPLATE_TEST_CASE("gathered_apply and its backward equal the references and den
     const Matrix<double> dx0 = Strided<T>(n, in, 48).value();
     Matrix<double> dx_want = dx0, dx_bound = 2 * uu * dx0.cwiseAbs();
     dx_bound.array() += std::numeric_limits<double>::min();
-    for (Index i = 0; i < 5; ++i) {
+    for (Index i = 0; i < m; ++i) {
         dx_want.row(rows[i]) += dxr.row(i);
         dx_bound.row(rows[i]) += dxr_bound.row(i) + 2 * uu * dx_want.row(rows[i]).cwiseAbs();
     }

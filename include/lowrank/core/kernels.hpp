@@ -607,6 +607,31 @@ inline void transpose(Index rows, Index cols, const T* src, Index lds, T* dst, I
     }
 }
 
+/// The W horizontal sums of W vectors as one vector: lane j = the sum of acc[j]'s lanes
+/// (xsimd::haddp). xsimd 8.1's haddp is wrong for float on AVX-512 (it returns the sums of rows
+/// 4, 5, 2, 3 in lanes 2–5 and of 12, 13, 10, 11 in lanes 10–13), so there each vector is first
+/// folded to 8 lanes (its two halves added) and AVX's haddp sums two groups of 8.
+template <class T, class Arch>
+inline xsimd::batch<T, Arch> haddp(const xsimd::batch<T, Arch>* acc) noexcept {
+#if XSIMD_WITH_AVX512F
+    if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx512f, Arch>) {
+        using half = xsimd::batch<float, xsimd::avx>;
+        const auto fold = [](__m512 v) {
+            return half(_mm256_add_ps(_mm512_castps512_ps256(v),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+        };
+        half lo[8], hi[8];
+        LOWRANK_UNROLL for (int j = 0; j < 8; ++j) {
+            lo[j] = fold(acc[j]);
+            hi[j] = fold(acc[j + 8]);
+        }
+        const __m256d l = _mm256_castps_pd(xsimd::haddp(lo)), h = _mm256_castps_pd(xsimd::haddp(hi));
+        return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_zextpd256_pd512(l), h, 1));
+    }
+#endif
+    return xsimd::haddp(acc);
+}
+
 /// One row of A against W consecutive rows of B (W = SIMD width): W dot products of length k,
 /// reduced together by `haddp` into one vector of W outputs.
 template <class T, class Arch>
@@ -622,7 +647,7 @@ inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T
         LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
             acc[j] = xsimd::fma(av, batch::load_unaligned(b + j * ldb + p), acc[j]);
     }
-    batch sums = kv > 0 ? xsimd::haddp(acc) : batch(T(0));
+    batch sums = kv > 0 ? detail::haddp<T, Arch>(acc) : batch(T(0));
     if (kv < k) {  // k tail: at most W − 1 products per output
         alignas(64) std::array<T, W> tail{};
         LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
