@@ -454,6 +454,18 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     if (m <= 0 || n <= 0) return;
+#if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
+    if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
+        // At most half an AVX-512 vector of columns (rank 8 in float: the shrink X Vᵀ from a
+        // transposed V, project_back dY B): all of them would take the zero-padded tail copy of B
+        // below, row by row, and half of every FMA would be padding; AVX2's vectors fit them.
+        // bench_lora, n = 16, 4096², r = 8, this AVX-512 VM, same run: see the commit.
+        if (n <= W / 2) {
+            gemm_bcast<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate);
+            return;
+        }
+    }
+#endif
     if (k <= 0) {
         if (!accumulate)
             for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
