@@ -456,13 +456,15 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     if (m <= 0 || n <= 0) return;
 #if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
     if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
-        // At most half an AVX-512 vector of columns (rank 8 in float: the shrink X Vᵀ from a
-        // transposed V, project_back dY B): all of them would take the zero-padded tail copy of B
-        // below, row by row, and half of every FMA would be padding; AVX2's vectors fit them.
-        // bench_lora, n = 16, 4096², r = 8, this AVX-512 VM, same run: see the commit.
-        if (n <= W / 2) {
-            gemm_bcast<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, rsa, csa, b, ldb, c, ldc, accumulate);
-            return;
+        // A column tail of at most half an AVX-512 vector (all of C at rank 8 in float: the shrink
+        // X Vᵀ from a transposed V, project_back dY B) runs on AVX2's vectors: below it would take
+        // the zero-padded tail copy of B, row by row, with half of every FMA on padding.
+        // bench_lora, n = 16, 4096², r = 8, this AVX-512 VM, same run: see commit a3a524c.
+        if (const Index rem = n % W; rem != 0 && rem <= W / 2) {
+            n -= rem;
+            gemm_bcast<T, xsimd::fma3<xsimd::avx2>>(m, rem, k, alpha, a, rsa, csa, b + n, ldb, c + n, ldc,
+                                                   accumulate);
+            if (n == 0) return;
         }
     }
 #endif
