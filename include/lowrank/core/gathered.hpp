@@ -320,8 +320,8 @@ void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T>
         const bool acc = accumulate || p0 > 0;
         // Widest block of outputs whose (padded) panel fits 16 KiB.
         Index ob = std::max<Index>(W, (pack_elems / wc) / W * W);
-        while (ob > W && detail::padded_ld<T>(ob) * wc > pack_elems) ob -= W;
-        const Index ldp = detail::padded_ld<T>(ob);
+        while (ob > W && detail::padded_ld<T, Arch>(ob) * wc > pack_elems) ob -= W;
+        const Index ldp = detail::padded_ld<T, Arch>(ob);
         for (Index o0 = 0; o0 < out; o0 += ob) {
             const Index o1 = std::min(out, o0 + ob);
             detail::pack_transposed<T, Arch>(u, o0, o1 - o0, p0, wc, buffer.data(), ldp);
@@ -505,8 +505,8 @@ void gathered_backward(MatrixView<const T> x, MatrixView<const T> dy, const Gath
         return;
     }
     const bool gather = !rows.contiguous();
-    const Index ld_in = detail::padded_ld<T>(in), ld_w = detail::padded_ld<T>(w),
-                ld_out = detail::padded_ld<T>(out);
+    const Index ld_in = detail::padded_ld<T, Arch>(in), ld_w = detail::padded_ld<T, Arch>(w),
+                ld_out = detail::padded_ld<T, Arch>(out);
     const auto buf = ws.matrix(m, 2 * ld_w + (gather ? 2 * ld_in + ld_out : 0));
     const auto t = buf.block(0, 0, m, w), g = buf.block(0, ld_w, m, w);
     MatrixView<const T> xs, dys;

@@ -11,8 +11,9 @@
 ///           pack A's block into micro-panels of mr rows (kc × mr each; the block L2-sized)
 ///           for each micro-panel of B, for each micro-panel of A: the mr × nr micro-kernel
 ///
-/// The micro-kernel is the broadcast tile of the other kernels (blocking::mr rows × 2 vectors,
-/// 12 accumulators) reading both operands as contiguous packed streams. The block sizes and
+/// The micro-kernel is the broadcast tile of the other kernels (blocking::gemm_mr<Arch> rows × 2
+/// vectors: 12 accumulators on 16 registers, 24 on AVX-512's 32) reading both operands as
+/// contiguous packed streams. The block sizes and
 /// where they come from are in `blocking` (gemm_mc, gemm_kc, gemm_nc).
 ///
 /// `gemm_strips` is the same product with B laid out ahead (a PackedWeight: Bᵀ in strips one
@@ -69,40 +70,46 @@ void pack_gemm_b(Index nc, Index kc, const T* b, Index ldb, T* dst) noexcept {
 
 /// The micro-kernel: C[0..MR, 0..cols) (+)= α · A · B over kc steps, A a packed micro-panel (row
 /// i of step p at ap[p·lda + i], lda ≥ MR: the last rows of a block take a tile of exactly their
-/// count), B a micro-panel of NV vectors (step p at bp + p·ldb); only the first `cols` columns
-/// of C are written. With a `prefetch` pointer, step p also prefetches the line at prefetch + p·ldb
+/// count), B a panel of NV vectors (step p at bp + p·ldb, the vectors in runs of RV contiguous
+/// ones, each run `jump` past the previous); only the first `cols` columns of C are written. With
+/// a `prefetch` pointer, step p also prefetches the line at prefetch + p·ldb of each run
 /// (P = nullptr_t: the kernel without, see bcast_accumulate).
-template <int MR, int NV, class T, class Arch, class P>
-LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* bp, Index ldb, T* c, Index ldc,
-                                    Index cols, T alpha, bool accumulate, P prefetch) noexcept {
+template <int MR, int NV, int RV, class T, class Arch, class P>
+LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* bp, Index ldb, Index jump, T* c,
+                                    Index ldc, Index cols, T alpha, bool accumulate, P prefetch) noexcept {
     xsimd::batch<T, Arch> acc[MR][NV];
-    bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return ap[p * lda + i]; }, bp, ldb, 0, acc,
+    bcast_accumulate<MR, NV, RV, T, Arch>(kc, [&](int i, Index p) { return ap[p * lda + i]; }, bp, ldb, jump, acc,
                                           prefetch);
     store_tile<MR, NV, T, Arch>(acc, [&](int i) { return c + i * ldc; }, alpha, accumulate, cols);
 }
 
-/// All mc rows of a packed block of A (micro-panels of blocking::mr rows, kc steps each) against
-/// one micro-panel of B `width` columns wide (step p at bp + p·ldb), in sub-panels of 2 vectors.
-/// With Prefetch and a non-null `prefetch` (a panel of the same layout), every tile prefetches it
+/// All mc rows of a packed block of A (micro-panels of blocking::gemm_mr<Arch> rows, kc steps
+/// each) against one panel of B `width` columns wide (step p at bp + p·ldb), in tiles of NV
+/// vectors. RV = NV: the panel's rows are contiguous and the tiles go across them; RV < NV: the
+/// panel is one tile (width ≤ NV vectors) whose vectors come in runs of RV, `jump` apart (a
+/// tile across two strips of a PackedWeight on AVX-512, where a strip is one vector). With
+/// Prefetch and a non-null `prefetch` (a panel of the same layout), every tile prefetches it
 /// line by line as it reads B's (the first tile fetches it, the others find it in cache);
 /// without, the micro-kernels are compiled with no prefetch test at all. Out of line: inlined into
 /// gemm_packed (its only caller once the two instantiations split), GCC 12 spilled one of the
 /// micro-kernel's two panel vectors to the stack (forward n = 128, 1024², r = 16: 3.4 → 5.1 ms).
-template <class T, class Arch, bool Prefetch = false>
-LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index width, T* c,
-                                       Index ldc, T alpha, bool accumulate, const T* prefetch = nullptr) noexcept {
-    constexpr int MR = int(blocking::mr), NV = 2;
+template <int NV, int RV, class T, class Arch, bool Prefetch = false>
+LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index jump,
+                                       Index width, T* c, Index ldc, T alpha, bool accumulate,
+                                       const T* prefetch = nullptr) noexcept {
+    constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index NR = NV * xsimd::batch<T, Arch>::size;
+    static_assert(NV % RV == 0, "gemm_block_panel: a tile holds whole runs");
     for (Index j = 0; j < width; j += NR)
         row_tiles<MR>(mc, [&](Index ir, auto mr) {
             constexpr int R = decltype(mr)::value;
             const Index cols = std::min(NR, width - j);
             if constexpr (Prefetch)
-                gemm_micro<R, NV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, c + ir * ldc + j, ldc, cols, alpha,
-                                           accumulate, prefetch ? prefetch + j : nullptr);
+                gemm_micro<R, NV, RV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, jump, c + ir * ldc + j, ldc, cols,
+                                               alpha, accumulate, prefetch ? prefetch + j : nullptr);
             else
-                gemm_micro<R, NV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, c + ir * ldc + j, ldc, cols, alpha,
-                                           accumulate, nullptr);
+                gemm_micro<R, NV, RV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, jump, c + ir * ldc + j, ldc, cols,
+                                               alpha, accumulate, nullptr);
         });
 }
 
@@ -127,7 +134,7 @@ struct GemmWorkspace {
 template <class T, class Arch = xsimd::default_arch>
 void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                  Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
-    constexpr int MR = int(blocking::mr);
+    constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index NR = 2 * xsimd::batch<T, Arch>::size;
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
@@ -150,8 +157,8 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
                 const Index mc = std::min(mc_max, m - ic);
                 detail::pack_gemm_a<MR, T>(mc, kc, a + ic * lda + pc, lda, ap);
                 for (Index jr = 0; jr < nc; jr += NR)
-                    detail::gemm_block_panel<T, Arch>(mc, kc, ap, bp + jr * kc, NR, std::min(NR, nc - jr),
-                                                      c + ic * ldc + jc + jr, ldc, alpha, acc);
+                    detail::gemm_block_panel<2, 2, T, Arch>(mc, kc, ap, bp + jr * kc, NR, 0, std::min(NR, nc - jr),
+                                                            c + ic * ldc + jc + jr, ldc, alpha, acc);
             }
         }
     }
@@ -187,7 +194,7 @@ void pack_weight(MatrixView<const T> w, T* dst) noexcept {
 /// C (+)= α A Wᵀ with W pre-packed (C m × n, A m × k row-major, W n × k as a PackedWeightView):
 /// for each strip of W (S of its rows, all of k, one contiguous run) and each pass of gemm_kc over
 /// k, every micro-panel of A against it; W is read once, sequentially, and never copied. A is
-/// packed once per call ((m rounded up to 6) × k values in ws.a). Up to 3 rows: the expand tiles
+/// packed once per call ((m rounded up to gemm_mr) × k values in ws.a). Up to 3 rows: the expand tiles
 /// over the strips instead (no packing). 4096², float, same run (ms), strips vs the row-major
 /// path of base_product: m = 8 6.8 vs 7.2, m = 16 10.6 vs 12.8.
 ///
@@ -199,7 +206,7 @@ void pack_weight(MatrixView<const T> w, T* dst) noexcept {
 template <class T, class Arch = xsimd::default_arch>
 void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w, T* c, Index ldc, bool accumulate,
                  GemmWorkspace<T>& ws) {
-    constexpr int MR = int(blocking::mr);
+    constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index S = strip_width<T>;
     const Index n = w.rows, k = w.cols;
     if (m <= 0 || n <= 0) return;
@@ -227,15 +234,29 @@ void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w,
     T* ap = GemmWorkspace<T>::reserve(ws.a, mp * k);
     for (Index pc = 0; pc < k; pc += kc_max)
         detail::pack_gemm_a<MR, T>(m, std::min(kc_max, k - pc), a + pc, lda, ap + pc * mp);
+    // The micro-tiles are 2 vectors wide: within one strip where a strip holds at least that
+    // (AVX2: 16 floats = 2 vectors), across G = 2 strips where a strip is one vector (AVX-512).
+    constexpr Index G = std::max<Index>(1, 2 * xsimd::batch<T, Arch>::size / S);
     const T* end = w.strips + packed_weight_size<T>(n, k);
-    for (Index jr = 0; jr < n; jr += S) {
-        const T* strip = w.strips + jr * k;
+    for (Index jr = 0; jr < n; jr += G * S) {
+        const T* group = w.strips + jr * k;
+        const Index width = std::min(G * S, n - jr);
         for (Index pc = 0; pc < k; pc += kc_max) {
             const Index kc = std::min(kc_max, k - pc);
-            const T* next = strip + std::min(pc + kc_max, k) * S;  // the next piece, or the next strip
-            detail::gemm_block_panel<T, Arch, true>(m, kc, ap + pc * mp, strip + pc * S, S, std::min(S, n - jr),
-                                                    c + jr, ldc, alpha, accumulate || pc > 0,
-                                                    end - next >= kc * S ? next : nullptr);
+            // the next piece of these strips, or the next group of strips
+            const T* next = pc + kc_max < k ? group + (pc + kc_max) * S : group + G * k * S;
+            const T* pf = end - next >= kc * S ? next : nullptr;
+            const bool acc = accumulate || pc > 0;
+            const T* panel = group + pc * S;
+            if constexpr (G == 1)
+                detail::gemm_block_panel<2, 2, T, Arch, true>(m, kc, ap + pc * mp, panel, S, 0, width, c + jr, ldc,
+                                                              alpha, acc, pf);
+            else if (width > S)  // both strips of the group exist
+                detail::gemm_block_panel<2, 1, T, Arch, true>(m, kc, ap + pc * mp, panel, S, k * S, width, c + jr,
+                                                              ldc, alpha, acc, pf);
+            else  // the last strip alone: a tile that read the next "strip" would run past the buffer
+                detail::gemm_block_panel<1, 1, T, Arch, true>(m, kc, ap + pc * mp, panel, S, k * S, width, c + jr,
+                                                              ldc, alpha, acc, pf);
         }
     }
 }

@@ -109,6 +109,21 @@ namespace lowrank::core {
 ///   57–58 ms for all three at nc = 1024 (OpenBLAS 56.1) and 65–79 ms at nc = 4096, whose 4 MiB
 ///   block of B does not stay in this VM's share of L3.
 struct blocking {
+    /// Whether Arch has 32 vector registers (AVX-512) rather than 16 (AVX2, SSE).
+    template <class Arch>
+    static constexpr bool wide_register_file =
+#if XSIMD_WITH_AVX512F
+        std::is_base_of_v<xsimd::avx512f, Arch>;
+#else
+        false;
+#endif
+    /// `gemm_mr<Arch>`: rows of the packed GEMM's micro-kernel (gemm_packed, gemm_strips; × 2
+    /// vectors of columns). 6 on 16 registers (mr above). With AVX-512's 32: 12 rows × 2 vectors =
+    /// 24 accumulators + 2 panel vectors + 1 broadcast (BLIS's Skylake-X sgemm kernel is the
+    /// same 24-accumulator shape, 32 × 12), twice the FMAs per load of B. X Wᵀ, X 128 × 4096, W
+    /// 4096², float, this AVX-512 VM, see the commit that introduced it for the run.
+    template <class Arch>
+    static constexpr Index gemm_mr = wide_register_file<Arch> ? 12 : 6;
     static constexpr Index mr = 6;
     static constexpr Index mc = 96;
     static constexpr Index short_k = 128;
@@ -202,12 +217,15 @@ void gemm_dot_ref(Index m, Index n, Index k, T alpha, const T* a, Index lda, con
 
 namespace detail {
 
-/// A leading dimension ≥ cols whose row stride in bytes is an odd multiple of 32: rows of a scratch
-/// block then fall in different L1 sets (a power-of-two stride, e.g. 4096 floats, maps every row
-/// of a tile to the same set and slows the micro-kernels by up to 4x on this machine).
-template <class T>
+/// A leading dimension ≥ cols whose row stride in bytes is an odd multiple of the vector size (at
+/// least 32 bytes): rows of a scratch block then fall in different L1 sets (a power-of-two stride,
+/// e.g. 4096 floats, maps every row of a tile to the same set and slows the micro-kernels by up to
+/// 4x on the AVX2 machine), and a full-width load from a row start aligned to the vector size
+/// stays within one cache line (an odd multiple of 32 bytes puts every other row of a 64-byte
+/// AVX-512 load across two lines).
+template <class T, class Arch = xsimd::default_arch>
 [[nodiscard]] constexpr Index padded_ld(Index cols) noexcept {
-    constexpr Index chunk = 32 / Index(sizeof(T));
+    constexpr Index chunk = std::max<Index>(32, Index(sizeof(xsimd::batch<T, Arch>))) / Index(sizeof(T));
     Index ld = (std::max<Index>(cols, 1) + chunk - 1) / chunk * chunk;
     if ((ld / chunk) % 2 == 0) ld += chunk;
     return ld;
@@ -332,8 +350,8 @@ inline void row_tiles(Index m, F&& f) {
 /// run `jump` past the previous (RV = NV: all contiguous). With fewer than 8 accumulators (narrow
 /// tiles) U independent sets of them take alternate p, so that at least 8 FMAs are in flight
 /// (latency 4 × 2 pipes), and are summed at the end. Given a `prefetch` pointer (P = const T*;
-/// null: none), step p also prefetches the line at prefetch + p·ldp into L2 (a panel streamed
-/// from memory: the next one, read meanwhile). Without (P = nullptr_t, every other caller) the
+/// null: none), step p also prefetches the line at prefetch + p·ldp (+ jump for each further run)
+/// into L2 (a panel streamed from memory: the next one, read meanwhile). Without (P = nullptr_t, every other caller) the
 /// loop has no trace of it.
 template <int MR, int NV, int RV, class T, class Arch, class A, class P = std::nullptr_t>
 inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Index jump,
@@ -347,7 +365,9 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Inde
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
     auto step = [&](Index p, auto& s) {
         if constexpr (!std::is_same_v<P, std::nullptr_t>)
-            if (prefetch) LOWRANK_PREFETCH_L2(prefetch + p * ldp);
+            if (prefetch)
+                LOWRANK_UNROLL for (int r = 0; r < (NV + RV - 1) / RV; ++r)
+                    LOWRANK_PREFETCH_L2(prefetch + p * ldp + r * jump);
         batch b[NV];
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v)
             b[v] = batch::load_unaligned(panel + p * ldp + (v / RV) * jump + (v % RV) * W);
