@@ -120,6 +120,41 @@ TEMPLATE_TEST_CASE("the block transpose is exact, tails included", "[kernels]", 
     }
 }
 
+TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", FloatSse2, DoubleSse2, FloatDefault,
+                   DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // m: one vector of the transposed product or two, partly filled; n around the 12-row tiles of B
+    // (tails of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one.
+    const Index m = GENERATE_COPY(Index(1), Index(3), W - 1, W, W + 1, 2 * W);
+    const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
+    const Index k = GENERATE(0, 1, 7, 77, 513);
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate);
+
+    Strided<T> a(m, k, 51), b(n, k, 52), c(m, n, 53);
+    const T alpha = T(0.75);
+    const Matrix<double> c0 = c.value();
+    Matrix<double> want = alpha * naive_product(a.value(), b.value().transpose());
+    Matrix<double> bound = product_bound(a.value().cwiseAbs(), b.value().transpose().cwiseAbs(), eps<T>(), alpha);
+    if (accumulate) {
+        want += c0;
+        bound += 2 * eps<T>() * c0.cwiseAbs();
+    }
+    auto av = a.view(), bv = b.view(), cv = c.view();
+    core::GemmWorkspace<T> ws;
+    // stale scratch (a previous call's) must not leak into the sums: every value read is written
+    ws.a.assign(std::size_t((k + 1) * 2 * W), std::numeric_limits<T>::quiet_NaN());
+    core::gemm_stream_rows<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate, ws);
+    require_within(c.value(), want, bound, "stream rows vs exact");
+    const Strided<T> fresh(m, n, 53);
+    Matrix<T> outside = c.storage, untouched = fresh.storage;
+    outside.block(1, 2, m, n).setZero();
+    untouched.block(1, 2, m, n).setZero();
+    REQUIRE(outside == untouched);  // nothing written around C
+}
+
 TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels]",
                    FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;
