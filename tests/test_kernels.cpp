@@ -125,9 +125,10 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m: one vector of the transposed product or two, partly filled; n around the 12-row tiles of B
+    // m: one vector of the transposed product or two, partly filled, or two blocks of rows; n around
+    // the 6- and 12-row tiles of B
     // (tails of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one.
-    const Index m = GENERATE_COPY(Index(1), Index(3), W - 1, W, W + 1, 2 * W);
+    const Index m = GENERATE_COPY(Index(1), Index(3), W - 1, W, W + 1, 2 * W, 2 * W + 3);  // the last: two blocks
     const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
     const Index k = GENERATE(0, 1, 7, 77, 513);
     const bool accumulate = GENERATE(false, true);

@@ -189,19 +189,25 @@ LOWRANK_TILE_INLINE void stream_rows_tile(Index k, const T* b, Index ldb, const 
 
 }  // namespace detail
 
-/// C (+)= α A Bᵀ for a few rows of A (1 ≤ m ≤ 2 vectors) against a large row-major B (a weight in
-/// nn.Linear layout, n × k): the product is computed as its transpose, Cᵀ = B Aᵀ, with the batch
-/// as the vector dimension. Aᵀ (k × m, padded with zero columns to NV whole vectors) is copied
-/// into ws.a once; B is never copied: tiles of stream_rows_mr rows of it run over all of k, each
-/// element broadcast against the NV vectors of Aᵀ's row (held in L1/L2), so B is read from memory
-/// exactly once, row after row, and there are no horizontal reductions. Each tile's MR × m sums are
-/// written into C's columns at the end. Same arguments as gemm_packed.
+/// C (+)= α A Bᵀ for a few rows of A against a large row-major B (a weight in nn.Linear layout,
+/// n × k): the product is computed as its transpose, Cᵀ = B Aᵀ, with the batch as the vector
+/// dimension, in blocks of at most 2 vectors of rows of A. Aᵀ (k × rows of the block, padded with
+/// zero columns to NV whole vectors) is copied into ws.a; B is never copied: tiles of
+/// stream_rows_mr rows of it run over all of k, each element broadcast against the NV vectors of
+/// Aᵀ's row (held in L1/L2), so B is read from memory once per block, row after row, and there are
+/// no horizontal reductions. Each tile's sums are written into C's columns at the end. Same
+/// arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
-    LOWRANK_ASSERT(m <= 2 * W);
+    if (m > 2 * W) {
+        for (Index i0 = 0; i0 < m; i0 += 2 * W)
+            gemm_stream_rows<T, Arch>(std::min(2 * W, m - i0), n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
+                                      ldc, accumulate, ws);
+        return;
+    }
     if (m <= 0 || n <= 0) return;
     if (k <= 0) {
         if (!accumulate)
@@ -216,7 +222,7 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
             for (Index i = 0; i < m; ++i) at[p * ld + i] = a[i * lda + p];
             std::fill(at + p * ld + m, at + (p + 1) * ld, T(0));
         }
-        detail::row_tiles<int(blocking::stream_rows_mr)>(n, [&](Index j0, auto mr) {
+        detail::row_tiles<int(blocking::stream_rows_mr<Arch>)>(n, [&](Index j0, auto mr) {
             constexpr int MR = decltype(mr)::value;
             batch acc[MR][NV];
             detail::stream_rows_tile<MR, NV, T, Arch>(k, b + j0 * ldb, ldb, at, acc);

@@ -101,9 +101,10 @@ namespace lowrank::core {
 ///   (24 and 16 loads per 12 FMAs). Y = X Wᵀ, X 16 × 4096, W 4096², float, same run: 2 × 4 over
 ///   all of k 10.8 ms, the former 3 × 4 in passes of dot_kc 18.5 ms (bench_core's fused forward,
 ///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
-/// - `stream_rows_mr`: rows of W per tile of gemm_stream_rows (the small-batch X Wᵀ on 32
-///   registers, the batch as the vector dimension): 12 rows × 1 or 2 vectors = 12 or 24
-///   accumulators, 12 broadcasts + 1 or 2 loads per step. 16 × 4096 × 4096, float, this AVX-512
+/// - `stream_rows_mr<Arch>`: rows of W per tile of gemm_stream_rows (the small-batch X Wᵀ, the
+///   batch as the vector dimension). 16 registers: 6 rows × 2 vectors (the 12 accumulators of mr).
+///   32 registers: 12 rows × 1 or 2 vectors = 12 or 24 accumulators, 12 broadcasts + 1 or 2
+///   loads per step. 16 × 4096 × 4096, float, this AVX-512
 ///   VM, one harness, medians (ms): 12 rows 3.6–3.7, 16 rows 4.7–4.8, 24 rows 8.7–12.6 (GCC 12
 ///   runs out of registers for the rows' offsets); the gemm_dot stream tiles 9.3.
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
@@ -144,7 +145,8 @@ struct blocking {
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
-    static constexpr Index stream_rows_mr = 12;
+    template <class Arch>
+    static constexpr Index stream_rows_mr = wide_register_file<Arch> ? 12 : 6;
     static constexpr Index gemm_kc = 384;
     static constexpr Index gemm_mc = 144;
     static constexpr Index gemm_nc = 1024;

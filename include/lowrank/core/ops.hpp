@@ -68,11 +68,15 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     }
     const MatrixView<const T> w = weight.dense;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    if (blocking::wide_register_file<Arch> && 4 * x.rows > W && x.rows <= 2 * W) {
-        // 32 registers: the transposed product, the batch as the vector dimension (no reductions,
-        // W read once, never copied). 16 × 4096², float, this AVX-512 VM (ms): 3.6–3.9 vs 9.3 for
-        // gemm_dot; it wastes lanes at a few rows: 2 rows 3.6 vs 2.5, 4 rows 3.5 vs 3.4, 6 rows 3.8
-        // vs 4.1.
+    if (sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W &&
+        x.rows <= std::min(4 * W, blocking::stream_weight_rows)) {
+        // The transposed product, the batch as the vector dimension (no reductions, W never
+        // copied, read once per 2W rows of X). 16 × 4096², float, ms, against gemm_dot: AVX-512
+        // 3.6–3.9 vs 9.3 (kernel alone; it wastes lanes at a few rows: 2 rows 3.6 vs 2.5, 4 rows
+        // 3.5 vs 3.4, 6 rows 3.8 vs 4.1); an AVX2 build on the same machine (bench_core's
+        // forward, r = 16): n = 16 5.8–7.0 vs 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs
+        // 15.2–17.8. Not on SSE (4 float lanes: n = 16 takes two passes of 8 rows, 21.8–22.2 vs
+        // 13.9–14.4 ms).
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
     }
