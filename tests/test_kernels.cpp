@@ -120,15 +120,29 @@ TEMPLATE_TEST_CASE("the block transpose is exact, tails included", "[kernels]", 
     }
 }
 
+/// α A Bᵀ (+ C0 when accumulating), exact in double, and the bound on the error of its evaluation
+/// in T: the kernels' C (+)= α A Bᵀ tests compare against both.
+template <class T>
+std::pair<Matrix<double>, Matrix<double>> expected_abt(const Matrix<double>& a, const Matrix<double>& b,
+                                                       const Matrix<double>& c0, T alpha, bool accumulate) {
+    Matrix<double> want = alpha * naive_product(a, b.transpose());
+    Matrix<double> bound = product_bound(a.cwiseAbs(), b.transpose().cwiseAbs(), eps<T>(), alpha);
+    if (accumulate) {
+        want += c0;
+        bound += 2 * eps<T>() * c0.cwiseAbs();
+    }
+    return {want, bound};
+}
+
 TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", FloatSse2, DoubleSse2, FloatDefault,
                    DoubleDefault) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m: one vector of the transposed product or two, partly filled, or two blocks of rows; n around
-    // the 6- and 12-row tiles of B
-    // (tails of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one.
-    const Index m = GENERATE_COPY(Index(1), Index(3), W - 1, W, W + 1, 2 * W, 2 * W + 3);  // the last: two blocks
+    // m: one vector of the transposed product or two, partly filled, or two blocks of rows (2W + 3);
+    // n around the 6- and 12-row tiles of B (tails of every size 1..11 come from n = 13, 23, 37);
+    // k with no full vector and a long one.
+    const Index m = GENERATE_COPY(Index(1), Index(3), W - 1, W, W + 1, 2 * W, 2 * W + 3);
     const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
     const Index k = GENERATE(0, 1, 7, 77, 513);
     const bool accumulate = GENERATE(false, true);
@@ -136,13 +150,7 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
 
     Strided<T> a(m, k, 51), b(n, k, 52), c(m, n, 53);
     const T alpha = T(0.75);
-    const Matrix<double> c0 = c.value();
-    Matrix<double> want = alpha * naive_product(a.value(), b.value().transpose());
-    Matrix<double> bound = product_bound(a.value().cwiseAbs(), b.value().transpose().cwiseAbs(), eps<T>(), alpha);
-    if (accumulate) {
-        want += c0;
-        bound += 2 * eps<T>() * c0.cwiseAbs();
-    }
+    const auto [want, bound] = expected_abt<T>(a.value(), b.value(), c.value(), alpha, accumulate);
     auto av = a.view(), bv = b.view(), cv = c.view();
     core::GemmWorkspace<T> ws;
     // stale scratch (a previous call's) must not leak into the sums: every value read is written
@@ -174,13 +182,7 @@ TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact produ
 
     Strided<T> a(m, k, 41), b(n, k, 42), c(m, n, 43), c_ref(m, n, 43);
     const T alpha = T(-0.625);
-    const Matrix<double> c0 = c.value();
-    Matrix<double> want = alpha * naive_product(a.value(), b.value().transpose());
-    Matrix<double> bound = product_bound(a.value().cwiseAbs(), b.value().transpose().cwiseAbs(), eps<T>(), alpha);
-    if (accumulate) {
-        want += c0;
-        bound += 2 * eps<T>() * c0.cwiseAbs();
-    }
+    const auto [want, bound] = expected_abt<T>(a.value(), b.value(), c.value(), alpha, accumulate);
     auto av = a.view(), bv = b.view(), cv = c.view(), crv = c_ref.view();
     core::GemmWorkspace<T> ws;
     core::gemm_packed<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate, ws);

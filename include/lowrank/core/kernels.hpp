@@ -359,8 +359,8 @@ inline void row_tiles(Index m, F&& f) {
 /// tiles) U independent sets of them take alternate p, so that at least 8 FMAs are in flight
 /// (latency 4 × 2 pipes), and are summed at the end. Given a `prefetch` pointer (P = const T*;
 /// null: none), step p also prefetches the line at prefetch + p·ldp (+ jump for each further run)
-/// into L2 (a panel streamed from memory: the next one, read meanwhile). Without (P = nullptr_t, every other caller) the
-/// loop has no trace of it.
+/// into L2 (a panel streamed from memory: the next one, read meanwhile). Without (P = nullptr_t,
+/// every other caller) the loop has no trace of it.
 template <int MR, int NV, int RV, class T, class Arch, class A, class P = std::nullptr_t>
 inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Index jump,
                              xsimd::batch<T, Arch> (&sum)[MR][NV], P prefetch = nullptr) noexcept {
