@@ -51,9 +51,10 @@ private:
     bool packed_ = false;
 };
 
-/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: on AVX-512 from W/4 + 1
-/// to 2W rows (W: SIMD width) gemm_stream_rows streams W once; otherwise from 2 to
-/// `blocking::stream_weight_rows` rows the dot kernel does; one row is Eigen's GEMV
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: with vectors of at least
+/// 256 bits, from W/4 + 1 to min(4W, `blocking::stream_weight_rows`) rows (W: SIMD width)
+/// gemm_stream_rows streams W (once per 2W rows); otherwise from 2 to stream_weight_rows rows the
+/// dot kernel streams it once; one row is Eigen's GEMV
 /// (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora);
 /// beyond, gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
 /// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
