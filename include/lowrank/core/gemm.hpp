@@ -13,8 +13,8 @@
 ///
 /// The micro-kernel is the broadcast tile of the other kernels (blocking::gemm_mr<Arch> rows × 2
 /// vectors: 12 accumulators on 16 registers, 24 on AVX-512's 32) reading both operands as
-/// contiguous packed streams. The block sizes and
-/// where they come from are in `blocking` (gemm_mc, gemm_kc, gemm_nc).
+/// contiguous packed streams. The block sizes and where they come from are in `blocking`
+/// (gemm_mc, gemm_kc, gemm_nc).
 ///
 /// `gemm_strips` is the same product with B laid out ahead (a PackedWeight: Bᵀ in strips one
 /// cache line wide, `pack_weight`): nothing of B is packed per call, and each strip is read once,
@@ -218,10 +218,8 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
         constexpr int NV = decltype(nv)::value;
         constexpr Index ld = NV * W;
         T* at = GemmWorkspace<T>::reserve(ws.a, k * ld);
-        for (Index p = 0; p < k; ++p) {
-            for (Index i = 0; i < m; ++i) at[p * ld + i] = a[i * lda + p];
-            std::fill(at + p * ld + m, at + (p + 1) * ld, T(0));
-        }
+        detail::transpose<T, Arch>(m, k, a, lda, at, ld);
+        for (Index p = 0; p < k; ++p) std::fill(at + p * ld + m, at + (p + 1) * ld, T(0));
         detail::row_tiles<int(blocking::stream_rows_mr<Arch>)>(n, [&](Index j0, auto mr) {
             constexpr int MR = decltype(mr)::value;
             batch acc[MR][NV];
@@ -272,8 +270,8 @@ void pack_weight(MatrixView<const T> w, T* dst) noexcept {
 /// C (+)= α A Wᵀ with W pre-packed (C m × n, A m × k row-major, W n × k as a PackedWeightView):
 /// for each strip of W (S of its rows, all of k, one contiguous run) and each pass of gemm_kc over
 /// k, every micro-panel of A against it; W is read once, sequentially, and never copied. A is
-/// packed once per call ((m rounded up to gemm_mr) × k values in ws.a). Up to 3 rows: the expand tiles
-/// over the strips instead (no packing). 4096², float, same run (ms), strips vs the row-major
+/// packed once per call ((m rounded up to gemm_mr) × k values in ws.a). Up to 3 rows: the expand
+/// tiles over the strips instead (no packing). 4096², float, same run (ms), strips vs the row-major
 /// path of base_product: m = 8 6.8 vs 7.2, m = 16 10.6 vs 12.8.
 ///
 /// Each piece of a strip (gemm_kc steps of S values) is read from memory by the first row tile

@@ -104,9 +104,9 @@ namespace lowrank::core {
 /// - `stream_rows_mr<Arch>`: rows of W per tile of gemm_stream_rows (the small-batch X Wᵀ, the
 ///   batch as the vector dimension). 16 registers: 6 rows × 2 vectors (the 12 accumulators of mr).
 ///   32 registers: 12 rows × 1 or 2 vectors = 12 or 24 accumulators, 12 broadcasts + 1 or 2
-///   loads per step. 16 × 4096 × 4096, float, this AVX-512
-///   VM, one harness, medians (ms): 12 rows 3.6–3.7, 16 rows 4.7–4.8, 24 rows 8.7–12.6 (GCC 12
-///   runs out of registers for the rows' offsets); the gemm_dot stream tiles 9.3.
+///   loads per step. 16 × 4096 × 4096, float, this AVX-512 VM, one harness, medians (ms): 12 rows
+///   3.6–3.7, 16 rows 4.7–4.8, 24 rows 8.7–12.6 (GCC 12 runs out of registers for the rows'
+///   offsets); the gemm_dot stream tiles 9.3.
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
@@ -126,8 +126,9 @@ struct blocking {
     /// `gemm_mr<Arch>`: rows of the packed GEMM's micro-kernel (gemm_packed, gemm_strips; × 2
     /// vectors of columns). 6 on 16 registers (mr above). With AVX-512's 32: 12 rows × 2 vectors =
     /// 24 accumulators + 2 panel vectors + 1 broadcast (BLIS's Skylake-X sgemm kernel is the
-    /// same 24-accumulator shape, 32 × 12), twice the FMAs per load of B. X Wᵀ, X 128 × 4096, W
-    /// 4096², float, this AVX-512 VM, see the commit that introduced it for the run.
+    /// same 24-accumulator shape, 32 × 12), twice the FMAs per load of B. bench_core's forward,
+    /// n = 128, r = 16, float, this AVX-512 VM, 6 × 2 → 12 × 2 (with the strip fix of gemm_strips,
+    /// same commit), ms: 4096² 42–50 → 26.4–27.0, from a PackedWeight 72–76 → 23.6–23.9.
     template <class Arch>
     static constexpr Index gemm_mr = wide_register_file<Arch> ? 12 : 6;
     static constexpr Index mr = 6;
