@@ -5,6 +5,9 @@
 
 #include <lowrank/core/ops.hpp>
 
+#include <set>
+#include <vector>
+
 #include "support.hpp"
 
 using namespace lowrank;
@@ -139,12 +142,14 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m: one vector of the transposed product or two, partly filled, or two blocks of rows (2W + 3);
-    // n around the 6- and 12-row tiles of B (tails of every size 1..11 come from n = 13, 23, 37);
-    // k with no full vector and a long one.
-    const Index m = GENERATE_COPY(Index(1), Index(3), W - 1, W, W + 1, 2 * W, 2 * W + 3);
+    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/4, W/2, W and 2W rows),
+    // partly filled vectors, two blocks of rows (2W + 3); n around the 6- and 12-row tiles of B
+    // (tails of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one,
+    // and every remainder modulo the groups of 2 and 4 steps (6, 7, 515).
+    const std::set<Index> rows{1, 3, W / 4, W / 4 + 1, W / 2, W / 2 + 1, W - 1, W, W + 1, 2 * W, 2 * W + 3};
+    const Index m = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
-    const Index k = GENERATE(0, 1, 7, 77, 513);
+    const Index k = GENERATE(0, 1, 6, 7, 77, 515);
     const bool accumulate = GENERATE(false, true);
     CAPTURE(m, n, k, accumulate);
 

@@ -166,42 +166,144 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
 
 namespace detail {
 
-/// One tile of gemm_stream_rows: acc[i][v] = Σ_p B(i, p) · vector v of row p of Aᵀ (at at + p·NV·W)
-/// for MR rows of B (row i at b + i·ldb) over all k, each B(i, p) broadcast (AVX-512: folded into
-/// the FMA as an embedded broadcast). B's rows are read once, sequentially. (A software prefetch
-/// of each row 8 or 32 lines ahead changed nothing measurable: 16 × 4096², float, 3.6–4.2 ms.)
-template <int MR, int NV, class T, class Arch>
-LOWRANK_TILE_INLINE void stream_rows_tile(Index k, const T* b, Index ldb, const T* at,
-                                          xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
+/// The G values at p repeated across a vector: G = 1 is a broadcast (on AVX-512 folded into the
+/// FMA); G = 2, 4 (AVX-512 only) one 8-, 16- or 32-byte broadcast load.
+template <Index G, class T, class Arch>
+LOWRANK_TILE_INLINE xsimd::batch<T, Arch> broadcast_group(const T* p) noexcept {
+    if constexpr (G == 1) {
+        return xsimd::batch<T, Arch>(*p);
+    } else {
+#if XSIMD_WITH_AVX512F
+        static_assert(std::is_base_of_v<xsimd::avx512f, Arch>, "broadcast_group: groups need AVX-512");
+        constexpr Index bytes = G * Index(sizeof(T));
+        __m512 v;
+        if constexpr (bytes == 32) {
+            v = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p))));
+        } else if constexpr (bytes == 16) {
+            v = _mm512_broadcast_f32x4(_mm_loadu_ps(reinterpret_cast<const float*>(p)));
+        } else {
+            static_assert(bytes == 8, "broadcast_group: 8, 16 or 32 bytes");
+            double d;
+            std::memcpy(&d, p, 8);
+            v = _mm512_castpd_ps(_mm512_set1_pd(d));
+        }
+        if constexpr (std::is_same_v<T, float>)
+            return v;
+        else
+            return _mm512_castps_pd(v);
+#else
+        static_assert(G == 1, "broadcast_group: groups need AVX-512");
+        return {};
+#endif
+    }
+}
+
+/// One tile of gemm_stream_rows: MR rows of B (row i at b + i·ldb) over `groups` groups of G
+/// steps of k, then `rem` < G steps more. A is packed as groups of NV vectors (ag: group q at
+/// ag + q·NV·W), lane r·G + g of vector v holding A(v·R + r, q·G + g) (R = W / G rows of A per
+/// vector); each group of G values of a row of B is broadcast to the R lane groups, so acc[i][v]
+/// lane r·G + g sums B(i, p) · A(v·R + r, p) over the steps p ≡ g (mod G). B's rows are read once,
+/// sequentially; with PF, each cache line of them also prefetches the same line of the rows at
+/// `next` (the next tile's) into L2.
+template <int MR, int NV, Index G, bool PF, class T, class Arch>
+LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, Index ldb, const T* next,
+                                          const T* ag, xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = batch(T(0));
-    for (Index p = 0; p < k; ++p) {
+    auto step = [&](const T* bq, Index ldq, const T* aq) {
         batch x[NV];
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) x[v] = batch::load_aligned(at + (p * NV + v) * W);
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) x[v] = batch::load_aligned(aq + v * W);
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            const batch bi(b[i * ldb + p]);
+            const batch bi = broadcast_group<G, T, Arch>(bq + i * ldq);
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(bi, x[v], acc[i][v]);
         }
+    };
+    Index q = 0;
+    if constexpr (PF) {
+        constexpr Index L = 64 / (G * Index(sizeof(T)));  // groups per cache line of a row
+        for (; q + L <= groups; q += L) {
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L2(next + i * ldb + q * G);
+            LOWRANK_UNROLL for (Index l = 0; l < L; ++l) step(b + (q + l) * G, ldb, ag + (q + l) * NV * W);
+        }
+    } else {
+        (void)next;
     }
+    for (; q < groups; ++q) step(b + q * G, ldb, ag + q * NV * W);
+    if constexpr (G > 1) {
+        if (rem > 0) {
+            alignas(64) T tail[MR][G] = {};
+            for (int i = 0; i < MR; ++i)
+                for (Index g = 0; g < rem; ++g) tail[i][g] = b[i * ldb + groups * G + g];
+            step(&tail[0][0], G, ag + groups * NV * W);
+        }
+    } else {
+        (void)rem;
+    }
+}
+
+/// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B.
+template <int MR, int NV, Index G, bool PF, class T, class Arch>
+void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size, ld = NV * W;  // values of one group of packed A
+    const Index groups = k / G, rem = k % G, stored = (k + G - 1) / G;
+    T* ag = GemmWorkspace<T>::reserve(ws.a, stored * ld);
+    if constexpr (G == 1) {
+        transpose<T, Arch>(m, k, a, lda, ag, ld);
+        for (Index p = 0; p < k; ++p) std::fill(ag + p * ld + m, ag + (p + 1) * ld, T(0));
+    } else {
+        std::fill_n(ag, stored * ld, T(0));
+        for (Index i = 0; i < m; ++i) {
+            const T* src = a + i * lda;
+            T* dst = ag + i * G;
+            for (Index q = 0; q < groups; ++q)
+                LOWRANK_UNROLL for (Index g = 0; g < G; ++g) dst[q * ld + g] = src[q * G + g];
+            for (Index g = 0; g < rem; ++g) dst[groups * ld + g] = src[groups * G + g];
+        }
+    }
+    row_tiles<MR>(n, [&](Index j0, auto mr) {
+        constexpr int M = decltype(mr)::value;
+        const Index j1 = j0 + M + MR <= n ? j0 + M : j0;  // the next full tile (prefetched), or this one
+        batch acc[M][NV];
+        stream_rows_tile<M, NV, G, PF, T, Arch>(groups, rem, b + j0 * ldb, ldb, b + j1 * ldb, ag, acc);
+        alignas(64) std::array<T, std::size_t(M * ld)> sum;
+        LOWRANK_UNROLL for (int j = 0; j < M; ++j)
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + j * ld + v * W);
+        // Row i of A is lane group i of the tile's sums: values [i·G, i·G + G) of each row's NV·W.
+        for (Index i = 0; i < m; ++i)
+            LOWRANK_UNROLL for (int j = 0; j < M; ++j) {
+                T s = sum[std::size_t(j * ld + i * G)];
+                LOWRANK_UNROLL for (Index g = 1; g < G; ++g) s += sum[std::size_t(j * ld + i * G + g)];
+                T& dst = c[i * ldc + j0 + j];
+                dst = (accumulate ? dst : T(0)) + alpha * s;
+            }
+    });
 }
 
 }  // namespace detail
 
 /// C (+)= α A Bᵀ for a few rows of A against a large row-major B (a weight in nn.Linear layout,
-/// n × k): the product is computed as its transpose, Cᵀ = B Aᵀ, with the batch as the vector
-/// dimension, in blocks of at most 2 vectors of rows of A. Aᵀ (k × rows of the block, padded with
-/// zero columns to NV whole vectors) is copied into ws.a; B is never copied: tiles of
-/// stream_rows_mr rows of it run over all of k, each element broadcast against the NV vectors of
-/// Aᵀ's row (held in L1/L2), so B is read from memory once per block, row after row, and there are
-/// no horizontal reductions. Each tile's sums are written into C's columns at the end. Same
-/// arguments as gemm_packed.
+/// n × k): the product is computed as its transpose, Cᵀ = B Aᵀ, with the batch along the vectors,
+/// in blocks of at most 2 vectors of rows of A. B is never copied: tiles of MR rows of it run
+/// over all of k, so B is read from memory once per block, row after row, and there are no
+/// horizontal reductions over k. A is copied once per block (into ws.a, zero-padded) and re-read
+/// from L1/L2 by every tile.
+///
+/// On AVX-512 a vector holds R = W / G rows of A × G consecutive steps of k (G = 4, 2 or 1, by the
+/// block's rows): each group of G values of a row of B is one broadcast load that serves NV
+/// vectors, i.e. NV·R rows of A, with all lanes in use from R rows; the G partial sums of a lane
+/// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
+/// m ≤ 4: G = 4, 12 × 1; m ≤ 8: G = 2, 12 × 1; m ≤ 16: G = 4, 6 × 4 (10 loads per 24 FMAs, against
+/// 13 per 12 with one row of A per lane), which prefetches the next tile's rows of B into L2;
+/// m ≤ 32: G = 1, 12 × 2. Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
+/// gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
-    using batch = xsimd::batch<T, Arch>;
-    constexpr Index W = batch::size;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
     if (m > 2 * W) {
         for (Index i0 = 0; i0 < m; i0 += 2 * W)
             gemm_stream_rows<T, Arch>(std::min(2 * W, m - i0), n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
@@ -214,30 +316,26 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
             for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
         return;
     }
-    const auto run = [&](auto nv) {
-        constexpr int NV = decltype(nv)::value;
-        constexpr Index ld = NV * W;
-        T* at = GemmWorkspace<T>::reserve(ws.a, k * ld);
-        detail::transpose<T, Arch>(m, k, a, lda, at, ld);
-        for (Index p = 0; p < k; ++p) std::fill(at + p * ld + m, at + (p + 1) * ld, T(0));
-        detail::row_tiles<int(blocking::stream_rows_mr<Arch>)>(n, [&](Index j0, auto mr) {
-            constexpr int MR = decltype(mr)::value;
-            batch acc[MR][NV];
-            detail::stream_rows_tile<MR, NV, T, Arch>(k, b + j0 * ldb, ldb, at, acc);
-            alignas(64) std::array<T, std::size_t(MR * ld)> sum;
-            LOWRANK_UNROLL for (int j = 0; j < MR; ++j)
-                LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + j * ld + v * W);
-            for (Index i = 0; i < m; ++i)
-                LOWRANK_UNROLL for (int j = 0; j < MR; ++j) {
-                    T& dst = c[i * ldc + j0 + j];
-                    dst = (accumulate ? dst : T(0)) + alpha * sum[std::size_t(j * ld + i)];
-                }
-        });
+    const auto block = [&](auto tile) {
+        using t = decltype(tile);
+        detail::stream_rows_block<t::mr, t::nv, t::g, t::pf, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
+                                                                      accumulate, ws);
     };
-    if (m <= W)
-        run(std::integral_constant<int, 1>());
-    else
-        run(std::integral_constant<int, 2>());
+    if constexpr (blocking::wide_register_file<Arch>) {
+        if (m <= W / 4)
+            block(blocking::stream_tile<12, 1, 4, false>());
+        else if (m <= W / 2)
+            block(blocking::stream_tile<12, 1, 2, false>());
+        else if (m <= W)
+            block(blocking::stream_tile<6, 4, 4, true>());
+        else
+            block(blocking::stream_tile<12, 2, 1, false>());
+    } else {
+        if (m <= W)
+            block(blocking::stream_tile<6, 1, 1, false>());
+        else
+            block(blocking::stream_tile<6, 2, 1, false>());
+    }
 }
 
 /// A weight W (out × in) laid out once for gemm_strips: Wᵀ (in × out) in strips one cache line

@@ -51,14 +51,14 @@ private:
     bool packed_ = false;
 };
 
-/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: with vectors of at least
-/// 256 bits, from W/4 + 1 to min(4W, `blocking::stream_weight_rows`) rows (W: SIMD width)
-/// gemm_stream_rows streams W (once per 2W rows); otherwise from 2 to stream_weight_rows rows the
-/// dot kernel streams it once; one row is Eigen's GEMV
-/// (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora);
-/// beyond, gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
-/// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
-/// in `ws`, which grows as needed (no allocation once it has grown to the shape).
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: gemm_stream_rows streams
+/// W (once per 2W rows; W: SIMD width) from 2 rows of X on AVX-512 and from W/4 + 1 rows with
+/// 256-bit vectors, up to min(4W, `blocking::stream_weight_rows`) rows; otherwise from 2 to
+/// stream_weight_rows rows the dot kernel streams it once; one row is Eigen's GEMV (already at the
+/// memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora); beyond,
+/// gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W
+/// packed ahead: gemm_strips at every batch size. The copies and packed blocks live in `ws`, which
+/// grows as needed (no allocation once it has grown to the shape).
 template <class T, class Arch = xsimd::default_arch>
 void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(x.cols == weight.cols() && y.rows == x.rows && y.cols == weight.rows());
@@ -69,15 +69,18 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     }
     const MatrixView<const T> w = weight.dense;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    if (sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W &&
-        x.rows <= std::min(4 * W, blocking::stream_weight_rows)) {
-        // The transposed product, the batch as the vector dimension (no reductions, W never
-        // copied, read once per 2W rows of X). 16 × 4096², float, ms, against gemm_dot: AVX-512
-        // 3.6–3.9 vs 9.3 (kernel alone; it wastes lanes at a few rows: 2 rows 3.6 vs 2.5, 4 rows
-        // 3.5 vs 3.4, 6 rows 3.8 vs 4.1); an AVX2 build on the same machine (bench_core's
-        // forward, r = 16): n = 16 5.8–7.0 vs 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs
-        // 15.2–17.8. Not on SSE (4 float lanes: n = 16 takes two passes of 8 rows, 21.8–22.2 vs
-        // 13.9–14.4 ms).
+    // The transposed product, the batch along the vectors (no reductions over k, W never copied,
+    // read once per 2W rows of X). m × 4096², float, kernel alone, ms: AVX-512 with the tiles of
+    // blocking::stream_tile, m = 2 / 4 / 8 / 16: 2.3 / 2.5 / 3.0 / 3.6 against gemm_dot's 3.9 /
+    // 4.2 / 4.1–4.3 (m = 2, 4) and the former one-row-per-lane tiles (m = 8, 16: 4.1–4.3); one row
+    // stays on Eigen's GEMV (1.96 vs 2.28). An AVX2 build on the same machine (bench_core's
+    // forward, r = 16): n = 16 5.8–7.0 vs gemm_dot's 8.1–10.1, n = 32 (two passes over W)
+    // 11.1–12.4 vs 15.2–17.8; below W/4 + 1 rows its lanes would be mostly empty. Not on SSE (4
+    // float lanes: n = 16 takes two passes of 8 rows, 21.8–22.2 vs 13.9–14.4 ms).
+    const bool stream_rows = blocking::wide_register_file<Arch>
+                                 ? x.rows >= 2
+                                 : sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W;
+    if (stream_rows && x.rows <= std::min(4 * W, blocking::stream_weight_rows)) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
     }
