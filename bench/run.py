@@ -374,8 +374,10 @@ def git_describe():
     try:
         rev = subprocess.run(["git", "-C", HERE, "rev-parse", "--short", "HEAD"], check=True,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"],
-                               check=True, stdout=subprocess.PIPE, text=True).stdout.strip()
+        status = subprocess.run(["git", "-C", HERE, "status", "--porcelain", "--untracked-files=no"],
+                                check=True, stdout=subprocess.PIPE, text=True).stdout.splitlines()
+        # the files this script writes (bench/results/) do not make the measured source dirty
+        dirty = [line for line in status if not line[3:].startswith("bench/results/")]
         return rev + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
