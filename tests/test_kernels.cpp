@@ -219,7 +219,7 @@ TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatS
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index n = GENERATE_COPY(0, 1, 7, 33);
+    const Index n = GENERATE_COPY(0, 1, 7, 12, 33);
     const Index in = GENERATE_COPY(Index(1), W + 1, Index(130));
     const Index out = GENERATE(Index(1), W - 1 > 0 ? W - 1 : Index(2), Index(70));
     const Index w = GENERATE(1, 3, 16);

@@ -85,9 +85,14 @@ namespace lowrank::core {
 ///   element of U once (AVX tiles); the narrow kernel a haddp reduction per 8 outputs and row.
 ///   Callgrind instruction counts at in = out = 1024 (narrow vs transposed, thousands): n = 1,
 ///   w = 8: 16 vs 24; n = 4, w = 8: 44 vs 38; n = 4, w = 64: 176 vs 207; n = 8, w = 64: 425 vs 397.
-/// - `packed_shrink(n, w)`: whether `shrink` transposes V into a buffer and uses the broadcast
-///   kernel instead of gemm_dot (which needs a reduction per output and pass): from n = 8 rows on
-///   (n = 16, w = 16: 178 vs 254 thousand instructions).
+/// - `packed_shrink(n, w, lanes)`: whether `shrink` transposes V into a buffer and uses the
+///   broadcast kernel instead of gemm_dot (which needs a reduction per output and pass): from n = 8
+///   rows on (n = 16, w = 16: 178 vs 254 thousand instructions), except for w ≤ lanes / 2 (half a
+///   vector of outputs or less: rank 8 in float on AVX-512) up to n = 16 rows. Shrink alone,
+///   float, this AVX-512 VM, one harness, best of 5 medians, broadcast vs gemm_dot (µs): w = 8,
+///   in = 1024: n = 8 4.10 vs 2.19, n = 16 5.45 vs 4.55, n = 32 8.11 vs 9.24; in = 4096: n = 8
+///   16.3 vs 9.2, n = 16 21.4 vs 18.2, n = 32 32.6 vs 38.2; w = 16 stays broadcast (n = 16:
+///   4.63 vs 8.94, 18.4 vs 35.6).
 /// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
@@ -161,8 +166,8 @@ struct blocking {
     static constexpr Index gemm_mc = 144;
     static constexpr Index gemm_nc = 1024;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
-    [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w) noexcept {
-        return n >= 8 && w <= 1024;
+    [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w, Index lanes) noexcept {
+        return n >= 8 && w <= 1024 && !(2 * w <= lanes && n <= 16);
     }
 };
 

@@ -126,7 +126,8 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
         eigen_map(dx).noalias() = eigen_map(dy) * eigen_map(w);
 }
 
-/// T = X Vᵀ. With few rows, dot products along the input features (gemm_dot: X and V read once
+/// T = X Vᵀ. With few rows (or up to 16 rows of X against a V of half a vector of rows or fewer:
+/// blocking::packed_shrink), dot products along the input features (gemm_dot: X and V read once
 /// per pass). With many rows, V is transposed block by block into a 32 KiB stack buffer and the
 /// broadcast kernel runs over all rows of X for each block (more FMAs per load; the copy costs
 /// w · in moves once per call, amortised over the rows).
@@ -134,7 +135,7 @@ template <class T, class Arch = xsimd::default_arch>
 void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
     const Index n = x.rows, w = v.rows, in = x.cols;
-    if (!blocking::packed_shrink(n, w) || in == 0) {
+    if (!blocking::packed_shrink(n, w, xsimd::batch<T, Arch>::size) || in == 0) {
         gemm_dot<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false);
         return;
     }
