@@ -755,6 +755,17 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
                      Index ldb, T* c, Index ldc, bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
+#if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
+    if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
+        // A depth shorter than an AVX-512 vector (rank 8 in float) would run wholly in the scalar
+        // k tail; AVX2's vectors hold 8 floats of it. Y += t Uᵀ, one row, w = 8, out = 1024,
+        // float (bench_lora's add_delta, n = 1, of which this is ~85%): see the commit message.
+        if (k < W) {
+            gemm_dot_narrow<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+            return;
+        }
+    }
+#endif
     const Index n_full = n / W * W;
     const batch scale(alpha);
     for (Index j = 0; j < n_full; j += W)
