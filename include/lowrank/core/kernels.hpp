@@ -758,8 +758,8 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
 #if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
     if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
         // A depth shorter than an AVX-512 vector (rank 8 in float) would run wholly in the scalar
-        // k tail; AVX2's vectors hold 8 floats of it. Y += t Uᵀ, one row, w = 8, out = 1024,
-        // float (bench_lora's add_delta, n = 1, of which this is ~85%): see the commit message.
+        // k tail; AVX2's vectors hold 8 floats of it. bench_lora's add_delta, n = 1, r = 8, float
+        // (this expand was ~85% of it), µs: d = 1024 2.75 → 1.25–1.36, d = 4096 10.7 → 4.9–5.0.
         if (k < W) {
             gemm_dot_narrow<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
             return;
