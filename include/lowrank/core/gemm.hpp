@@ -321,21 +321,15 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
         detail::stream_rows_block<t::mr, t::nv, t::g, t::pf, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
                                                                       accumulate, ws);
     };
-    if constexpr (blocking::wide_register_file<Arch>) {
-        if (m <= W / 4)
-            block(blocking::stream_tile<12, 1, 4, false>());
-        else if (m <= W / 2)
-            block(blocking::stream_tile<12, 1, 2, false>());
-        else if (m <= W)
-            block(blocking::stream_tile<6, 4, 4, true>());
-        else
-            block(blocking::stream_tile<12, 2, 1, false>());
-    } else {
-        if (m <= W)
-            block(blocking::stream_tile<6, 1, 1, false>());
-        else
-            block(blocking::stream_tile<6, 2, 1, false>());
-    }
+    using tiles = blocking::stream_tiles<Arch>;
+    if (m <= W / 4)
+        block(typename tiles::quarter());
+    else if (m <= W / 2)
+        block(typename tiles::half());
+    else if (m <= W)
+        block(typename tiles::one());
+    else
+        block(typename tiles::two());
 }
 
 /// A weight W (out × in) laid out once for gemm_strips: Wᵀ (in × out) in strips one cache line

@@ -107,16 +107,17 @@ namespace lowrank::core {
 ///   all of k 10.8 ms, the former 3 × 4 in passes of dot_kc 18.5 ms (bench_core's fused forward,
 ///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
 /// - `stream_tile<MR, NV, G, PF>`: a tile of gemm_stream_rows (the small-batch X Wᵀ, the batch
-///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of
-///   k, PF: prefetch the next tile's rows of W into L2. 16 registers: 6 × 1 or 6 × 2, G = 1. 32
-///   registers (AVX-512): m × 4096 × 4096, float, this AVX-512 VM, one harness alternating the
-///   variants 30–40 times, medians (ms; the former 12-row, G = 1 tiles for all m in brackets):
-///   m = 2–4: G = 4, 12 × 1: 2.3–2.7 (gemm_dot 3.8–4.9); m = 8: G = 2, 12 × 1: 2.8–2.9 (4.1–4.3),
-///   G = 4, 12 × 2: 3.1–3.2; m = 16: G = 4, 6 × 4 with prefetch 3.56–3.62, without 3.86–3.88,
-///   G = 2, 12 × 2 3.5–3.9 (4.1–4.3); m = 32: G = 1, 12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6,
-///   G = 4, 3 × 8 10.1 (its 8 vectors of X per group come from L2: 1 load per 3 FMAs). 16 and
-///   24-row tiles of G = 1 were slower (4.7 and 8.7–12.6 ms at m = 16: GCC 12 runs out of
-///   registers for the rows' offsets).
+///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k,
+///   PF: prefetch the next tile's rows of W into L2; `stream_tiles<Arch>` holds the one for each
+///   range of rows. 16 registers: 6 × 1 or 6 × 2, G = 1. 32 registers (AVX-512), up to W/4, W/2, W,
+///   2W rows: G = 4, 12 × 1; G = 2, 12 × 1; G = 4, 6 × 4 with PF; G = 1, 12 × 2. m × 4096 × 4096,
+///   float, this AVX-512 VM, one harness alternating the variants 30–40 times, medians (ms; the
+///   former 12-row, G = 1 tiles for all m in brackets): m = 2–4: G = 4, 12 × 1: 2.3–2.7 (gemm_dot
+///   3.8–4.9); m = 8: G = 2, 12 × 1: 2.8–2.9 (4.1–4.3), G = 4, 12 × 2: 3.1–3.2; m = 16: G = 4, 6 ×
+///   4 with prefetch 3.56–3.62, without 3.86–3.88, G = 2, 12 × 2 3.5–3.9 (4.1–4.3); m = 32: G = 1,
+///   12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8 vectors of X per group come
+///   from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were slower (4.7 and 8.7–12.6 ms at
+///   m = 16: GCC 12 runs out of registers for the rows' offsets).
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
@@ -161,6 +162,19 @@ struct blocking {
         static constexpr int mr = MR, nv = NV;
         static constexpr Index g = G;
         static constexpr bool pf = PF;
+    };
+    /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W and 2W rows of X (W:
+    /// Arch's lanes of T).
+    template <class Arch>
+    struct stream_tiles {
+        using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 4, false>,
+                                           stream_tile<6, 1, 1, false>>;
+        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 2, false>,
+                                        stream_tile<6, 1, 1, false>>;
+        using one = std::conditional_t<wide_register_file<Arch>, stream_tile<6, 4, 4, true>,
+                                       stream_tile<6, 1, 1, false>>;
+        using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1, false>,
+                                       stream_tile<6, 2, 1, false>>;
     };
     static constexpr Index gemm_kc = 384;
     static constexpr Index gemm_mc = 144;
