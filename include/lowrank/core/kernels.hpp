@@ -692,18 +692,48 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
 
 namespace detail {
 
+/// The architecture whose (smaller) transpose_tile takes the edges of a transpose on Arch: AVX's
+/// for AVX-512, SSE2's for AVX; void where the edges are scalar.
+template <class Arch>
+struct transpose_edge {
+    using type = void;
+};
+#if XSIMD_WITH_AVX512F
+template <class Arch>
+    requires std::is_base_of_v<xsimd::avx512f, Arch>
+struct transpose_edge<Arch> {
+    using type = xsimd::avx;
+};
+#endif
+#if XSIMD_WITH_AVX
+template <class Arch>
+    requires(std::is_base_of_v<xsimd::avx, Arch>)
+struct transpose_edge<Arch> {
+    using type = xsimd::sse2;
+};
+#endif
+
 /// dst (cols × rows, leading dimension ldd) = srcᵀ, src rows × cols (leading dimension lds).
 /// Full W × W tiles go through transpose_tile (in registers on AVX and SSE2: 24 shuffles per 8 × 8
-/// float tile instead of 64 scalar moves); the edges are scalar.
+/// float tile instead of 64 scalar moves); the edges through the tiles of the next narrower
+/// architecture (transpose_edge), down to scalar moves. Without that, a side shorter than one
+/// AVX-512 vector (rank 8 in float) was transposed entirely by scalar moves: the expand of
+/// add_delta, n = 16, r = 8, 1024², spent 57% of its time there.
 template <class T, class Arch>
 inline void transpose(Index rows, Index cols, const T* src, Index lds, T* dst, Index ldd) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index rv = rows / W * W, cv = cols / W * W;
     for (Index i0 = 0; i0 < rv; i0 += W)
         for (Index j0 = 0; j0 < cv; j0 += W) transpose_tile<T, Arch>(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
-    for (Index i = 0; i < rows; ++i) {  // the columns past the tiles, and the rows past them
-        const T* s = src + i * lds;
-        for (Index j = i < rv ? cv : 0; j < cols; ++j) dst[j * ldd + i] = s[j];
+    using Edge = typename transpose_edge<Arch>::type;
+    if constexpr (!std::is_void_v<Edge>) {
+        if (cv < cols) transpose<T, Edge>(rv, cols - cv, src + cv, lds, dst + cv * ldd, ldd);  // right of the tiles
+        if (rv < rows) transpose<T, Edge>(rows - rv, cols, src + rv * lds, lds, dst + rv, ldd);  // below them
+    } else {
+        for (Index i = 0; i < rows; ++i) {  // the columns past the tiles, and the rows past them
+            const T* s = src + i * lds;
+            for (Index j = i < rv ? cv : 0; j < cols; ++j) dst[j * ldd + i] = s[j];
+        }
     }
 }
 
