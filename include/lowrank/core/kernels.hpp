@@ -77,9 +77,14 @@ namespace lowrank::core {
 ///   least band_width rows and batches of at most band_depth rows (the depth of one sweep); see
 ///   ops.hpp for the measurements (band_cols = 256 was within 5% of one block of all of in).
 /// - `nc`: columns of C per block, chosen so a kc × nc block of B (512 KiB in float) stays in L2.
-/// - `dot_mr` × `dot_nr`: outputs per micro-tile of gemm_dot when B is the smaller operand
-///   (12 accumulators; 7 loads per 12 FMAs as written, but GCC 12 compiles it with its operands
-///   reloaded, 24 loads per 12 FMAs — see stream_mr for the tile that avoids it).
+/// - `dot_mr` × `dot_nr<Arch>`: outputs per micro-tile of gemm_dot when B is the smaller operand.
+///   16 registers: 3 × 4 (12 accumulators; 7 loads per 12 FMAs as written, but GCC 12 compiles it
+///   with its operands reloaded, 24 loads per 12 FMAs — see stream_mr for the tile that avoids
+///   it). 32 registers (AVX-512): 3 × 8, 24 accumulators (GCC 12 spilled a row of A of the 3 × 4
+///   tile to the stack there). Shrink X Vᵀ alone, w = 8, float, this AVX-512 VM, same run (µs),
+///   3 × 4 → 3 × 8: n = 16, in = 1024: 3.48 → 1.98, in = 4096: 13.4 → 7.9; 2 × 8, 4 × 4 and 4 × 8
+///   tiles were 10–40% slower than 3 × 8, and keeping B's vectors in registers (no memory operands
+///   in the FMAs) slower still.
 /// - `narrow_dot(n, w)`: whether `expand` reduces with `gemm_dot_narrow` rather than transposing
 ///   U into a buffer for the broadcast kernel. The transposed copy costs ~0.6 instructions per
 ///   element of U once (AVX tiles); the narrow kernel a haddp reduction per 8 outputs and row.
@@ -88,11 +93,11 @@ namespace lowrank::core {
 /// - `packed_shrink(n, w, lanes)`: whether `shrink` transposes V into a buffer and uses the
 ///   broadcast kernel instead of gemm_dot (which needs a reduction per output and pass): from n = 8
 ///   rows on (n = 16, w = 16: 178 vs 254 thousand instructions), except for w ≤ lanes / 2 (half a
-///   vector of outputs or less: rank 8 in float on AVX-512) up to n = 16 rows. Shrink alone,
-///   float, this AVX-512 VM, one harness, best of 5 medians, broadcast vs gemm_dot (µs): w = 8,
-///   in = 1024: n = 8 4.10 vs 2.19, n = 16 5.45 vs 4.55, n = 32 8.11 vs 9.24; in = 4096: n = 8
-///   16.3 vs 9.2, n = 16 21.4 vs 18.2, n = 32 32.6 vs 38.2; w = 16 stays broadcast (n = 16:
-///   4.63 vs 8.94, 18.4 vs 35.6).
+///   vector of outputs or less: rank 8 in float on AVX-512, where the broadcast kernel's vectors
+///   run half empty). Shrink alone, float, this AVX-512 VM, same run, broadcast vs gemm_dot with
+///   3 × 8 tiles (µs): w = 8, in = 1024: n = 32 6.6 vs 3.6, n = 128 22.9 vs 13.7; in = 4096: n = 32
+///   29.3 vs 17.8, n = 128 131 vs 70; w = 16 stays broadcast from n = 8 (n = 16: 4.5 vs 4.1 and
+///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32, 64 likewise, 0.5–0.75×).
 /// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
@@ -152,7 +157,8 @@ struct blocking {
     static constexpr Index kc = 256;
     static constexpr Index nc_bytes = 512 * 1024;
     static constexpr Index dot_mr = 3;
-    static constexpr Index dot_nr = 4;
+    template <class Arch>
+    static constexpr Index dot_nr = wide_register_file<Arch> ? 8 : 4;
     static constexpr Index dot_kc = 1024;
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
@@ -181,7 +187,7 @@ struct blocking {
     static constexpr Index gemm_nc = 1024;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w, Index lanes) noexcept {
-        return n >= 8 && w <= 1024 && !(2 * w <= lanes && n <= 16);
+        return n >= 8 && w <= 1024 && 2 * w > lanes;
     }
 };
 
@@ -632,10 +638,13 @@ inline void dot_block(Index kc, Index kv, T alpha, const T* a, Index lda, const 
 template <int MR, class T, class Arch>
 inline void dot_row_block(Index n, Index kc, Index kv, T alpha, const T* a, Index lda, const T* b,
                           Index ldb, T* c, Index ldc, bool accumulate) noexcept {
-    constexpr int NR = int(blocking::dot_nr);
+    constexpr int NR = int(blocking::dot_nr<Arch>);
     Index j = 0;
     for (; j + NR <= n; j += NR)
         dot_block<MR, NR, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
+    if constexpr (NR > 4)
+        for (; j + 4 <= n; j += 4)
+            dot_block<MR, 4, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
     for (; j < n; ++j)
         dot_block<MR, 1, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
 }

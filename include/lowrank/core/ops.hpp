@@ -126,7 +126,7 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
         eigen_map(dx).noalias() = eigen_map(dy) * eigen_map(w);
 }
 
-/// T = X Vᵀ. With few rows (or up to 16 rows of X against a V of half a vector of rows or fewer:
+/// T = X Vᵀ. With few rows (or any rows against a V of half a vector of rows or fewer:
 /// blocking::packed_shrink), dot products along the input features (gemm_dot: X and V read once
 /// per pass). With many rows, V is transposed block by block into a 32 KiB stack buffer and the
 /// broadcast kernel runs over all rows of X for each block (more FMAs per load; the copy costs
