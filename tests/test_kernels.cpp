@@ -141,6 +141,31 @@ std::pair<Matrix<double>, Matrix<double>> expected_abt(const Matrix<double>& a, 
     return {want, bound};
 }
 
+TEMPLATE_TEST_CASE("gemm_dot_narrow matches the exact product, strided and contiguous", "[kernels]", FloatSse2,
+                   DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    // k = 8 in float on AVX-512 is the two-rows-per-vector kernel (blocks of 16 rows of B, the rest
+    // on AVX2), with B contiguous (one load per two rows) or strided (two); other k, the haddp path.
+    const Index m = GENERATE(1, 2, 3, 5);
+    const Index n = GENERATE(1, 15, 16, 17, 40);
+    const Index k = GENERATE(1, 7, 8, 9, 16, 20);
+    const bool accumulate = GENERATE(false, true);
+    const bool contiguous = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate, contiguous);
+
+    Strided<T> a(m, k, 24), bs(n, k, 25), c(m, n, 26);
+    Matrix<T> bc = bs.value().template cast<T>();
+    const T alpha = T(-0.75);
+    const Matrix<double> c0 = c.value();
+    auto [want, bound] = expected_abt<T>(a.value(), bs.value(), c0, alpha, accumulate);
+    auto av = a.view(), bv = bs.view(), cv = c.view();
+    const T* b = contiguous ? bc.data() : bv.data;
+    const Index ldb = contiguous ? k : bv.ld;
+    core::gemm_dot_narrow<T, Arch>(m, n, k, alpha, av.data, av.ld, b, ldb, cv.data, cv.ld, accumulate);
+    require_within(c.value(), want, bound, "simd vs exact");
+}
+
 TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", FloatSse2, DoubleSse2, FloatDefault,
                    DoubleDefault) {
     using T = typename TestType::scalar;

@@ -796,6 +796,73 @@ inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T
     return sums;
 }
 
+#if XSIMD_WITH_AVX512F
+/// gemm_dot_narrow for k = K = 8 or 16 in float on AVX-512 (rank 8 or 16), 16 rows of B (outputs)
+/// at a time, without horizontal adds. K = 8: each vector holds two rows of B, multiplied by row i
+/// of A broadcast to both halves; K = 16: each row of B is a vector, and the products of rows
+/// 2v and 2v + 1 are first folded into one vector laid out the same way (their 128-bit lanes 0 + 1
+/// and 2 + 3 added). The 8 vectors of 16 outputs × 8 partial sums are then summed in three levels
+/// of shuffles and adds across pairs of vectors (over 128-bit lanes, then within them) and put in
+/// output order by one permutation: per 16 outputs and row of A, K = 8: 8 loads, 8 multiplies and
+/// 22 shuffles and adds, where the AVX2 path ran two haddp (7 horizontal adds each). Rows of B
+/// past the last full 16 are left to the caller.
+template <int K>
+void dot_narrow_avx512(Index m, Index n16, float alpha, const float* a, Index lda, const float* b, Index ldb,
+                       float* c, Index ldc, bool accumulate) noexcept {
+    static_assert(K == 8 || K == 16, "dot_narrow_avx512: rank 8 or 16");
+    // h lane 4q + r holds output 4r + q (see below): gather lane o from lane 4 (o % 4) + o / 4.
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m512 scale = _mm512_set1_ps(alpha);
+    // Adds 128-bit lanes 0 + 1 and 2 + 3 of x (into lanes 0, 1 of the result) and of y (lanes 2, 3).
+    const auto fold = [](__m512 x, __m512 y) {
+        return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+    };
+    for (Index j = 0; j < n16; j += 16) {
+        const float* bj = b + j * ldb;
+        __m512 pairs[K == 8 ? 8 : 1];  // K = 8: pairs[v] = rows 2v, 2v + 1 of the block
+        if constexpr (K == 8) {
+            if (ldb == 8) {
+                LOWRANK_UNROLL for (int v = 0; v < 8; ++v) pairs[v] = _mm512_loadu_ps(bj + 16 * v);
+            } else {
+                LOWRANK_UNROLL for (int v = 0; v < 8; ++v)
+                    pairs[v] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(bj + 2 * v * ldb)),
+                                                  _mm256_loadu_ps(bj + (2 * v + 1) * ldb), 1);
+            }
+        }
+        for (Index i = 0; i < m; ++i) {
+            const float* ai = a + i * lda;
+            __m512 p[8];  // p[v]: 128-bit lanes 0, 1 for output 2v, lanes 2, 3 for output 2v + 1
+            if constexpr (K == 8) {
+                const __m512 x = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+                    reinterpret_cast<const double*>(ai))));
+                LOWRANK_UNROLL for (int v = 0; v < 8; ++v) p[v] = _mm512_mul_ps(pairs[v], x);
+            } else {
+                const __m512 x = _mm512_loadu_ps(ai);
+                LOWRANK_UNROLL for (int v = 0; v < 8; ++v)
+                    p[v] = fold(_mm512_mul_ps(_mm512_loadu_ps(bj + 2 * v * ldb), x),
+                                _mm512_mul_ps(_mm512_loadu_ps(bj + (2 * v + 1) * ldb), x));
+            }
+            // s[u] lane q: 4 partials of output 4u + q.
+            __m512 s[4];
+            LOWRANK_UNROLL for (int u = 0; u < 4; ++u) s[u] = fold(p[2 * u], p[2 * u + 1]);
+            // e[t] lane q: 2 partials of output 8t + q, then 2 of output 8t + 4 + q.
+            __m512 e[2];
+            LOWRANK_UNROLL for (int t = 0; t < 2; ++t)
+                e[t] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * t], s[2 * t + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_ps(s[2 * t], s[2 * t + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+            // h lane q: outputs q, 4 + q, 8 + q, 12 + q.
+            const __m512 h = _mm512_add_ps(_mm512_shuffle_ps(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                           _mm512_shuffle_ps(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));
+            const __m512 sums = _mm512_permutexvar_ps(order, h);
+            float* dst = c + i * ldc + j;
+            _mm512_storeu_ps(dst, accumulate ? _mm512_fmadd_ps(sums, scale, _mm512_loadu_ps(dst))
+                                             : _mm512_mul_ps(sums, scale));
+        }
+    }
+}
+#endif
+
 }  // namespace detail
 
 /// `C (+)= alpha · A · Bᵀ` for a short shared dimension k (the expand `Y += T Uᵀ`, k = rank):
@@ -813,6 +880,19 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
         // A depth shorter than an AVX-512 vector (rank 8 in float) would run wholly in the scalar
         // k tail; AVX2's vectors hold 8 floats of it. bench_lora's add_delta, n = 1, r = 8, float
         // (this expand was ~85% of it), µs: d = 1024 2.75 → 1.25–1.36, d = 4096 10.7 → 4.9–5.0.
+        if constexpr (std::is_same_v<T, float>) {
+            if ((k == 8 || k == 16) && n >= W) {
+                const Index n16 = n / W * W;
+                if (k == 8)
+                    detail::dot_narrow_avx512<8>(m, n16, alpha, a, lda, b, ldb, c, ldc, accumulate);
+                else
+                    detail::dot_narrow_avx512<16>(m, n16, alpha, a, lda, b, ldb, c, ldc, accumulate);
+                if (n16 < n)
+                    gemm_dot_narrow<T, xsimd::fma3<xsimd::avx2>>(m, n - n16, k, alpha, a, lda, b + n16 * ldb, ldb,
+                                                                c + n16, ldc, accumulate);
+                return;
+            }
+        }
         if (k < W) {
             gemm_dot_narrow<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
             return;
