@@ -354,6 +354,34 @@ TEMPLATE_TEST_CASE("expand handles widths beyond one packing pass", "[ops]", flo
                    "wide expand");
 }
 
+TEMPLATE_TEST_CASE("narrow project_back and grad_expand equal their dense formulas over several blocks", "[ops]",
+                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // Ranks of half a vector or less take the blocked narrow paths (Uᵀ, or dUᵀ, in 32 KiB stack
+    // blocks); out = 9000 spans several blocks at every such rank, out = 70 one; n from below to
+    // above the row thresholds; w = W/2 + 1 stays on the broadcast kernel.
+    const Index w = GENERATE_COPY(Index(1), std::max<Index>(1, W / 2), W / 2 + 1);
+    const Index out = GENERATE(70, 9000);
+    const Index n = GENERATE(1, 2, 8, 20);
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(w, out, n, accumulate);
+    const double u = eps<T>();
+    Strided<T> dy(n, out, 61), uf(out, w, 62), t(n, w, 63), g(n, w, 64), du(out, w, 65);
+    const Matrix<double> dY = dy.value(), U = uf.value(), Tm = t.value(), dU0 = du.value();
+    core::project_back<T, Arch>(dy.view(), uf.view(), g.view());
+    require_within(g.value(), naive_product(dY, U), product_bound(dY.cwiseAbs(), U.cwiseAbs(), u), "project_back");
+    core::grad_expand<T, Arch>(dy.view(), t.view(), du.view(), T(-1.5), accumulate);
+    Matrix<double> want = -1.5 * naive_product(dY.transpose(), Tm);
+    Matrix<double> bound = product_bound(dY.transpose().cwiseAbs(), Tm.cwiseAbs(), u, -1.5);
+    if (accumulate) {
+        want += dU0;
+        bound += 2 * u * dU0.cwiseAbs();
+    }
+    require_within(du.value(), want, bound, "grad_expand");
+}
+
 TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |ΔW|)", "[ops]",
                    float, double) {
     using T = TestType;

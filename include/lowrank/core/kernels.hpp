@@ -98,6 +98,13 @@ namespace lowrank::core {
 ///   3 × 8 tiles (µs): w = 8, in = 1024: n = 32 6.6 vs 3.6, n = 128 22.9 vs 13.7; in = 4096: n = 32
 ///   29.3 vs 17.8, n = 128 131 vs 70; w = 16 stays broadcast from n = 8 (n = 16: 4.5 vs 4.1 and
 ///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32, 64 likewise, 0.5–0.75×).
+/// - `narrow_project_rows`, `narrow_grad_rows`: from this many rows of dY on, the backward's G = dY U
+///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
+///   broadcast kernel on U / dU in place (half-empty vectors): G by dot products against Uᵀ, dU
+///   as dUᵀ = α Tᵀ dY along the outputs, transposed. Each alone, w = 8, float, this AVX-512 VM,
+///   same run, in place vs narrow paths (µs), out = 1024: G: n = 4 0.94 vs 1.23, n = 8 1.80 vs
+///   1.65, n = 16 3.08 vs 2.57, n = 128 22.9 vs 16.2; dU: n = 1 0.36 vs 0.65, n = 2 1.02 vs 0.89,
+///   n = 16 5.52 vs 2.57, n = 128 53.3 vs 21.7 (out = 4096 alike: n = 128 105 vs 66 and 225 vs 98).
 /// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
@@ -163,6 +170,8 @@ struct blocking {
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
+    static constexpr Index narrow_project_rows = 8;
+    static constexpr Index narrow_grad_rows = 2;
     template <int MR, int NV, Index G, bool PF>
     struct stream_tile {
         static constexpr int mr = MR, nv = NV;

@@ -191,19 +191,66 @@ void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alp
     }
 }
 
-/// G = dY U (the gradient reaching the transformed shrink output).
+namespace detail {
+
+/// Values of T in the 32 KiB stack buffers of the narrow paths below, and the width of a block of
+/// `rows`-row matrix that fits: an odd number of vectors (the block's rows then fall in different
+/// L1 sets), at least one vector.
+template <class T, class Arch>
+[[nodiscard]] constexpr Index narrow_block(Index rows) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index vectors = 32 * 1024 / Index(sizeof(T)) / std::max<Index>(rows, 1) / W;
+    return std::max<Index>(1, vectors % 2 == 0 ? vectors - 1 : vectors) * W;
+}
+
+}  // namespace detail
+
+/// G = dY U (the gradient reaching the transformed shrink output). For a U of half a vector of
+/// columns or fewer (rank 8 in float on AVX-512) and from blocking::narrow_project_rows rows of dY
+/// on, dot products along the outputs: Uᵀ is copied block by block into a 32 KiB stack buffer and
+/// gemm_dot reduces each row of dY against it, as the shrink does (the broadcast kernel on U in
+/// place runs half-empty vectors).
 template <class T, class Arch = xsimd::default_arch>
 void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g) noexcept {
     LOWRANK_ASSERT(dy.cols == u.rows && g.rows == dy.rows && g.cols == u.cols);
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index w = u.cols, out = u.rows;
+    if (2 * w <= W && w > 0 && out > 0 && dy.rows >= blocking::narrow_project_rows) {
+        alignas(64) std::array<T, 32 * 1024 / sizeof(T)> packed;  // Uᵀ block: w × kb
+        const Index kb = detail::narrow_block<T, Arch>(w);
+        for (Index p0 = 0; p0 < out; p0 += kb) {
+            const Index kc = std::min(kb, out - p0);
+            detail::transpose<T, Arch>(kc, w, u.row(p0), u.ld, packed.data(), kb);
+            gemm_dot<T, Arch>(dy.rows, w, kc, T(1), dy.data + p0, dy.ld, packed.data(), kb, g.data, g.ld, p0 > 0);
+        }
+        return;
+    }
     gemm_bcast<T, Arch>(dy.rows, u.cols, dy.cols, T(1), dy.data, dy.ld, 1, u.data, u.ld, g.data,
                         g.ld, false);
 }
 
-/// dU (+)= α dYᵀ T.
+/// dU (+)= α dYᵀ T. For a T of half a vector of columns or fewer and from
+/// blocking::narrow_grad_rows rows on, dUᵀ = α Tᵀ dY is formed block by block of outputs in a
+/// 32 KiB stack buffer (the broadcast kernel along the outputs, full vectors) and transposed into
+/// dU (when accumulating, dU's block is transposed in first).
 template <class T, class Arch = xsimd::default_arch>
 void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du, T alpha,
                  bool accumulate) noexcept {
     LOWRANK_ASSERT(dy.rows == t.rows && du.rows == dy.cols && du.cols == t.cols);
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index w = t.cols, out = dy.cols;
+    if (2 * w <= W && w > 0 && out > 0 && dy.rows >= blocking::narrow_grad_rows) {
+        alignas(64) std::array<T, 32 * 1024 / sizeof(T)> block;  // dUᵀ block: w × ob
+        const Index ob = detail::narrow_block<T, Arch>(w);
+        for (Index o0 = 0; o0 < out; o0 += ob) {
+            const Index oc = std::min(ob, out - o0);
+            if (accumulate) detail::transpose<T, Arch>(oc, w, du.row(o0), du.ld, block.data(), ob);
+            gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block.data(), ob,
+                                accumulate);
+            detail::transpose<T, Arch>(w, oc, block.data(), ob, du.row(o0), du.ld);
+        }
+        return;
+    }
     gemm_bcast<T, Arch>(dy.cols, t.cols, dy.rows, alpha, dy.data, 1, dy.ld, t.data, t.ld, du.data,
                         du.ld, accumulate);
 }
