@@ -193,14 +193,18 @@ void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alp
 
 namespace detail {
 
-/// Values of T in the 32 KiB stack buffers of the narrow paths below, and the width of a block of
-/// `rows`-row matrix that fits: an odd number of vectors (the block's rows then fall in different
-/// L1 sets), at least one vector.
-template <class T, class Arch>
-[[nodiscard]] constexpr Index narrow_block(Index rows) noexcept {
+/// The blocks of the narrow paths below: calls f(o0, count, buffer, ld) for consecutive blocks
+/// [o0, o0 + count) of n columns, count ≤ ld, with a 32 KiB stack buffer that holds a `rows` × ld
+/// block; ld is an odd number of vectors (the block's rows then fall in different L1 sets), at
+/// least one.
+template <class T, class Arch, class F>
+void narrow_blocks(Index n, Index rows, F&& f) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index vectors = 32 * 1024 / Index(sizeof(T)) / std::max<Index>(rows, 1) / W;
-    return std::max<Index>(1, vectors % 2 == 0 ? vectors - 1 : vectors) * W;
+    constexpr Index elems = 32 * 1024 / Index(sizeof(T));
+    alignas(64) std::array<T, elems> buffer;
+    const Index vectors = elems / std::max<Index>(rows, 1) / W;
+    const Index ld = std::max<Index>(1, vectors % 2 == 0 ? vectors - 1 : vectors) * W;
+    for (Index o0 = 0; o0 < n; o0 += ld) f(o0, std::min(ld, n - o0), buffer.data(), ld);
 }
 
 }  // namespace detail
@@ -216,13 +220,10 @@ void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index w = u.cols, out = u.rows;
     if (2 * w <= W && w > 0 && out > 0 && dy.rows >= blocking::narrow_project_rows) {
-        alignas(64) std::array<T, 32 * 1024 / sizeof(T)> packed;  // Uᵀ block: w × kb
-        const Index kb = detail::narrow_block<T, Arch>(w);
-        for (Index p0 = 0; p0 < out; p0 += kb) {
-            const Index kc = std::min(kb, out - p0);
-            detail::transpose<T, Arch>(kc, w, u.row(p0), u.ld, packed.data(), kb);
-            gemm_dot<T, Arch>(dy.rows, w, kc, T(1), dy.data + p0, dy.ld, packed.data(), kb, g.data, g.ld, p0 > 0);
-        }
+        detail::narrow_blocks<T, Arch>(out, w, [&](Index p0, Index kc, T* packed, Index ld) {  // Uᵀ block: w × kc
+            detail::transpose<T, Arch>(kc, w, u.row(p0), u.ld, packed, ld);
+            gemm_dot<T, Arch>(dy.rows, w, kc, T(1), dy.data + p0, dy.ld, packed, ld, g.data, g.ld, p0 > 0);
+        });
         return;
     }
     gemm_bcast<T, Arch>(dy.rows, u.cols, dy.cols, T(1), dy.data, dy.ld, 1, u.data, u.ld, g.data,
@@ -240,15 +241,11 @@ void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index w = t.cols, out = dy.cols;
     if (2 * w <= W && w > 0 && out > 0 && dy.rows >= blocking::narrow_grad_rows) {
-        alignas(64) std::array<T, 32 * 1024 / sizeof(T)> block;  // dUᵀ block: w × ob
-        const Index ob = detail::narrow_block<T, Arch>(w);
-        for (Index o0 = 0; o0 < out; o0 += ob) {
-            const Index oc = std::min(ob, out - o0);
-            if (accumulate) detail::transpose<T, Arch>(oc, w, du.row(o0), du.ld, block.data(), ob);
-            gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block.data(), ob,
-                                accumulate);
-            detail::transpose<T, Arch>(w, oc, block.data(), ob, du.row(o0), du.ld);
-        }
+        detail::narrow_blocks<T, Arch>(out, w, [&](Index o0, Index oc, T* block, Index ld) {  // dUᵀ block: w × oc
+            if (accumulate) detail::transpose<T, Arch>(oc, w, du.row(o0), du.ld, block, ld);
+            gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block, ld, accumulate);
+            detail::transpose<T, Arch>(w, oc, block, ld, du.row(o0), du.ld);
+        });
         return;
     }
     gemm_bcast<T, Arch>(dy.cols, t.cols, dy.rows, alpha, dy.data, 1, dy.ld, t.data, t.ld, du.data,
