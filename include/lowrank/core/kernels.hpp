@@ -97,7 +97,8 @@ namespace lowrank::core {
 ///   run half empty). Shrink alone, float, this AVX-512 VM, same run, broadcast vs gemm_dot with
 ///   3 × 8 tiles (µs): w = 8, in = 1024: n = 32 6.6 vs 3.6, n = 128 22.9 vs 13.7; in = 4096: n = 32
 ///   29.3 vs 17.8, n = 128 131 vs 70; w = 16 stays broadcast from n = 8 (n = 16: 4.5 vs 4.1 and
-///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32, 64 likewise, 0.5–0.75×).
+///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32 and 64 from n = 16: 0.5–0.86×;
+///   at n = 8 the two are within 0.86–1.18× of each other for w = 16–64).
 /// - `narrow_project_rows`, `narrow_grad_rows`: from this many rows of dY on, the backward's G = dY U
 ///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
 ///   broadcast kernel on U / dU in place (half-empty vectors): G by dot products against Uᵀ, dU
@@ -889,6 +890,8 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
         // A depth shorter than an AVX-512 vector (rank 8 in float) would run wholly in the scalar
         // k tail; AVX2's vectors hold 8 floats of it. bench_lora's add_delta, n = 1, r = 8, float
         // (this expand was ~85% of it), µs: d = 1024 2.75 → 1.25–1.36, d = 4096 10.7 → 4.9–5.0.
+        // Rank 8 and 16: the shuffle-tree kernel (add_delta, n = 1, r = 8: 1.23–1.27 → 0.60–0.62 µs
+        // at 1024², 4.8–5.0 → 2.1–2.3 at 4096²; r = 16: 1.41–1.45 → 1.30–1.34 and 5.3 → 4.4).
         if constexpr (std::is_same_v<T, float>) {
             if ((k == 8 || k == 16) && n >= W) {
                 const Index n16 = n / W * W;

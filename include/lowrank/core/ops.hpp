@@ -177,7 +177,8 @@ void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alp
         const Index wc = std::min(max_w, w - p0);
         // The widest block whose padded rows fit, then blocks of equal width: ld an odd number of
         // vectors, so that the wc rows of a tile's panel fall in different L1 sets (at ld = 1024
-        // floats they shared one with the rows of Y: n = 16, r = 8, 1024², 2.6 → 1.7 µs).
+        // floats they shared one with the rows of Y: expand alone, n = 16, r = 8, 1024², 2.59–2.63 →
+        // 2.44–2.47 µs).
         const Index cap = std::max(W, (pack_elems / wc / W - 1) / 2 * 2 * W + W);
         const Index blocks = (out + cap - 1) / cap;
         const Index ob = std::min(cap, ((out + blocks - 1) / blocks + W - 1) / W * W);
