@@ -361,8 +361,9 @@ TEMPLATE_TEST_CASE("narrow project_back and grad_expand equal their dense formul
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // Ranks of half a vector or less take the blocked narrow paths (Uᵀ, or dUᵀ, in 32 KiB stack
     // blocks); out = 9000 spans several blocks at every such rank, out = 70 one; n from below to
-    // above the row thresholds; w = W/2 + 1 stays on the broadcast kernel.
-    const Index w = GENERATE_COPY(Index(1), std::max<Index>(1, W / 2), W / 2 + 1);
+    // above the row thresholds; w = W/2 + 1 stays on the broadcast kernel, w = W takes dU's path
+    // from 16 rows on.
+    const Index w = GENERATE_COPY(Index(1), std::max<Index>(1, W / 2), W / 2 + 1, W);
     const Index out = GENERATE(70, 9000);
     const Index n = GENERATE(1, 2, 8, 20);
     const bool accumulate = GENERATE(false, true);

@@ -106,6 +106,10 @@ namespace lowrank::core {
 ///   same run, in place vs narrow paths (µs), out = 1024: G: n = 4 0.94 vs 1.23, n = 8 1.80 vs
 ///   1.65, n = 16 3.08 vs 2.57, n = 128 22.9 vs 16.2; dU: n = 1 0.36 vs 0.65, n = 2 1.02 vs 0.89,
 ///   n = 16 5.52 vs 2.57, n = 128 53.3 vs 21.7 (out = 4096 alike: n = 128 105 vs 66 and 225 vs 98).
+///   `narrow_grad_rows_full`: the same for dU at a rank of one vector (16 in float on AVX-512),
+///   whose in-place tiles are one vector wide (7 loads per 6 FMAs): out = 1024, n = 8 2.70 vs 3.18,
+///   n = 16 5.92 vs 5.22, n = 128 53.7 vs 35.5; out = 4096, n = 16 23.9 vs 22.0, n = 128 233 vs
+///   148. G at that rank stays in place (dot products 1.2–2.6× slower), as do both at rank 32.
 /// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
@@ -173,6 +177,7 @@ struct blocking {
     static constexpr Index stream_weight_rows = 32;
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
+    static constexpr Index narrow_grad_rows_full = 16;
     template <int MR, int NV, Index G, bool PF>
     struct stream_tile {
         static constexpr int mr = MR, nv = NV;

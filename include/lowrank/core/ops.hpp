@@ -231,17 +231,20 @@ void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g
                         g.ld, false);
 }
 
-/// dU (+)= α dYᵀ T. For a T of half a vector of columns or fewer and from
-/// blocking::narrow_grad_rows rows on, dUᵀ = α Tᵀ dY is formed block by block of outputs in a
-/// 32 KiB stack buffer (the broadcast kernel along the outputs, full vectors) and transposed into
-/// dU (when accumulating, dU's block is transposed in first).
+/// dU (+)= α dYᵀ T. For a T of half a vector of columns or fewer from blocking::narrow_grad_rows
+/// rows on, and of exactly one vector of columns from blocking::narrow_grad_rows_full rows on,
+/// dUᵀ = α Tᵀ dY is formed block by block of outputs in a 32 KiB stack buffer (the broadcast
+/// kernel along the outputs, two vectors per tile) and transposed into dU (when accumulating,
+/// dU's block is transposed in first).
 template <class T, class Arch = xsimd::default_arch>
 void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du, T alpha,
                  bool accumulate) noexcept {
     LOWRANK_ASSERT(dy.rows == t.rows && du.rows == dy.cols && du.cols == t.cols);
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index w = t.cols, out = dy.cols;
-    if (2 * w <= W && w > 0 && out > 0 && dy.rows >= blocking::narrow_grad_rows) {
+    const bool narrow = (2 * w <= W && dy.rows >= blocking::narrow_grad_rows) ||
+                        (w == W && dy.rows >= blocking::narrow_grad_rows_full);
+    if (narrow && w > 0 && out > 0) {
         detail::narrow_blocks<T, Arch>(out, w, [&](Index o0, Index oc, T* block, Index ld) {  // dUᵀ block: w × oc
             if (accumulate) detail::transpose<T, Arch>(oc, w, du.row(o0), du.ld, block, ld);
             gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block, ld, accumulate);
