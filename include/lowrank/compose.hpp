@@ -267,6 +267,17 @@ void check_adapter(const char* fn, const Lora<T>& a, Index k, Index in, Index ou
 
 }  // namespace detail
 
+template <Real T>
+class AdapterBank;
+
+namespace detail {
+/// What AdapterBank's range constructor takes: anything but a bank (which is copied). A named
+/// concept rather than a requires-clause naming the class: clang 14 does not match an
+/// out-of-line definition whose requires-clause names the class being defined.
+template <class Adapters, class T>
+concept not_adapter_bank = !std::same_as<std::remove_cvref_t<Adapters>, AdapterBank<T>>;
+}  // namespace detail
+
 /// Adapters laid out once for serving mixed batches: each adapter's Aᵀ (in × r, rows padded to
 /// 64 bytes: the shrink kernel reads it as one sequential stream and broadcasts X against it),
 /// its Bᵀ in cache-line strips (r × out, `core::pack_strips`: the expand kernel reads it as one
@@ -287,8 +298,7 @@ public:
     AdapterBank() = default;
     /// From a range of `Lora<T>` (objects, pointers or reference_wrappers), all for one out × in
     /// weight; an empty range gives an empty bank (every row must then use no adapter).
-    template <class Adapters>
-        requires(!std::same_as<std::remove_cvref_t<Adapters>, AdapterBank>)
+    template <detail::not_adapter_bank<T> Adapters>
     explicit AdapterBank(const Adapters& adapters);
 
     [[nodiscard]] Index size() const noexcept { return Index(entries_.size()); }
@@ -481,8 +491,7 @@ void check_mask_matrix(const char* fn, MatrixView<const T> masks, Index K, Index
 }  // namespace detail
 
 template <Real T>
-template <class Adapters>
-    requires(!std::same_as<std::remove_cvref_t<Adapters>, AdapterBank<T>>)
+template <detail::not_adapter_bank<T> Adapters>
 AdapterBank<T>::AdapterBank(const Adapters& adapters) {
     static_assert(std::same_as<detail::adapter_type<Adapters>, Lora<T>>,
                   "lowrank: AdapterBank<T> is built from a range of Lora<T> (objects, pointers or "
