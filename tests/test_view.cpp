@@ -56,6 +56,23 @@ TEST_CASE("views of row-major matrices, maps and blocks", "[view]") {
     REQUIRE(m(2, 0) == -1.f);
 }
 
+TEST_CASE("blocks of an empty view without storage stay without storage", "[view]") {
+    // An empty batch's scratch has no storage; its column blocks must not offset the null pointer
+    // (undefined behaviour, reported by clang's UBSan in LoRA-XS's backward with n = 0).
+    const MatrixView<float> empty{nullptr, 0, 12, 12};
+    const auto b = empty.block(0, 4, 0, 4);
+    REQUIRE(b.data == nullptr);
+    REQUIRE(b.rows == 0);
+    REQUIRE(b.cols == 4);
+    REQUIRE(b.ld == 12);
+    REQUIRE(empty.middle_rows(0, 0).data == nullptr);
+    // A block of a view with storage is still offset (row 1, column 2 of a 3 x 4 buffer).
+    std::vector<float> buf(12, 0.f);
+    const MatrixView<float> full{buf.data(), 3, 4, 4};
+    REQUIRE(full.block(1, 2, 2, 2).data == buf.data() + 6);
+    REQUIRE(full.block(3, 0, 0, 4).data == buf.data() + 12);
+}
+
 TEST_CASE("a non-contiguous row is rejected at run time with lowrank::error", "[view]") {
     Matrix<float> m = Matrix<float>::Zero(4, 6);
     Eigen::Map<Matrix<float>, 0, Eigen::Stride<12, 2>> every_other(m.data(), 2, 3);

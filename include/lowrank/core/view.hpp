@@ -47,7 +47,8 @@ struct MatrixView {
     /// Rows [r0, r0 + nr) and columns [c0, c0 + nc).
     [[nodiscard]] MatrixView block(Index r0, Index c0, Index nr, Index nc) const noexcept {
         LOWRANK_ASSERT(r0 >= 0 && c0 >= 0 && r0 + nr <= rows && c0 + nc <= cols);
-        return {data + r0 * ld + c0, nr, nc, ld};
+        // An empty view may have no storage: offsetting a null pointer is undefined behaviour.
+        return {data ? data + r0 * ld + c0 : data, nr, nc, ld};
     }
     [[nodiscard]] MatrixView middle_rows(Index r0, Index nr) const noexcept {
         return block(r0, 0, nr, cols);
