@@ -99,7 +99,8 @@ namespace lowrank::core {
 ///   29.3 vs 17.8, n = 128 131 vs 70; w = 16 stays broadcast from n = 8 (n = 16: 4.5 vs 4.1 and
 ///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32 and 64 from n = 16: 0.5–0.86×;
 ///   at n = 8 the two are within 0.86–1.18× of each other for w = 16–64).
-/// - `narrow_project_rows`, `narrow_grad_rows`: from this many rows of dY on, the backward's G = dY U
+/// - `narrow_project_rows`, `narrow_grad_rows` (tested by `narrow_project(n, w, lanes)`,
+///   `narrow_grad(n, w, lanes)`): from this many rows of dY on, the backward's G = dY U
 ///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
 ///   broadcast kernel on U / dU in place (half-empty vectors): G by dot products against Uᵀ, dU
 ///   as dUᵀ = α Tᵀ dY along the outputs, transposed. Each alone, w = 8, float, this AVX-512 VM,
@@ -201,8 +202,17 @@ struct blocking {
     static constexpr Index gemm_mc = 144;
     static constexpr Index gemm_nc = 1024;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
+    /// A rank w of half a vector of `lanes` or less (8 in float on AVX-512): the broadcast
+    /// kernel's vectors along it would run half empty.
+    [[nodiscard]] static constexpr bool half_vector(Index w, Index lanes) noexcept { return 2 * w <= lanes; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w, Index lanes) noexcept {
-        return n >= 8 && w <= 1024 && 2 * w > lanes;
+        return n >= 8 && w <= 1024 && !half_vector(w, lanes);
+    }
+    [[nodiscard]] static constexpr bool narrow_project(Index n, Index w, Index lanes) noexcept {
+        return half_vector(w, lanes) && n >= narrow_project_rows;
+    }
+    [[nodiscard]] static constexpr bool narrow_grad(Index n, Index w, Index lanes) noexcept {
+        return (half_vector(w, lanes) && n >= narrow_grad_rows) || (w == lanes && n >= narrow_grad_rows_full);
     }
 };
 

@@ -197,7 +197,8 @@ namespace detail {
 /// The blocks of the narrow paths below: calls f(o0, count, buffer, ld) for consecutive blocks
 /// [o0, o0 + count) of n columns, count ≤ ld, with a 32 KiB stack buffer that holds a `rows` × ld
 /// block; ld is an odd number of vectors (the block's rows then fall in different L1 sets), at
-/// least one.
+/// least one. The widest such block, not expand's blocks of equal width: with those, the backward
+/// at n = 128, 1024², took 1.10× as long (r = 8: 95 → 106 µs, r = 16: 153 → 169; bench_lora).
 template <class T, class Arch, class F>
 void narrow_blocks(Index n, Index rows, F&& f) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -220,7 +221,7 @@ void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g
     LOWRANK_ASSERT(dy.cols == u.rows && g.rows == dy.rows && g.cols == u.cols);
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index w = u.cols, out = u.rows;
-    if (2 * w <= W && w > 0 && out > 0 && dy.rows >= blocking::narrow_project_rows) {
+    if (blocking::narrow_project(dy.rows, w, W) && w > 0 && out > 0) {
         detail::narrow_blocks<T, Arch>(out, w, [&](Index p0, Index kc, T* packed, Index ld) {  // Uᵀ block: w × kc
             detail::transpose<T, Arch>(kc, w, u.row(p0), u.ld, packed, ld);
             gemm_dot<T, Arch>(dy.rows, w, kc, T(1), dy.data + p0, dy.ld, packed, ld, g.data, g.ld, p0 > 0);
@@ -242,9 +243,7 @@ void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du
     LOWRANK_ASSERT(dy.rows == t.rows && du.rows == dy.cols && du.cols == t.cols);
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index w = t.cols, out = dy.cols;
-    const bool narrow = (2 * w <= W && dy.rows >= blocking::narrow_grad_rows) ||
-                        (w == W && dy.rows >= blocking::narrow_grad_rows_full);
-    if (narrow && w > 0 && out > 0) {
+    if (blocking::narrow_grad(dy.rows, w, W) && w > 0 && out > 0) {
         detail::narrow_blocks<T, Arch>(out, w, [&](Index o0, Index oc, T* block, Index ld) {  // dUᵀ block: w × oc
             if (accumulate) detail::transpose<T, Arch>(oc, w, du.row(o0), du.ld, block, ld);
             gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block, ld, accumulate);
