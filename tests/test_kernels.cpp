@@ -33,8 +33,10 @@ TEMPLATE_TEST_CASE("gemm_bcast matches the scalar reference and the exact produc
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index m = GENERATE(0, 1, 5, 6, 7, 13, 100);
-    const Index n = GENERATE_COPY(Index(1), W - 1, W, W + 1, 2 * W + 3, Index(300));
+    // m and n cross the row bands (6 rows, or 8 with AVX-512's 32 registers at a short k) and
+    // the column tiles of 3, 2 and 1 vectors before the zero-padded tail.
+    const Index m = GENERATE(0, 1, 5, 6, 7, 8, 13, 17, 100);
+    const Index n = GENERATE_COPY(Index(1), W - 1, W, W + 1, 2 * W + 3, 4 * W, 5 * W + 1, Index(300));
     const Index k = GENERATE(0, 1, 3, 8, 300);
     const bool transposed_a = GENERATE(false, true);
     const bool accumulate = GENERATE(false, true);

@@ -99,6 +99,18 @@ namespace lowrank::core {
 ///   29.3 vs 17.8, n = 128 131 vs 70; w = 16 stays broadcast from n = 8 (n = 16: 4.5 vs 4.1 and
 ///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32 and 64 from n = 16: 0.5–0.86×;
 ///   at n = 8 the two are within 0.86–1.18× of each other for w = 16–64).
+///   `packed_shrink_rows_one_vector`: for a rank of one vector or less, gemm_dot up to this many
+///   rows (a later run, same harness, µs, broadcast vs gemm_dot, w = 16, AVX-512: in = 4096: n = 16
+///   28.8 vs 18.7 and 37.8 vs 25.6 (two runs), n = 32 53.9 vs 55.1, n = 64 88.2 vs 107, n = 128 154
+///   vs 219; in = 1024, n = 16 7.0 vs 4.6, n = 64 20.5 vs 24.6). On AVX2 (w = 8, one vector there)
+///   gemm_dot stays faster at n = 64 too (72.1 vs 57.0); left at 32 for both.
+/// - `band_mr<Arch>` × `band_nv<Arch>`: gemm_bcast's tile for a short k (≤ short_k) over a full
+///   band of rows. AVX-512: 8 rows × 3 vectors (24 accumulators; 11 loads per 24 FMAs, against 8
+///   per 12 for 6 × 2), so a C of 8 rows (the backward's dA = Gᵀ X and dUᵀ = Tᵀ dY at rank 8) is
+///   one band and B is read once, not twice (bands of 6 + 2). Each alone, µs, same run, old →
+///   new: dA, n = 128, 4096, r = 8 158 → 66, r = 16 238 → 132; dUᵀ r = 8 109 → 73, r = 16 173 → 121.
+///   Bands of fewer rows keep the 6-row tiles (at n = 1 the 1 × 3 tile of dX = G A made the
+///   backward 0.72–0.92× as fast); 4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64).
 /// - `narrow_project_rows`, `narrow_grad_rows` (tested by `narrow_project(n, w, lanes)`,
 ///   `narrow_grad(n, w, lanes)`): from this many rows of dY on, the backward's G = dY U
 ///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
@@ -161,6 +173,10 @@ struct blocking {
     template <class Arch>
     static constexpr Index gemm_mr = wide_register_file<Arch> ? 12 : 6;
     static constexpr Index mr = 6;
+    template <class Arch>
+    static constexpr Index band_mr = wide_register_file<Arch> ? 8 : mr;
+    template <class Arch>
+    static constexpr Index band_nv = wide_register_file<Arch> ? 3 : 2;
     static constexpr Index mc = 96;
     static constexpr Index short_k = 128;
     static constexpr Index band_rows = 32;
@@ -176,6 +192,7 @@ struct blocking {
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
+    static constexpr Index packed_shrink_rows_one_vector = 32;
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
     static constexpr Index narrow_grad_rows_full = 16;
@@ -206,7 +223,7 @@ struct blocking {
     /// kernel's vectors along it would run half empty.
     [[nodiscard]] static constexpr bool half_vector(Index w, Index lanes) noexcept { return 2 * w <= lanes; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w, Index lanes) noexcept {
-        return n >= 8 && w <= 1024 && !half_vector(w, lanes);
+        return n >= (w <= lanes ? packed_shrink_rows_one_vector : 8) && w <= 1024 && !half_vector(w, lanes);
     }
     [[nodiscard]] static constexpr bool narrow_project(Index n, Index w, Index lanes) noexcept {
         return half_vector(w, lanes) && n >= narrow_project_rows;
@@ -535,7 +552,8 @@ inline void bcast_rows(Index m, Index kc, T alpha, const T* a, Index rsa, Index 
 /// A(i, p) = a[i*rsa + p*csa] (rsa = lda, csa = 1 for a row-major A; rsa = 1, csa = lda to read
 /// a row-major k × m matrix as Aᵀ). With `accumulate == false` C is overwritten (and may hold
 /// garbage on entry). k = 0 sets C to zero (or leaves it when accumulating).
-/// Cost: 2·m·n·k flops; B is read ⌈m / 6⌉ times per column block, from cache when it fits.
+/// Cost: 2·m·n·k flops; B is read ⌈m / 6⌉ times per column block (⌈m / 8⌉ at a short k on
+/// AVX-512: blocking::band_mr), from cache when it fits.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index csa, const T* b,
                 Index ldb, T* c, Index ldc, bool accumulate) noexcept {
@@ -587,7 +605,8 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     const Index nc = short_k ? std::max<Index>(n, 1)
                              : std::max<Index>(2 * W, (blocking::nc_bytes / Index(sizeof(T)) /
                                                        blocking::kc) / (2 * W) * (2 * W));
-    const Index mc = short_k ? blocking::mr : blocking::mc;
+    constexpr int BR = int(blocking::band_mr<Arch>), BV = int(blocking::band_nv<Arch>);
+    const Index mc = short_k ? BR : blocking::mc;
     // The last < W columns read B through a zero-padded copy, so full-width loads stay in bounds.
     alignas(64) std::array<T, blocking::kc * W> tail_panel;
     const Index n_full = n / W * W;
@@ -603,6 +622,20 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                 const T* a_i = a_p + ic * rsa;
                 T* c_i = c + ic * ldc;
                 Index j = jc;
+                if (short_k && mb == BR) {  // a full band of a short k: see blocking::band_mr
+                    const Index vectors = (jend - j) / W;
+                    const Index wide = vectors == BV + 1 ? 0 : vectors / BV;  // 4 vectors: 2 + 2, not 3 + 1
+                    for (Index t = 0; t < wide; ++t, j += BV * W)
+                        detail::bcast_tile<BR, BV, T, Arch>(kc, alpha, a_i, rsa, csa, b_p + j, ldb, c_i + j, ldc,
+                                                            acc, BV * W);
+                    for (; j + 2 * W <= jend; j += 2 * W)
+                        detail::bcast_tile<BR, 2, T, Arch>(kc, alpha, a_i, rsa, csa, b_p + j, ldb, c_i + j, ldc,
+                                                           acc, 2 * W);
+                    if (j < jend)
+                        detail::bcast_tile<BR, 1, T, Arch>(kc, alpha, a_i, rsa, csa, b_p + j, ldb, c_i + j, ldc,
+                                                           acc, W);
+                    continue;
+                }
                 for (; j + 2 * W <= jend; j += 2 * W)
                     detail::bcast_rows<2, T, Arch>(mb, kc, alpha, a_i, rsa, csa, b_p + j, ldb,
                                                    c_i + j, ldc, acc, 2 * W);
