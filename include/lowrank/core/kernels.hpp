@@ -99,7 +99,7 @@ namespace lowrank::core {
 ///   29.3 vs 17.8, n = 128 131 vs 70; w = 16 stays broadcast from n = 8 (n = 16: 4.5 vs 4.1 and
 ///   18.4 vs 18.8, n = 128: 24.8 vs 30.7 and 103 vs 161; w = 32 and 64 from n = 16: 0.5–0.86×;
 ///   at n = 8 the two are within 0.86–1.18× of each other for w = 16–64).
-///   `packed_shrink_rows_one_vector`: for a rank of one vector or less, gemm_dot up to this many
+///   `packed_shrink_rows_one_vector`: for a rank of one vector or less, gemm_dot below this many
 ///   rows (a later run, same harness, µs, broadcast vs gemm_dot, w = 16, AVX-512: in = 4096: n = 16
 ///   28.8 vs 18.7 and 37.8 vs 25.6 (two runs), n = 32 53.9 vs 55.1, n = 64 88.2 vs 107, n = 128 154
 ///   vs 219; in = 1024, n = 16 7.0 vs 4.6, n = 64 20.5 vs 24.6). On AVX2 (w = 8, one vector there)
