@@ -389,8 +389,9 @@ TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |Î
                    float, double) {
     using T = TestType;
     // in = 13, 17, 130: strips of 64 bytes with a 1-vector tile and scalar columns left over;
-    // r = 130 > blocking::short_k takes the blocked broadcast kernel instead of the strips.
-    const Index out = GENERATE(1, 9, 65), in = GENERATE(1, 13, 17, 130), r = GENERATE(1, 4, 64, 130);
+    // r = 130 > blocking::short_k takes the blocked broadcast kernel instead of the strips; in =
+    // 300 gives rows of more than update_prefetch_tiles + 1 full tiles (prefetching W ahead).
+    const Index out = GENERATE(1, 9, 65), in = GENERATE(1, 13, 17, 130, 300), r = GENERATE(1, 4, 64, 130);
     CAPTURE(out, in, r);
     Matrix<T> w = random_matrix<T>(out, in, 5);
     const Matrix<T> w0 = w;

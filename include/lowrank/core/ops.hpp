@@ -259,16 +259,17 @@ namespace detail {
 
 /// C (+)= α U B for U with `depth` columns (row i at u + i·ldu) and B (depth × C's columns) in
 /// strips: C in bands of expand_mr rows across its full width, each tile reading its panel of B
-/// as one contiguous run. Out of line (see gemm_block_panel): inlined into grad_shrink's loop over
-/// blocks of X, GCC 12 ran its tiles 1.45× slower (grad_shrink, w = 64, n = 128, 4096²).
-template <class T, class Arch>
+/// as one contiguous run; PF: expand_sweep's prefetch of C ahead of the tiles. Out of line (see
+/// gemm_block_panel): inlined into grad_shrink's loop over blocks of X, GCC 12 ran its tiles 1.45×
+/// slower (grad_shrink, w = 64, n = 128, 4096²).
+template <class T, class Arch, int PF = 0>
 LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index depth, const StripPanel<T>& panel,
                                  T alpha, bool accumulate) {
     row_tiles<expand_mr>(c.rows, [&](Index i, auto mr) {
         constexpr int MR = decltype(mr)::value;
         T* rows[MR];
         LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = c.row(i + q);
-        expand_rows<MR, T, Arch>(rows, 0, c.cols, depth, u + i * ldu, ldu, panel, alpha, accumulate);
+        expand_rows<MR, T, Arch, PF>(rows, 0, c.cols, depth, u + i * ldu, ldu, panel, alpha, accumulate);
     });
 }
 
@@ -278,13 +279,13 @@ LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index d
 /// its panel of V as one contiguous run (a few sequential streams through C), rather than the
 /// broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at lengths
 /// of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
-template <class T, class Arch>
+template <class T, class Arch, int PF = 0>
 void band_product(MatrixView<T> c, MatrixView<const T> u, MatrixView<const T> v, T alpha, bool accumulate,
                   std::vector<T, xsimd::aligned_allocator<T, 64>>& strips) {
     const Index r = u.cols;
     T* packed = GemmWorkspace<T>::reserve(strips, strip_rows<T>(r, c.cols) * strip_width<T>);
     pack_strips<T>(r, c.cols, v.data, v.ld, 1, packed);
-    band_sweep<T, Arch>(c, u.data, u.ld, r, StripPanel<T>(packed, r), alpha, accumulate);
+    band_sweep<T, Arch, PF>(c, u.data, u.ld, r, StripPanel<T>(packed, r), alpha, accumulate);
 }
 
 }  // namespace detail
@@ -365,7 +366,7 @@ void rank_update(MatrixView<T> w, MatrixView<const T> u, MatrixView<const T> v, 
         return;
     }
     std::vector<T, xsimd::aligned_allocator<T, 64>> strips;
-    detail::band_product<T, Arch>(w, u, v, alpha, true, strips);
+    detail::band_product<T, Arch, blocking::update_prefetch_tiles>(w, u, v, alpha, true, strips);
 }
 
 }  // namespace lowrank::core
