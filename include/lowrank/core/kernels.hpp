@@ -165,7 +165,11 @@ namespace lowrank::core {
 ///   W 4096², float, medians of 9 interleaved runs (ms; OpenBLAS 67.6 in the same run): kc 256 /
 ///   384 / 512 with nc = 1024: 72.6 / 65.3 / 70.6; nc = 768: 69.3 / 73.6 / 71.6; an earlier run
 ///   57–58 ms for all three at nc = 1024 (OpenBLAS 56.1) and 65–79 ms at nc = 4096, whose 4 MiB
-///   block of B does not stay in this VM's share of L3.
+///   block of B does not stay in this VM's share of L3. `gemm_mc<T>` keeps the block of A at the
+///   same bytes for every T (72 rows in double): X Wᵀ alone, X 128 × d, double, medians of 15–25
+///   interleaved calls (ms), mc 144 → 72: d = 1024 3.51 → 3.22, 4.00 → 3.48, 3.47 → 3.19, 4.01 →
+///   3.77 (four runs), 4096 56.0 → 55.4, 53.9 → 53.6, 54.0 → 53.6; kc 192 or 256 instead were in
+///   between (float at mc = 72: 0.99–1.05× its time at 144, so float keeps 144).
 struct blocking {
     /// Whether Arch has 32 vector registers (AVX-512) rather than 16 (AVX2, SSE).
     template <class Arch>
@@ -228,7 +232,8 @@ struct blocking {
                                        stream_tile<6, 2, 1, false>>;
     };
     static constexpr Index gemm_kc = 384;
-    static constexpr Index gemm_mc = 144;
+    template <class T>
+    static constexpr Index gemm_mc = 144 * 4 / Index(sizeof(T));
     static constexpr Index gemm_nc = 1024;
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
     /// A rank w of half a vector of `lanes` or less (8 in float on AVX-512): the broadcast
