@@ -253,7 +253,8 @@ TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatS
     const Index n = GENERATE_COPY(0, 1, 7, 12, 33);
     const Index in = GENERATE_COPY(Index(1), W + 1, Index(130));
     const Index out = GENERATE(Index(1), W - 1 > 0 ? W - 1 : Index(2), Index(70));
-    const Index w = GENERATE(1, 3, 16);
+    // w = 2W + 3: a rank with a partial vector (shrink's last w mod W outputs by dot products).
+    const Index w = GENERATE_COPY(Index(1), Index(3), Index(16), 2 * W + 3);
     CAPTURE(n, in, out, w);
     const double u = eps<T>();
 
@@ -306,6 +307,31 @@ TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatS
         bound += 2 * u * dX0.cwiseAbs();
         require_within(dx.value(), dX0 - 0.5 * naive_product(G0, V), bound, "input_grad, accumulating");
     }
+}
+
+TEMPLATE_TEST_CASE("shrink equals its dense formula on each side of blocking::packed_shrink", "[ops]",
+                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // Ranks of half a vector + 1, 3/4 of one (dot products at every n), one lane short of a vector
+    // (the broadcast kernel from packed_shrink_rows_part_vector rows on), exactly one, and past
+    // one with a partial vector (its last w mod W outputs by dot products); n on each side of the
+    // row thresholds (8, 32, 64).
+    const Index w = GENERATE_COPY(W / 2 + 1, 3 * W / 4, W - 1, W, W + 1, 2 * W + 3);
+    const Index n = GENERATE(Index(7), Index(8), Index(31), Index(32), Index(63), Index(64), Index(70));
+    const Index in = GENERATE_COPY(W + 1, Index(130));
+    CAPTURE(n, w, in, core::blocking::packed_shrink(n, w, W));
+    Strided<T> x(n, in, 51), v(w, in, 52), t(n, w, 53);
+    const Matrix<double> X = x.value(), V = v.value();
+    core::shrink<T, Arch>(x.view(), v.view(), t.view());
+    require_within(t.value(), naive_product(X, V.transpose()),
+                   product_bound(X.cwiseAbs(), V.transpose().cwiseAbs(), eps<T>()), "shrink");
+    // Nothing written around T (Strided's border).
+    Matrix<T> outside = t.storage, untouched = Strided<T>(n, w, 53).storage;
+    outside.block(1, 2, n, w).setZero();
+    untouched.block(1, 2, n, w).setZero();
+    REQUIRE(outside == untouched);
 }
 
 TEMPLATE_TEST_CASE("grad_shrink with wide factors (Gᵀ and X in strips) equals its dense formula", "[ops]",

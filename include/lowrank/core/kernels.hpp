@@ -115,6 +115,12 @@ namespace lowrank::core {
 ///   28.8 vs 18.7 and 37.8 vs 25.6 (two runs), n = 32 53.9 vs 55.1, n = 64 88.2 vs 107, n = 128 154
 ///   vs 219; in = 1024, n = 16 7.0 vs 4.6, n = 64 20.5 vs 24.6). On AVX2 (w = 8, one vector there)
 ///   gemm_dot stays faster at n = 64 too (72.1 vs 57.0); left at 32 for both.
+///   `packed_shrink_rows_part_vector`: a rank between half a vector and one (9–15 in float on
+///   AVX-512) pays a whole vector per tile in the broadcast kernel (a zero-padded copy of the
+///   panel) but only its w lanes in dot products; the broadcast kernel from this many rows on, and
+///   only above 3/4 of a vector. Same run, in = 4096, float, broadcast vs gemm_dot (µs): n = 32:
+///   w = 9 57.9 vs 20.3, 12 58.4 vs 29.3, 15 52.1 vs 40.8; n = 64: 97.7 vs 53.2, 101 vs 71.5, 79.8
+///   vs 85.0; n = 128: 140 vs 90.3, 144 vs 130, 141 vs 173; double, n = 128, w = 7: 176 vs 212.
 /// - `band_mr<Arch>` × `band_nv<Arch>`: gemm_bcast's tile for a short k (≤ short_k) over a full
 ///   band of rows. AVX-512: 8 rows × 3 vectors (24 accumulators; 11 loads per 24 FMAs, against 8
 ///   per 12 for 6 × 2), so a C of 8 rows (the backward's dA = Gᵀ X and dUᵀ = Tᵀ dY at rank 8) is
@@ -209,6 +215,7 @@ struct blocking {
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
     static constexpr Index packed_shrink_rows_one_vector = 32;
+    static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
     static constexpr Index narrow_grad_rows_full = 16;
@@ -240,7 +247,9 @@ struct blocking {
     /// kernel's vectors along it would run half empty.
     [[nodiscard]] static constexpr bool half_vector(Index w, Index lanes) noexcept { return 2 * w <= lanes; }
     [[nodiscard]] static constexpr bool packed_shrink(Index n, Index w, Index lanes) noexcept {
-        return n >= (w <= lanes ? packed_shrink_rows_one_vector : 8) && w <= 1024 && !half_vector(w, lanes);
+        if (half_vector(w, lanes) || w > 1024) return false;
+        if (w < lanes) return 4 * w > 3 * lanes && n >= packed_shrink_rows_part_vector;
+        return n >= (w == lanes ? packed_shrink_rows_one_vector : 8);
     }
     [[nodiscard]] static constexpr bool narrow_project(Index n, Index w, Index lanes) noexcept {
         return half_vector(w, lanes) && n >= narrow_project_rows;

@@ -130,14 +130,26 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
 /// blocking::packed_shrink), dot products along the input features (gemm_dot: X and V read once
 /// per pass). With many rows, V is transposed block by block into a 32 KiB stack buffer and the
 /// broadcast kernel runs over all rows of X for each block (more FMAs per load; the copy costs
-/// w · in moves once per call, amortised over the rows).
+/// w · in moves once per call, amortised over the rows), the last w mod W outputs by dot products.
 template <class T, class Arch = xsimd::default_arch>
 void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
-    const Index n = x.rows, w = v.rows, in = x.cols;
-    if (!blocking::packed_shrink(n, w, xsimd::batch<T, Arch>::size) || in == 0) {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index n = x.rows, in = x.cols;
+    Index w = v.rows;
+    if (!blocking::packed_shrink(n, w, W) || in == 0) {
         gemm_dot<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false);
         return;
+    }
+    // A rank that is not a multiple of W: its last w mod W outputs by dot products. In the
+    // broadcast kernel a part of a vector costs a whole one (a zero-padded copy of the panel, or
+    // AVX2's half vectors), so rank 17 cost more than rank 32. Alone, float, AVX-512, same run
+    // (µs), in = 4096, n = 8: r = 17 54.7 → 12.1, 24 31.8 → 17.4, 65 127 → 60.0; n = 128: r = 17
+    // 319 → 160, 24 279 → 224, 40 347 → 294; double, n = 8, r = 9 58.5 → 14.0 (n = 128, r = 28:
+    // 465 → 519, the one shape measured slower).
+    if (const Index rem = w % W; rem != 0 && w > rem) {
+        w -= rem;
+        gemm_dot<T, Arch>(n, rem, in, T(1), x.data, x.ld, v.row(w), v.ld, t.data + w, t.ld, false);
     }
     constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
     alignas(64) std::array<T, pack_elems> packed;  // Vᵀ block: kb × w, row-major
