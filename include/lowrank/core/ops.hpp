@@ -223,48 +223,99 @@ void narrow_blocks(Index n, Index rows, F&& f) noexcept {
 
 }  // namespace detail
 
+namespace detail {
+
+/// Whether project_back and grad_expand take the last rem = w mod W columns of a rank w out of
+/// the broadcast kernel: when there is a partial vector past a full one, unless it is exactly half
+/// an AVX-512 vector (gemm_bcast runs that on AVX2's vectors, no lane wasted: r = 24, float,
+/// n = 1, out = 4096, project_back 6.2 vs 11.1 µs the other way).
+template <class T, class Arch>
+[[nodiscard]] constexpr bool split_rank_tail(Index w, Index rem) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    return rem != 0 && w > rem && !(blocking::wide_register_file<Arch> && 2 * rem == W);
+}
+
+/// G = dY U by dot products along the outputs: Uᵀ copied block by block into a 32 KiB stack
+/// buffer, gemm_dot reducing each row of dY against it.
+template <class T, class Arch>
+void project_back_dots(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g) noexcept {
+    const Index w = u.cols;
+    narrow_blocks<T, Arch>(u.rows, w, [&](Index p0, Index kc, T* packed, Index ld) {  // Uᵀ block: w × kc
+        transpose<T, Arch>(kc, w, u.row(p0), u.ld, packed, ld);
+        gemm_dot<T, Arch>(dy.rows, w, kc, T(1), dy.data + p0, dy.ld, packed, ld, g.data, g.ld, p0 > 0);
+    });
+}
+
+/// dU (+)= α dYᵀ T as dUᵀ = α Tᵀ dY, block by block of outputs in a 32 KiB stack buffer (the
+/// broadcast kernel along the outputs), transposed into dU (when accumulating, dU's block is
+/// transposed in first).
+template <class T, class Arch>
+void grad_expand_transposed(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du, T alpha,
+                            bool accumulate) noexcept {
+    const Index w = t.cols;
+    narrow_blocks<T, Arch>(dy.cols, w, [&](Index o0, Index oc, T* block, Index ld) {  // dUᵀ block: w × oc
+        if (accumulate) transpose<T, Arch>(oc, w, du.row(o0), du.ld, block, ld);
+        gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block, ld, accumulate);
+        transpose<T, Arch>(w, oc, block, ld, du.row(o0), du.ld);
+    });
+}
+
+}  // namespace detail
+
 /// G = dY U (the gradient reaching the transformed shrink output). For a U of half a vector of
 /// columns or fewer (rank 8 in float on AVX-512) and from blocking::narrow_project_rows rows of dY
-/// on, dot products along the outputs: Uᵀ is copied block by block into a 32 KiB stack buffer and
-/// gemm_dot reduces each row of dY against it, as the shrink does (the broadcast kernel on U in
-/// place runs half-empty vectors).
+/// on, dot products along the outputs (detail::project_back_dots, as the shrink does: the
+/// broadcast kernel on U in place runs half-empty vectors). Otherwise the broadcast kernel, and
+/// for a rank past one vector that is not a multiple of one, its last w mod W columns by dot
+/// products (detail::split_rank_tail): a part of a vector costs the broadcast kernel a whole one
+/// (and a zero-padded copy of U's columns, row by row). Alone, float, AVX-512, out = 4096, old and
+/// new alternating, two runs (µs), r = 17: n = 1 24.1–32.4 → 5.9–7.9, n = 16 47.3–61.7 →
+/// 20.4–22.5, n = 128 240–271 → 143–157 (r = 16: 2.6–3.2, 12.2–15.5, 98.5–119).
 template <class T, class Arch = xsimd::default_arch>
 void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g) noexcept {
     LOWRANK_ASSERT(dy.cols == u.rows && g.rows == dy.rows && g.cols == u.cols);
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index w = u.cols, out = u.rows;
-    if (blocking::narrow_project(dy.rows, w, W) && w > 0 && out > 0) {
-        detail::narrow_blocks<T, Arch>(out, w, [&](Index p0, Index kc, T* packed, Index ld) {  // Uᵀ block: w × kc
-            detail::transpose<T, Arch>(kc, w, u.row(p0), u.ld, packed, ld);
-            gemm_dot<T, Arch>(dy.rows, w, kc, T(1), dy.data + p0, dy.ld, packed, ld, g.data, g.ld, p0 > 0);
-        });
-        return;
+    const Index out = u.rows;
+    Index w = u.cols;
+    if (w > 0 && out > 0) {
+        if (blocking::narrow_project(dy.rows, w, W)) {
+            detail::project_back_dots<T, Arch>(dy, u, g);
+            return;
+        }
+        if (const Index rem = w % W; detail::split_rank_tail<T, Arch>(w, rem)) {
+            w -= rem;
+            detail::project_back_dots<T, Arch>(dy, u.block(0, w, out, rem), g.block(0, w, g.rows, rem));
+        }
     }
-    gemm_bcast<T, Arch>(dy.rows, u.cols, dy.cols, T(1), dy.data, dy.ld, 1, u.data, u.ld, g.data,
-                        g.ld, false);
+    gemm_bcast<T, Arch>(dy.rows, w, dy.cols, T(1), dy.data, dy.ld, 1, u.data, u.ld, g.data, g.ld, false);
 }
 
 /// dU (+)= α dYᵀ T. For a T of half a vector of columns or fewer from blocking::narrow_grad_rows
 /// rows on, and of exactly one vector of columns from blocking::narrow_grad_rows_full rows on,
-/// dUᵀ = α Tᵀ dY is formed block by block of outputs in a 32 KiB stack buffer (the broadcast
-/// kernel along the outputs, two vectors per tile) and transposed into dU (when accumulating,
-/// dU's block is transposed in first).
+/// along the outputs (detail::grad_expand_transposed); otherwise the broadcast kernel on dU in
+/// place, and for a rank past one vector that is not a multiple of one, its last w mod W columns
+/// along the outputs (a part of a vector costs the broadcast kernel a whole one). Same runs as
+/// project_back, r = 17: n = 1 18.7–18.9 → 5.3–6.0, n = 16 46.5–64.2 → 26.6–29.8, n = 128
+/// 391–455 → 212–239 µs (r = 16: 2.2–3.1, 22.0–27.2, 141–189).
 template <class T, class Arch = xsimd::default_arch>
 void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du, T alpha,
                  bool accumulate) noexcept {
     LOWRANK_ASSERT(dy.rows == t.rows && du.rows == dy.cols && du.cols == t.cols);
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    const Index w = t.cols, out = dy.cols;
-    if (blocking::narrow_grad(dy.rows, w, W) && w > 0 && out > 0) {
-        detail::narrow_blocks<T, Arch>(out, w, [&](Index o0, Index oc, T* block, Index ld) {  // dUᵀ block: w × oc
-            if (accumulate) detail::transpose<T, Arch>(oc, w, du.row(o0), du.ld, block, ld);
-            gemm_bcast<T, Arch>(w, oc, dy.rows, alpha, t.data, 1, t.ld, dy.data + o0, dy.ld, block, ld, accumulate);
-            detail::transpose<T, Arch>(w, oc, block, ld, du.row(o0), du.ld);
-        });
-        return;
+    const Index out = dy.cols;
+    Index w = t.cols;
+    if (w > 0 && out > 0) {
+        if (blocking::narrow_grad(dy.rows, w, W)) {
+            detail::grad_expand_transposed<T, Arch>(dy, t, du, alpha, accumulate);
+            return;
+        }
+        if (const Index rem = w % W; detail::split_rank_tail<T, Arch>(w, rem)) {
+            w -= rem;
+            detail::grad_expand_transposed<T, Arch>(dy, t.block(0, w, t.rows, rem), du.block(0, w, out, rem), alpha,
+                                                    accumulate);
+        }
     }
-    gemm_bcast<T, Arch>(dy.cols, t.cols, dy.rows, alpha, dy.data, 1, dy.ld, t.data, t.ld, du.data,
-                        du.ld, accumulate);
+    gemm_bcast<T, Arch>(dy.cols, w, dy.rows, alpha, dy.data, 1, dy.ld, t.data, t.ld, du.data, du.ld, accumulate);
 }
 
 namespace detail {
