@@ -83,8 +83,8 @@ LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* b
     store_tile<MR, NV, T, Arch>(acc, [&](int i) { return c + i * ldc; }, alpha, accumulate, cols);
 }
 
-/// All mc rows of a packed block of A (micro-panels of blocking::gemm_mr<Arch> rows, kc steps
-/// each) against one panel of B `width` columns wide (step p at bp + p·ldb), in tiles of NV
+/// All mc rows of a packed block of A (micro-panels of MR rows, kc steps each; by default
+/// blocking::gemm_mr<Arch>) against one panel of B `width` columns wide (step p at bp + p·ldb), in tiles of NV
 /// vectors. RV = NV: the panel's rows are contiguous and the tiles go across them; RV < NV: the
 /// panel is one tile (width ≤ NV vectors) whose vectors come in runs of RV, `jump` apart (a
 /// tile across two strips of a PackedWeight on AVX-512, where a strip is one vector). With
@@ -93,11 +93,10 @@ LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* b
 /// without, the micro-kernels are compiled with no prefetch test at all. Out of line: inlined into
 /// gemm_packed (its only caller once the two instantiations split), GCC 12 spilled one of the
 /// micro-kernel's two panel vectors to the stack (forward n = 128, 1024², r = 16: 3.4 → 5.1 ms).
-template <int NV, int RV, class T, class Arch, bool Prefetch = false>
+template <int NV, int RV, class T, class Arch, bool Prefetch = false, int MR = int(blocking::gemm_mr<Arch>)>
 LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index jump,
                                        Index width, T* c, Index ldc, T alpha, bool accumulate,
                                        const T* prefetch = nullptr) noexcept {
-    constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index NR = NV * xsimd::batch<T, Arch>::size;
     static_assert(NV % RV == 0, "gemm_block_panel: a tile holds whole runs");
     for (Index j = 0; j < width; j += NR)
@@ -359,12 +358,51 @@ void pack_weight(MatrixView<const T> w, T* dst) noexcept {
     pack_strips<T>(w.cols, w.rows, w.data, 1, w.ld, dst);
 }
 
+namespace detail {
+
+/// gemm_strips' sweep over W for A packed in micro-panels of MR rows (ap: mp rows × k, pass by
+/// pass of gemm_kc), in tiles G strips wide (the last strips one at a time); see gemm_strips.
+template <int MR, Index G, class T, class Arch>
+void strips_sweep(Index m, T alpha, const T* ap, Index mp, PackedWeightView<T> w, T* c, Index ldc, bool accumulate) {
+    constexpr Index S = strip_width<T>, RV = std::max<Index>(1, S / xsimd::batch<T, Arch>::size);
+    const Index n = w.rows, k = w.cols, kc_max = std::min(blocking::gemm_kc, k);
+    const T* end = w.strips + packed_weight_size<T>(n, k);
+    const auto group = [&](Index jr, auto strips) {  // `strips` strips from column jr on
+        constexpr Index GS = decltype(strips)::value;
+        const T* first = w.strips + jr * k;
+        const Index width = std::min(GS * S, n - jr);
+        for (Index pc = 0; pc < k; pc += kc_max) {
+            const Index kc = std::min(kc_max, k - pc);
+            // the next piece of these strips, or the next group of strips
+            const T* next = pc + kc_max < k ? first + (pc + kc_max) * S : first + GS * k * S;
+            const T* pf = end - next >= kc * S ? next : nullptr;
+            gemm_block_panel<int(GS * RV), int(RV), T, Arch, true, MR>(m, kc, ap + pc * mp, first + pc * S, S, k * S,
+                                                                      width, c + jr, ldc, alpha,
+                                                                      accumulate || pc > 0, pf);
+        }
+    };
+    Index jr = 0;
+    for (; jr + G * S <= n; jr += G * S) group(jr, std::integral_constant<Index, G>());
+    for (; jr < n; jr += S) group(jr, std::integral_constant<Index, 1>());  // a tile past the last strip would run past W
+}
+
+}  // namespace detail
+
 /// C (+)= α A Wᵀ with W pre-packed (C m × n, A m × k row-major, W n × k as a PackedWeightView):
 /// for each strip of W (S of its rows, all of k, one contiguous run) and each pass of gemm_kc over
 /// k, every micro-panel of A against it; W is read once, sequentially, and never copied. A is
-/// packed once per call ((m rounded up to gemm_mr) × k values in ws.a). Up to 3 rows: the expand
-/// tiles over the strips instead (no packing). 4096², float, same run (ms), strips vs the row-major
-/// path of base_product: m = 8 6.8 vs 7.2, m = 16 10.6 vs 12.8.
+/// packed once per call ((m rounded up to the micro-panel) × k values in ws.a). Up to 3 rows: the
+/// expand tiles over the strips instead (no packing). 4096², float, same run (ms), strips vs the
+/// row-major path of base_product: m = 8 6.8 vs 7.2, m = 16 10.6 vs 12.8.
+///
+/// The micro-tiles are 2 vectors wide: within one strip where a strip holds at least that (AVX2:
+/// 16 floats = 2 vectors), across 2 strips where a strip is one vector (AVX-512), there against
+/// gemm_mr<Arch> = 12 rows of A; on AVX-512, tiles of band_mr × band_nv = 8 rows × 3 strips
+/// wherever they take no more row tiles (m ≤ 8 and 13–16: one tile of up to 8 rows rather than
+/// of up to 12, two of 5–8 rows rather than 12 + 1–4). From a PackedWeight, bench_core, float,
+/// old and new alternating, 5 rounds (medians): n = 16, 1024² 220–233 → 185–198 µs, 4096²
+/// 3.70–4.41 → 3.26–3.62 ms; gemm_strips alone, 1024² (µs): m = 8 93–130 → 84–102, m = 12 (left
+/// on 12 × 2) 123–161 → 146–167 with 8 × 3.
 ///
 /// Each piece of a strip (gemm_kc steps of S values) is read from memory by the first row tile
 /// and from L1 by the others, so W's stream would stall during those; the tiles therefore
@@ -374,7 +412,6 @@ void pack_weight(MatrixView<const T> w, T* dst) noexcept {
 template <class T, class Arch = xsimd::default_arch>
 void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w, T* c, Index ldc, bool accumulate,
                  GemmWorkspace<T>& ws) {
-    constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index S = strip_width<T>;
     const Index n = w.rows, k = w.cols;
     if (m <= 0 || n <= 0) return;
@@ -398,35 +435,22 @@ void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w,
         });
         return;
     }
-    const Index kc_max = std::min(blocking::gemm_kc, k), mp = (m + MR - 1) / MR * MR;
-    T* ap = GemmWorkspace<T>::reserve(ws.a, mp * k);
-    for (Index pc = 0; pc < k; pc += kc_max)
-        detail::pack_gemm_a<MR, T>(m, std::min(kc_max, k - pc), a + pc, lda, ap + pc * mp);
-    // The micro-tiles are 2 vectors wide: within one strip where a strip holds at least that
-    // (AVX2: 16 floats = 2 vectors), across G = 2 strips where a strip is one vector (AVX-512).
-    constexpr Index G = std::max<Index>(1, 2 * xsimd::batch<T, Arch>::size / S);
-    const T* end = w.strips + packed_weight_size<T>(n, k);
-    for (Index jr = 0; jr < n; jr += G * S) {
-        const T* group = w.strips + jr * k;
-        const Index width = std::min(G * S, n - jr);
-        for (Index pc = 0; pc < k; pc += kc_max) {
-            const Index kc = std::min(kc_max, k - pc);
-            // the next piece of these strips, or the next group of strips
-            const T* next = pc + kc_max < k ? group + (pc + kc_max) * S : group + G * k * S;
-            const T* pf = end - next >= kc * S ? next : nullptr;
-            const bool acc = accumulate || pc > 0;
-            const T* panel = group + pc * S;
-            if constexpr (G == 1)
-                detail::gemm_block_panel<2, 2, T, Arch, true>(m, kc, ap + pc * mp, panel, S, 0, width, c + jr, ldc,
-                                                              alpha, acc, pf);
-            else if (width > S)  // both strips of the group exist
-                detail::gemm_block_panel<2, 1, T, Arch, true>(m, kc, ap + pc * mp, panel, S, k * S, width, c + jr,
-                                                              ldc, alpha, acc, pf);
-            else  // the last strip alone: a tile that read the next "strip" would run past the buffer
-                detail::gemm_block_panel<1, 1, T, Arch, true>(m, kc, ap + pc * mp, panel, S, k * S, width, c + jr,
-                                                              ldc, alpha, acc, pf);
+    const auto sweep = [&](auto mr, auto strips) {
+        constexpr int MR = decltype(mr)::value;
+        const Index kc_max = std::min(blocking::gemm_kc, k), mp = (m + MR - 1) / MR * MR;
+        T* ap = GemmWorkspace<T>::reserve(ws.a, mp * k);
+        for (Index pc = 0; pc < k; pc += kc_max)
+            detail::pack_gemm_a<MR, T>(m, std::min(kc_max, k - pc), a + pc, lda, ap + pc * mp);
+        detail::strips_sweep<MR, decltype(strips)::value, T, Arch>(m, alpha, ap, mp, w, c, ldc, accumulate);
+    };
+    constexpr Index BR = blocking::band_mr<Arch>, MR = blocking::gemm_mr<Arch>;
+    if constexpr (blocking::wide_register_file<Arch>)
+        if ((m + BR - 1) / BR <= (m + MR - 1) / MR) {  // no more row tiles than with MR rows
+            sweep(std::integral_constant<int, int(BR)>(), std::integral_constant<Index, blocking::band_nv<Arch>>());
+            return;
         }
-    }
+    sweep(std::integral_constant<int, int(MR)>(),
+          std::integral_constant<Index, std::max<Index>(1, 2 * xsimd::batch<T, Arch>::size / S)>());
 }
 
 }  // namespace lowrank::core

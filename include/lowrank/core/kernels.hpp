@@ -127,7 +127,8 @@ namespace lowrank::core {
 ///   one band and B is read once, not twice (bands of 6 + 2). Each alone, µs, same run, old →
 ///   new: dA, n = 128, 4096, r = 8 158 → 66, r = 16 238 → 132; dUᵀ r = 8 109 → 73, r = 16 173 → 121.
 ///   Bands of fewer rows keep the 6-row tiles (at n = 1 the 1 × 3 tile of dX = G A made the
-///   backward 0.72–0.92× as fast); 4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64).
+///   backward 0.72–0.92× as fast); 4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64). The same
+///   shape is gemm_strips' tile (8 rows × 3 strips of a PackedWeight) for up to 8 and 13–16 rows.
 /// - `narrow_project_rows`, `narrow_grad_rows` (tested by `narrow_project(n, w, lanes)`,
 ///   `narrow_grad(n, w, lanes)`): from this many rows of dY on, the backward's G = dY U
 ///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
