@@ -143,7 +143,7 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
     }
     const Index kc_max = std::min(blocking::gemm_kc, k);
     const Index mc_max = std::min((m + MR - 1) / MR * MR, blocking::gemm_mc<T> / MR * MR);
-    const Index nc_max = std::min((n + NR - 1) / NR * NR, std::max(NR, blocking::gemm_nc / NR * NR));
+    const Index nc_max = std::min((n + NR - 1) / NR * NR, std::max(NR, blocking::gemm_nc<T> / NR * NR));
     T* ap = GemmWorkspace<T>::reserve(ws.a, mc_max * kc_max);
     T* bp = GemmWorkspace<T>::reserve(ws.b, nc_max * kc_max);
     for (Index jc = 0; jc < n; jc += nc_max) {

@@ -176,7 +176,13 @@ namespace lowrank::core {
 ///   same bytes for every T (72 rows in double): X Wᵀ alone, X 128 × d, double, medians of 15–25
 ///   interleaved calls (ms), mc 144 → 72: d = 1024 3.51 → 3.22, 4.00 → 3.48, 3.47 → 3.19, 4.01 →
 ///   3.77 (four runs), 4096 56.0 → 55.4, 53.9 → 53.6, 54.0 → 53.6; kc 192 or 256 instead were in
-///   between (float at mc = 72: 0.99–1.05× its time at 144, so float keeps 144).
+///   between (float at mc = 72: 0.99–1.05× its time at 144, so float keeps 144). `gemm_nc<T>`
+///   likewise keeps the block of B at the same bytes (512 rows in double): same harness, double at
+///   mc = 72, nc 1024 → 512 (ms): d = 1024 3.42 → 3.17, 3.94 → 3.48; 4096 63.8 → 60.0, 64.6 → 60.7
+///   (kc 192 or 256 with it: within 3%; float at nc = 512: 1.08–1.12× slower at 1024, 1.00 at 4096).
+///   The harness alternates configurations call by call (W comes back from L3, as a model's
+///   next layer's would); bench_core's fused forward, which repeats one W, shows 1.00–1.02× for
+///   both changes (n = 128, double, 4 alternating rounds).
 struct blocking {
     /// Whether Arch has 32 vector registers (AVX-512) rather than 16 (AVX2, SSE).
     template <class Arch>
@@ -242,7 +248,8 @@ struct blocking {
     static constexpr Index gemm_kc = 384;
     template <class T>
     static constexpr Index gemm_mc = 144 * 4 / Index(sizeof(T));
-    static constexpr Index gemm_nc = 1024;
+    template <class T>
+    static constexpr Index gemm_nc = 1024 * 4 / Index(sizeof(T));
     [[nodiscard]] static constexpr bool narrow_dot(Index n, Index w) noexcept { return n <= 2 || 10 * n <= w; }
     /// A rank w of half a vector of `lanes` or less (8 in float on AVX-512): the broadcast
     /// kernel's vectors along it would run half empty.
