@@ -200,7 +200,7 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     REQUIRE(outside == untouched);  // nothing written around C
 }
 
-TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels]",
+TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels][packed]",
                    FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;

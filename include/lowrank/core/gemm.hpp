@@ -84,10 +84,10 @@ LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* b
 }
 
 /// All mc rows of a packed block of A (micro-panels of MR rows, kc steps each; by default
-/// blocking::gemm_mr<Arch>) against one panel of B `width` columns wide (step p at bp + p·ldb), in tiles of NV
-/// vectors. RV = NV: the panel's rows are contiguous and the tiles go across them; RV < NV: the
-/// panel is one tile (width ≤ NV vectors) whose vectors come in runs of RV, `jump` apart (a
-/// tile across two strips of a PackedWeight on AVX-512, where a strip is one vector). With
+/// blocking::gemm_mr<Arch>) against one panel of B `width` columns wide (step p at bp + p·ldb), in
+/// tiles of NV vectors. RV = NV: the panel's rows are contiguous and the tiles go across them;
+/// RV < NV: the panel is one tile (width ≤ NV vectors) whose vectors come in runs of RV, `jump`
+/// apart (a tile across strips of a PackedWeight on AVX-512, where a strip is one vector). With
 /// Prefetch and a non-null `prefetch` (a panel of the same layout), every tile prefetches it
 /// line by line as it reads B's (the first tile fetches it, the others find it in cache);
 /// without, the micro-kernels are compiled with no prefetch test at all. Out of line: inlined into
@@ -383,7 +383,8 @@ void strips_sweep(Index m, T alpha, const T* ap, Index mp, PackedWeightView<T> w
     };
     Index jr = 0;
     for (; jr + G * S <= n; jr += G * S) group(jr, std::integral_constant<Index, G>());
-    for (; jr < n; jr += S) group(jr, std::integral_constant<Index, 1>());  // a tile past the last strip would run past W
+    // The last strips one at a time: a tile that read past the last strip would run past W.
+    for (; jr < n; jr += S) group(jr, std::integral_constant<Index, 1>());
 }
 
 }  // namespace detail
