@@ -206,10 +206,10 @@ TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact produ
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // Edges of every block: m around the 6- and 12-row micro-panels (16 and 32 registers) and past
-    // gemm_mc<T> (144 in float, 72 in double), n around the 2-vector micro-panels (on AVX-512 two
-    // strips of a PackedWeight, the last one alone for n = 37 and 1030) and past gemm_nc<T> (1024 in
-    // float, 512 in double), k around the SIMD width (the packing transposes' tails) and past gemm_kc
-    // (384).
+    // gemm_mc<T> (144 in float, 72 in double), n around the 2-vector micro-panels (on AVX-512 tiles
+    // of two strips of a PackedWeight, or three for m = 5, 6, 7, 13; the last one alone for n = 37
+    // and 1030) and past gemm_nc<T> (1024 in float, 512 in double), k around the SIMD width (the
+    // packing transposes' tails) and past gemm_kc (384).
     const Index m = GENERATE(1, 3, 5, 6, 7, 12, 13, 25, 150);  // 1 and 3: gemm_strips's expand path
     const Index n = GENERATE_COPY(Index(1), 2 * W - 1, 2 * W, 2 * W + 1, Index(37), Index(1030));
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W + 1, Index(77), Index(400));

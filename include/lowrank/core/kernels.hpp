@@ -1166,7 +1166,7 @@ LOWRANK_TILE_INLINE void expand_rows(T* const* y, Index o0, Index o1, Index w, c
         for (Index j = 0; j < wc; ++j)
             LOWRANK_UNROLL for (int i = 0; i < MR; ++i) tp[std::size_t(j * MR + i)] = alpha * t[i * ldt + p0 + j];
         expand_sweep<MR, T, Arch, PF>(y, o0, o1, wc, PackedOperand<MR, T>{tp.data()}, panel.from_row(p0),
-                                  accumulate || p0 > 0);
+                                      accumulate || p0 > 0);
         p0 += wc;
     } while (p0 < w);
 }
