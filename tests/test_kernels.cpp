@@ -33,11 +33,14 @@ TEMPLATE_TEST_CASE("gemm_bcast matches the scalar reference and the exact produc
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m and n cross the row bands (6 rows, or 8 with AVX-512's 32 registers at a short k) and
-    // the column tiles of 3, 2 and 1 vectors before the zero-padded tail.
+    // m and n cross the row bands (6 rows, or 8 with AVX-512's 32 registers at a short k; the
+    // rows below the last full band in wider tiles of their own) and the column tiles of 4, 3, 2
+    // and 1 vectors before the zero-padded tail. k = 8 (m = 7, 8 on 16 registers) and 24 (m = 13,
+    // 17) sweep B in column blocks of blocking::band_block_tiles tiles, each by every band (a
+    // short k with m ≤ k), n = 300 over more than one block.
     const Index m = GENERATE(0, 1, 5, 6, 7, 8, 13, 17, 100);
     const Index n = GENERATE_COPY(Index(1), W - 1, W, W + 1, 2 * W + 3, 4 * W, 5 * W + 1, Index(300));
-    const Index k = GENERATE(0, 1, 3, 8, 300);
+    const Index k = GENERATE(0, 1, 3, 8, 24, 300);
     const bool transposed_a = GENERATE(false, true);
     const bool accumulate = GENERATE(false, true);
     if (n <= 0) return;
@@ -148,10 +151,11 @@ TEMPLATE_TEST_CASE("gemm_dot_narrow matches the exact product, strided and conti
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     // k = 8 in float on AVX-512 is the two-rows-per-vector kernel (blocks of 16 rows of B, the rest
-    // on AVX2), with B contiguous (one load per two rows) or strided (two); other k, the haddp path.
+    // on AVX2), with B contiguous (one load per two rows) or strided (two); k = 1, 2 or 4 vectors
+    // (2, 4, 8, 16, 32 for the widths 2 to 16) the unrolled dot products; other k, the haddp path.
     const Index m = GENERATE(1, 2, 3, 5);
     const Index n = GENERATE(1, 15, 16, 17, 40);
-    const Index k = GENERATE(1, 7, 8, 9, 16, 20);
+    const Index k = GENERATE(1, 2, 4, 7, 8, 9, 16, 20, 32);
     const bool accumulate = GENERATE(false, true);
     const bool contiguous = GENERATE(false, true);
     CAPTURE(m, n, k, accumulate, contiguous);

@@ -126,9 +126,23 @@ namespace lowrank::core {
 ///   per 12 for 6 × 2), so a C of 8 rows (the backward's dA = Gᵀ X and dUᵀ = Tᵀ dY at rank 8) is
 ///   one band and B is read once, not twice (bands of 6 + 2). Each alone, µs, same run, old →
 ///   new: dA, n = 128, 4096, r = 8 158 → 66, r = 16 238 → 132; dUᵀ r = 8 109 → 73, r = 16 173 → 121.
-///   Bands of fewer rows keep the 6-row tiles (at n = 1 the 1 × 3 tile of dX = G A made the
-///   backward 0.72–0.92× as fast); 4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64). The same
-///   shape is gemm_strips' tile (8 rows × 3 strips of a PackedWeight) for up to 8 and 13–16 rows.
+///   4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64). The same shape is gemm_strips' tile
+///   (8 rows × 3 strips of a PackedWeight) for up to 8 and 13–16 rows. The R < band_mr rows below
+///   the last full band (or all of a shorter C) take their own band of R-row tiles as wide as the
+///   registers allow (detail::partial_band_nv: 4 vectors, 3 for one row), not the 6-row path's
+///   2-vector tiles: on 16 registers, rank 8 is a band of 6 and one of 2, whose 2 × 2 tiles made
+///   the AVX2 build's factor gradients 2.2–2.4× as slow as the AVX-512 build's. Alone, float,
+///   old and new alternating in one process (µs): AVX2 build, n = 128, 4096, r = 8: dUᵀ 167 →
+///   130, dA 174 → 141; dX = G A at n = 1 (one row), 4096: r = 16 4.8 → 3.9, r = 64 64.7 → 36.0
+///   (AVX-512: 27.9 → 16.3). One row keeps 3 vectors: 4 measured slower at r = 8, 4096 (1.34 vs
+///   0.97 µs, 1.05 for 2). bench_lora's backward, old and new builds alternating in 3–7 rounds,
+///   AVX2 build: n = 128, r = 8: 1024 186 → 142, 4096 684 → 586; n = 16, 1024, r = 8 22.0 → 17.3;
+///   AVX-512 build: 0.84–1.04 (noise ±5%), n = 1, 4096, r = 64 97.7 → 82.2.
+/// - `band_block_tiles`: a short k with m ≤ k rows of C (the factor gradients Gᵀ X and Tᵀ dY,
+///   where B is the batch and the larger operand) sweeps B in column blocks of this many tiles,
+///   every band over one block before the next, so bands after the first find it in cache. Alone,
+///   n = 128, 4096, same process, without → with (µs): AVX-512 r = 16 dA 92.9 → 89.6, 99.6 → 94.6;
+///   AVX2 r = 8 dA 141 → 133. 1, 2, 4 or 16 tiles within 3% of each other.
 /// - `narrow_project_rows`, `narrow_grad_rows` (tested by `narrow_project(n, w, lanes)`,
 ///   `narrow_grad(n, w, lanes)`): from this many rows of dY on, the backward's G = dY U
 ///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
@@ -209,6 +223,7 @@ struct blocking {
     static constexpr Index short_k = 128;
     static constexpr int update_prefetch_tiles = 4;
     static constexpr Index band_rows = 32;
+    static constexpr Index band_block_tiles = 4;
     static constexpr Index band_width = 32;
     static constexpr Index band_depth = 1024;
     static constexpr Index band_cols = 256;
@@ -580,6 +595,32 @@ inline void bcast_rows(Index m, Index kc, T alpha, const T* a, Index rsa, Index 
     });
 }
 
+/// Rows [0, R) of C over its whole vectors [j, jend): tiles of NV vectors (NV + 1 vectors as
+/// 2 + 2 ... rather than NV + 1), then of 2, then of 1.
+template <int R, int NV, class T, class Arch>
+inline void bcast_band(Index j, Index jend, Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b,
+                       Index ldb, T* c, Index ldc, bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index vectors = (jend - j) / W;
+    const Index wide = NV > 2 && vectors == NV + 1 ? 0 : vectors / NV;
+    for (Index t = 0; t < wide; ++t, j += NV * W)
+        bcast_tile<R, NV, T, Arch>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, NV * W);
+    if constexpr (NV > 2)
+        for (; j + 2 * W <= jend; j += 2 * W)
+            bcast_tile<R, 2, T, Arch>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, 2 * W);
+    if constexpr (NV > 1)
+        for (; j < jend; j += W)
+            bcast_tile<R, 1, T, Arch>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, W);
+}
+
+/// Vectors per tile of a band of R < band_mr rows (the rows left below the last full band of a
+/// short k, or all of a C of fewer rows): as many as the registers hold beside the R · NV
+/// accumulators, NV loads and one broadcast, at most 4; 3 for a single row. See
+/// blocking::band_mr for the measurements.
+template <class Arch, int R>
+inline constexpr int partial_band_nv =
+    R == 1 ? 3 : std::min(4, ((blocking::wide_register_file<Arch> ? 32 : 16) - 1) / (R + 1));
+
 }  // namespace detail
 
 /// `C (+)= alpha · A · B`. C is m × n (row-major, ldc), B is k × n (row-major, ldb), and
@@ -636,10 +677,14 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     // band across its full width (a few sequential streams the prefetcher follows) instead of in
     // mc × nc blocks of column strips (one page per row per strip).
     const bool short_k = k <= blocking::short_k;
-    const Index nc = short_k ? std::max<Index>(n, 1)
+    constexpr int BR = int(blocking::band_mr<Arch>), BV = int(blocking::band_nv<Arch>);
+    // A short k and no more rows of C than B has (the factor gradients Gᵀ X, Tᵀ dY: B is the
+    // batch): column blocks of a few tiles, each swept by every band while it is in cache.
+    const bool b_major = short_k && m > BR && k >= m;
+    const Index nc = b_major ? blocking::band_block_tiles * BV * W
+                   : short_k ? std::max<Index>(n, 1)
                              : std::max<Index>(2 * W, (blocking::nc_bytes / Index(sizeof(T)) /
                                                        blocking::kc) / (2 * W) * (2 * W));
-    constexpr int BR = int(blocking::band_mr<Arch>), BV = int(blocking::band_nv<Arch>);
     const Index mc = short_k ? BR : blocking::mc;
     // The last < W columns read B through a zero-padded copy, so full-width loads stay in bounds.
     alignas(64) std::array<T, blocking::kc * W> tail_panel;
@@ -656,18 +701,13 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                 const T* a_i = a_p + ic * rsa;
                 T* c_i = c + ic * ldc;
                 Index j = jc;
-                if (short_k && mb == BR) {  // a full band of a short k: see blocking::band_mr
-                    const Index vectors = (jend - j) / W;
-                    const Index wide = vectors == BV + 1 ? 0 : vectors / BV;  // 4 vectors: 2 + 2, not 3 + 1
-                    for (Index t = 0; t < wide; ++t, j += BV * W)
-                        detail::bcast_tile<BR, BV, T, Arch>(kc, alpha, a_i, rsa, csa, b_p + j, ldb, c_i + j, ldc,
-                                                            acc, BV * W);
-                    for (; j + 2 * W <= jend; j += 2 * W)
-                        detail::bcast_tile<BR, 2, T, Arch>(kc, alpha, a_i, rsa, csa, b_p + j, ldb, c_i + j, ldc,
-                                                           acc, 2 * W);
-                    if (j < jend)
-                        detail::bcast_tile<BR, 1, T, Arch>(kc, alpha, a_i, rsa, csa, b_p + j, ldb, c_i + j, ldc,
-                                                           acc, W);
+                if (short_k) {  // bands of a short k: see blocking::band_mr and partial_band_nv
+                    detail::dispatch_rows<BR>(mb, [&](auto mr) {
+                        constexpr int R = decltype(mr)::value;
+                        constexpr int NV = R == BR ? BV : detail::partial_band_nv<Arch, R>;
+                        detail::bcast_band<R, NV, T, Arch>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i, ldc,
+                                                           acc);
+                    });
                     continue;
                 }
                 for (; j + 2 * W <= jend; j += 2 * W)
@@ -888,6 +928,26 @@ inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T
     return sums;
 }
 
+/// dot_row_against_w_rows for k = KV · W exactly (a rank of one, two or four whole vectors): the
+/// row of A held in KV registers, no loop over k, nothing left for a tail. The expand of a
+/// one-row batch, out = 4096, alone, µs, old → new: AVX2 build r = 8 4.0–5.7 → 2.3, r = 16
+/// 4.2–6.1 → 2.9, r = 32 5.6–7.7 → 4.8 (r = 64 within 3%); AVX-512 build r = 32 4.9–5.8 →
+/// 4.8–5.0 (its r = 8 and 16 take dot_narrow_avx512).
+template <int KV, class T, class Arch>
+inline xsimd::batch<T, Arch> dot_row_against_w_rows_fixed(const T* a, const T* b, Index ldb) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch av[KV];
+    LOWRANK_UNROLL for (int v = 0; v < KV; ++v) av[v] = batch::load_unaligned(a + v * W);
+    batch acc[W];
+    LOWRANK_UNROLL for (Index j = 0; j < W; ++j) {
+        acc[j] = av[0] * batch::load_unaligned(b + j * ldb);
+        LOWRANK_UNROLL for (int v = 1; v < KV; ++v)
+            acc[j] = xsimd::fma(av[v], batch::load_unaligned(b + j * ldb + v * W), acc[j]);
+    }
+    return detail::haddp<T, Arch>(acc);
+}
+
 #if XSIMD_WITH_AVX512F
 /// gemm_dot_narrow for k = K = 8 or 16 in float on AVX-512 (rank 8 or 16), 16 rows of B (outputs)
 /// at a time, without horizontal adds. K = 8: each vector holds two rows of B, multiplied by row i
@@ -995,13 +1055,25 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
 #endif
     const Index n_full = n / W * W;
     const batch scale(alpha);
-    for (Index j = 0; j < n_full; j += W)
-        for (Index i = 0; i < m; ++i) {
-            T* dst = c + i * ldc + j;
-            batch r = detail::dot_row_against_w_rows<T, Arch>(k, a + i * lda, b + j * ldb, ldb) * scale;
-            if (accumulate) r += batch::load_unaligned(dst);
-            r.store_unaligned(dst);
-        }
+    const auto sweep = [&](auto dots) {  // dots(row of A, W rows of B): their W dot products
+        for (Index j = 0; j < n_full; j += W)
+            for (Index i = 0; i < m; ++i) {
+                T* dst = c + i * ldc + j;
+                batch r = dots(a + i * lda, b + j * ldb) * scale;
+                if (accumulate) r += batch::load_unaligned(dst);
+                r.store_unaligned(dst);
+            }
+    };
+    // A depth of 1, 2 or 4 whole vectors without the k loop's bookkeeping: see
+    // dot_row_against_w_rows_fixed.
+    if (k == W)
+        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows_fixed<1, T, Arch>(ai, bj, ldb); });
+    else if (k == 2 * W)
+        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows_fixed<2, T, Arch>(ai, bj, ldb); });
+    else if (k == 4 * W)
+        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows_fixed<4, T, Arch>(ai, bj, ldb); });
+    else
+        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows<T, Arch>(k, ai, bj, ldb); });
     if (n_full < n)
         gemm_dot<T, Arch>(m, n - n_full, k, alpha, a, lda, b + n_full * ldb, ldb, c + n_full, ldc,
                           accumulate);
