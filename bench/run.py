@@ -14,7 +14,12 @@ it runs
     median aggregates;
   - callgrind_kernels under `valgrind --tool=callgrind`: instruction counts of one kernel per
     lowrank::core family and of the Eigen product of the same shape;
+  - with --avx2-build DIR, lowrank's rows of bench_core and bench_lora from that second build
+    (-march=x86-64-v3) and from this one, alternating round by round (issue 7: an AVX2-only build
+    within 2× of the AVX-512 one);
 and writes one markdown report and one roofline plot, plus the raw JSON of every run (raw_*.json).
+Repetitions run randomly interleaved across benchmarks (--no-interleave: back to back), so a row
+and its baselines share the same minutes of a shared machine.
 
 Roofline of one row: t_memory = bytes / bandwidth, where the bandwidth is the probe's curve
 (read, or read-modify-write for in-place updates) interpolated at the row's working set;
@@ -24,7 +29,8 @@ one-thread twins (speedup) and left out of the single-thread roofline.
 
 Python 3 with Debian's python3-matplotlib (without it, the PNG is skipped). Example:
 
-    /usr/bin/python3 bench/run.py build                  # the numbers of record (~10 minutes)
+    /usr/bin/python3 bench/run.py build                  # the numbers of record (~15 minutes)
+    /usr/bin/python3 bench/run.py build --avx2-build build_avx2   # and the AVX2 build (~25 minutes)
     /usr/bin/python3 bench/run.py build --quick --min-time 0.01 --repetitions 3   # tests the script
 """
 
@@ -71,11 +77,55 @@ def run_benchmark(path, args, bench_filter=None):
            f"--benchmark_repetitions={args.repetitions}",
            "--benchmark_report_aggregates_only=true",
            f"--benchmark_min_time={args.min_time}"]
+    if not args.no_interleave:
+        # Repetitions of all benchmarks in random order: a row and its baselines are then sampled
+        # over the same minutes of this shared machine, whose speed drifts by ±20% between them.
+        cmd.append("--benchmark_enable_random_interleaving=true")
     if bench_filter:
         cmd.append(f"--benchmark_filter={bench_filter}")
     log("run.py: " + " ".join(cmd))
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out), cmd
+
+
+# The rows of the AVX2-only comparison: lowrank's own single-thread rows of bench_core and bench_lora.
+ARCH_FILTERS = {"bench_core": r"BM_(forward|forward_f64|merge)_lowrank/",
+                "bench_lora": r"BM_(add_delta|backward_delta)_lowrank/"}
+
+
+def run_arch_rounds(builds, rounds, min_time):
+    """The same benchmarks from several builds, alternating: `rounds` rounds, each running every
+    build's bench_core and bench_lora subset once (one repetition). Returns, per build, the list of
+    its rounds' rows (medians() of each round; bench_lora's with derived counts)."""
+    per_build = {name: [] for name in builds}
+    for i in range(rounds):
+        for name, build in builds.items():
+            rows = []
+            for bench, bench_filter in ARCH_FILTERS.items():
+                cmd = [binary(build, bench), "--benchmark_format=json", "--benchmark_repetitions=1",
+                       f"--benchmark_min_time={min_time}", f"--benchmark_filter={bench_filter}"]
+                log(f"run.py: round {i + 1}/{rounds}: " + " ".join(cmd))
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+                rows += medians(json.loads(out), derive_counts=bench == "bench_lora")
+            per_build[name].append(rows)
+    return per_build
+
+
+def median_over_rounds(rounds):
+    """One row per (op, impl, args): the first round's row with the median time over rounds."""
+    times, first = {}, {}
+    for rows in rounds:
+        for r in rows:
+            key = (r["op"], r["impl"], tuple(sorted(r["args"].items())))
+            times.setdefault(key, []).append(r["time_s"])
+            first.setdefault(key, r)
+    out = []
+    for key, row in first.items():
+        ts = sorted(times[key])
+        mid = len(ts) // 2
+        out.append(dict(row, time_s=ts[mid] if len(ts) % 2 else (ts[mid - 1] + ts[mid]) / 2,
+                        rounds=len(ts)))
+    return out
 
 
 def run_callgrind(path):
@@ -329,6 +379,28 @@ def precision_table(rf, ix, rows):
                   "float % roofline", "double % roofline (fp64 peak)"], out)
 
 
+ARCH_OPS = (("forward", "forward", ("n", "d", "r")), ("forward_f64", "forward (double)", ("n", "d", "r")),
+            ("merge", "merge", ("d", "r")), ("add_delta", "add_delta", ("arg0", "arg1", "arg2")),
+            ("backward_delta", "backward", ("arg0", "arg1", "arg2")))
+
+
+def arch_table(native, other):
+    """lowrank's rows in this build and in the AVX2-only build: times and their ratio."""
+    ix_n, ix_o = index(native), index(other)
+    out, ratios = [], []
+    for op, label, keys in ARCH_OPS:
+        for shape in shapes(native, op, keys):
+            args = dict(zip(keys, shape))
+            a, b = get(ix_n, op, "lowrank", **args), get(ix_o, op, "lowrank", **args)
+            if not (a and b):
+                continue
+            ratios.append((b["time_s"] / a["time_s"], label, shape))
+            cells = [str(v) for v in shape] if len(shape) == 3 else ["—", str(shape[0]), str(shape[1])]
+            out.append([label] + cells + [fmt_time(a["time_s"]), fmt_time(b["time_s"]),
+                                          fmt_ratio(b["time_s"], a["time_s"])])
+    return table(["operation", "n", "d", "r", "this build", "AVX2 build", "AVX2 / this build"], out), ratios
+
+
 def callgrind_table(rows):
     out = []
     eigen = {r["family"]: r for r in rows if r["name"].startswith("eigen")}
@@ -383,7 +455,7 @@ def git_describe():
         return "unknown"
 
 
-def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written):
+def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written, arch=None):
     rf = Roofline(probe)
     ix = index(core + lora)
     short = args.quick or args.min_time < 0.5 or args.repetitions < 5
@@ -457,6 +529,25 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
                          if op == "backward_delta" else ""), "",
                         comparison_table(rf, ix, lora, op, ("arg0", "arg1", "arg2"), ["n", "d", "r"],
                                          impls=("lowrank", "eigen")), ""]
+    if arch:
+        text, ratios = arch_table(arch["native"], arch["other"])
+        worst = max(ratios) if ratios else None
+        p32, p64 = arch["probe"]["fma_peak_fp32"], arch["probe"]["fma_peak_fp64"]
+        doc += ["## The AVX2-only build (`-march=x86-64-v3`) against this one", "",
+                "Target (issue 7): AVX2-only builds correct and within 2× of the AVX-512 build. "
+                f"lowrank's single-thread rows from both builds, alternating in {arch['rounds']} "
+                f"rounds (each round runs every row of one build, then of the other; one "
+                f"repetition of `--benchmark_min_time={arch['min_time']}`), medians over the "
+                "rounds; times in thread CPU time. The AVX2 build's own probe (`--quick`): FMA peak "
+                f"{p32['gflops']:.1f} GFLOP/s fp32, {p64['gflops']:.1f} fp64 (this build's: above).",
+                ""]
+        if worst:
+            above = sum(1 for r in ratios if r[0] > 2.0)
+            doc += [f"Largest ratio: **{worst[0]:.2f}×** ({worst[1]}, "
+                    + ", ".join(f"{k} = {v}" for k, v in zip(("n", "d", "r") if len(worst[2]) == 3
+                                                               else ("d", "r"), worst[2]))
+                    + f"); rows above 2×: {above} of {len(ratios)}.", ""]
+        doc += [text, ""]
     if callgrind:
         doc += ["## Instruction counts (callgrind, one call, AVX2 + FMA build)", "",
                 "Stable where the times are not: `valgrind --tool=callgrind` on "
@@ -466,8 +557,11 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
     doc += ["## How to reproduce", "",
             "```sh",
             "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DLOWRANK_NATIVE=ON -G Ninja",
-            "ninja -C build probe bench_core bench_lora callgrind_kernels",
-            "/usr/bin/python3 bench/run.py build" +
+            "ninja -C build probe bench_core bench_lora callgrind_kernels"] + (
+            ["cmake -S . -B build_avx2 -DCMAKE_BUILD_TYPE=Release -DCMAKE_CXX_FLAGS=-march=x86-64-v3 "
+             "-DLOWRANK_BUILD_BENCHMARKS=ON -G Ninja",
+             "ninja -C build_avx2 probe bench_core bench_lora"] if arch else []) + [
+            "/usr/bin/python3 bench/run.py build" + (" --avx2-build build_avx2" if arch else "") +
             ("" if not short else f"   # this file: --min-time {args.min_time} "
              f"--repetitions {args.repetitions}" + (" --quick" if args.quick else "")),
             "```", "",
@@ -548,6 +642,12 @@ def main():
     p.add_argument("--no-bench-lora", action="store_true", help="skip the bench_lora rows")
     p.add_argument("--no-callgrind", action="store_true", help="skip the callgrind section")
     p.add_argument("--label", help="a line at the top of the report")
+    p.add_argument("--no-interleave", action="store_true",
+                   help="run each benchmark's repetitions back to back (default: randomly interleaved)")
+    p.add_argument("--avx2-build", metavar="DIR",
+                   help="a second build (-march=x86-64-v3, probe bench_core bench_lora built) whose "
+                        "lowrank rows are compared with this build's, alternating")
+    p.add_argument("--avx2-rounds", type=int, default=5, help="rounds of that comparison (odd)")
     args = p.parse_args()
 
     build = os.path.abspath(args.build)
@@ -566,6 +666,15 @@ def main():
         lora_json, _ = run_benchmark(lora_bin, args, r"BM_(add_delta|backward_delta)_")
         lora = medians(lora_json, derive_counts=True)
     callgrind = run_callgrind(cg_bin) if cg_bin else None
+    arch = None
+    if args.avx2_build:
+        other = os.path.abspath(args.avx2_build)
+        arch_min_time = args.min_time / 2
+        arch_rounds = run_arch_rounds({"native": build, "other": other}, args.avx2_rounds, arch_min_time)
+        arch = {"native": median_over_rounds(arch_rounds["native"]),
+                "other": median_over_rounds(arch_rounds["other"]),
+                "probe": run_probe(binary(other, "probe"), True),
+                "rounds": args.avx2_rounds, "min_time": arch_min_time}
 
     def dump(name, data):
         with open(os.path.join(args.out, name), "w") as f:
@@ -578,9 +687,11 @@ def main():
         dump("raw_bench_lora.json", lora_json)
     if callgrind:
         dump("raw_callgrind.json", callgrind)
+    if arch:
+        dump("raw_avx2.json", arch)
     png = write_plot(os.path.join(args.out, "roofline.png"), probe, core + lora)
     write_report(os.path.join(args.out, "README.md"), args, probe, core, lora, callgrind,
-                 core_json, core_cmd, png)
+                 core_json, core_cmd, png, arch)
     log(f"run.py: wrote {os.path.join(args.out, 'README.md')}" + (" and roofline.png" if png else ""))
 
 
