@@ -54,10 +54,19 @@ template <class T>
 struct Strided {
     Matrix<T> storage;
     Index rows, cols;
-    Strided(Index r, Index c, std::uint64_t seed)
-        : storage(random_matrix<T>(r + 3, c + 5, seed)), rows(r), cols(c) {}
+    std::uint64_t seed;
+    Strided(Index r, Index c, std::uint64_t s)
+        : storage(random_matrix<T>(r + 3, c + 5, s)), rows(r), cols(c), seed(s) {}
     MatrixView<T> view() { return lowrank::view_mut(storage).block(1, 2, rows, cols); }
     Matrix<double> value() const { return storage.block(1, 2, rows, cols).template cast<double>(); }
+    /// Whether the border around the block still holds what the seed drew (a kernel writing into
+    /// view() wrote nothing outside it).
+    bool border_intact() const {
+        const Matrix<T> fresh = random_matrix<T>(rows + 3, cols + 5, seed);
+        Matrix<T> now = storage;
+        now.block(1, 2, rows, cols) = fresh.block(1, 2, rows, cols);
+        return now == fresh;
+    }
 };
 
 template <class T>
