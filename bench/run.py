@@ -177,7 +177,8 @@ def medians(bench_json, derive_counts=False):
         elif b.get("run_type") == "iteration" and b.get("repetitions", 1) <= 1:
             chosen.setdefault(b["run_name"], b)
     rows = []
-    for b in chosen.values():
+    # In registration order (random interleaving reports repetitions in the order they ran).
+    for b in sorted(chosen.values(), key=lambda b: (b.get("family_index", 0), b.get("per_family_instance_index", 0))):
         parts = b["run_name"].split("/")
         real = "real_time" in parts
         # Google Benchmark appends /process_time, /real_time, /manual_time to the run name.
@@ -455,7 +456,7 @@ def git_describe():
         return "unknown"
 
 
-def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written, arch=None):
+def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written, arch, source):
     rf = Roofline(probe)
     ix = index(core + lora)
     short = args.quick or args.min_time < 0.5 or args.repetitions < 5
@@ -471,7 +472,7 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
                 "from a full run on a quiet machine (`bench/run.py BUILD`, defaults).", ""]
     doc += [
         f"Produced by `bench/run.py` on {probe['date']} on **{probe['machine']['cpu']}** "
-        f"(host `{probe['machine']['host']}`), source {git_describe()}"
+        f"(host `{probe['machine']['host']}`), source {source}"
         + (f"; load average at the start of bench_core: {', '.join(f'{x:.2f}' for x in load)}" if load else "")
         + ".",
         "",
@@ -648,8 +649,14 @@ def main():
                    help="a second build (-march=x86-64-v3, probe bench_core bench_lora built) whose "
                         "lowrank rows are compared with this build's, alternating")
     p.add_argument("--avx2-rounds", type=int, default=5, help="rounds of that comparison (odd)")
+    p.add_argument("--from-raw", action="store_true",
+                   help="run nothing: rewrite README.md and roofline.png in --out from the raw_*.json "
+                        "an earlier run left there (BUILD is then ignored)")
     args = p.parse_args()
 
+    if args.from_raw:
+        render(args, load_raw(args.out))
+        return
     build = os.path.abspath(args.build)
     probe_bin = binary(build, "probe")
     core_bin = binary(build, "bench_core")
@@ -657,14 +664,10 @@ def main():
     cg_bin = None if args.no_callgrind else binary(build, "callgrind_kernels", False)
     os.makedirs(args.out, exist_ok=True)
 
+    source = git_describe()  # before the run: what is measured
     probe = run_probe(probe_bin, args.quick)
     core_json, core_cmd = run_benchmark(core_bin, args, args.filter)
-    core = medians(core_json)
-    lora_json = None
-    lora = []
-    if lora_bin:
-        lora_json, _ = run_benchmark(lora_bin, args, r"BM_(add_delta|backward_delta)_")
-        lora = medians(lora_json, derive_counts=True)
+    lora_json = run_benchmark(lora_bin, args, r"BM_(add_delta|backward_delta)_")[0] if lora_bin else None
     callgrind = run_callgrind(cg_bin) if cg_bin else None
     arch = None
     if args.avx2_build:
@@ -676,22 +679,45 @@ def main():
                 "probe": run_probe(binary(other, "probe"), True),
                 "rounds": args.avx2_rounds, "min_time": arch_min_time}
 
-    def dump(name, data):
-        with open(os.path.join(args.out, name), "w") as f:
+    raw = {"probe": probe, "bench_core": core_json, "bench_lora": lora_json, "callgrind": callgrind,
+           "avx2": arch, "meta": {"source": source, "bench_core_cmd": core_cmd,
+                                  "min_time": args.min_time, "repetitions": args.repetitions,
+                                  "quick": args.quick}}
+    for name, data in raw.items():
+        path = os.path.join(args.out, f"raw_{name}.json")
+        if data is None:  # not part of this run: no stale file for --from-raw to pick up
+            if os.path.exists(path):
+                os.remove(path)
+            continue
+        with open(path, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
+    render(args, raw)
 
-    dump("raw_probe.json", probe)
-    dump("raw_bench_core.json", core_json)
-    if lora_json:
-        dump("raw_bench_lora.json", lora_json)
-    if callgrind:
-        dump("raw_callgrind.json", callgrind)
-    if arch:
-        dump("raw_avx2.json", arch)
-    png = write_plot(os.path.join(args.out, "roofline.png"), probe, core + lora)
-    write_report(os.path.join(args.out, "README.md"), args, probe, core, lora, callgrind,
-                 core_json, core_cmd, png, arch)
+
+def load_raw(directory):
+    """The raw_*.json files of an earlier run (what main() wrote beside its report)."""
+    raw = {}
+    for name in ("probe", "bench_core", "bench_lora", "callgrind", "avx2", "meta"):
+        path = os.path.join(directory, f"raw_{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                raw[name] = json.load(f)
+        elif name in ("probe", "bench_core", "meta"):
+            sys.exit(f"run.py: --from-raw: {path} not found")
+    return raw
+
+
+def render(args, raw):
+    """The report and the plot from a run's raw data (fresh, or re-read with --from-raw)."""
+    meta = raw["meta"]
+    # The settings of the run that measured, not of this invocation.
+    args.min_time, args.repetitions, args.quick = meta["min_time"], meta["repetitions"], meta["quick"]
+    core = medians(raw["bench_core"])
+    lora = medians(raw["bench_lora"], derive_counts=True) if raw.get("bench_lora") else []
+    png = write_plot(os.path.join(args.out, "roofline.png"), raw["probe"], core + lora)
+    write_report(os.path.join(args.out, "README.md"), args, raw["probe"], core, lora, raw.get("callgrind"),
+                 raw["bench_core"], meta["bench_core_cmd"], png, raw.get("avx2"), meta["source"])
     log(f"run.py: wrote {os.path.join(args.out, 'README.md')}" + (" and roofline.png" if png else ""))
 
 
