@@ -11,7 +11,7 @@
 //
 // Built for x86-64-v3 (AVX2 + FMA) whatever the other targets use: valgrind cannot run AVX-512.
 
-#include <lowrank/core/kernels.hpp>
+#include <lowrank/core/ops.hpp>
 
 #include <Eigen/Dense>
 
@@ -46,12 +46,21 @@ struct Case {
 };
 
 // Shapes: gemm_bcast at the expand / merge shape (short k: a rank-16 update of 64 rows of a
-// 1024-wide output), gemm_dot at the small-batch base product (16 rows against a 1024 × 1024 W).
+// 1024-wide output), gemm_dot at the small-batch base product (16 rows against a 1024 × 1024 W),
+// gemm_packed at a large-batch one (64 rows against 256 × 256, packed blocks), gemm_dot_narrow
+// at the expand of one row (k = rank 16), rank_update at a merge (W 256 × 1024 += U V, r = 16;
+// V copied into strips inside the call).
 const Case cases[] = {
     {"gemm_bcast", "gemm_bcast", "C += a A B (rank update)", 64, 1024, 16, false, false},
     {"eigen_bcast", "gemm_bcast", "C.noalias() += a * A * B", 64, 1024, 16, false, true},
     {"gemm_dot", "gemm_dot", "C = A B^T (base product)", 16, 1024, 1024, true, false},
     {"eigen_dot", "gemm_dot", "C.noalias() = A * B.transpose()", 16, 1024, 1024, true, true},
+    {"gemm_packed", "gemm_packed", "C = A B^T (large-batch base product)", 64, 256, 256, true, false},
+    {"eigen_packed", "gemm_packed", "C.noalias() = A * B.transpose()", 64, 256, 256, true, true},
+    {"gemm_dot_narrow", "gemm_dot_narrow", "C = A B^T, k = rank (expand of one row)", 1, 1024, 16, true, false},
+    {"eigen_narrow", "gemm_dot_narrow", "C.noalias() = A * B.transpose()", 1, 1024, 16, true, true},
+    {"rank_update", "rank_update", "W += a U V (merge)", 256, 1024, 16, false, false},
+    {"eigen_update", "rank_update", "W.noalias() += a * U * V", 256, 1024, 16, false, true},
 };
 
 std::function<void()> measured_body;
@@ -82,20 +91,36 @@ int main(int argc, char** argv) {
     const Mat C0 = C;
     const float alpha = 0.5f;
 
-    if (!c.transposed_b && !c.eigen)
+    const std::string kernel = c.name;
+    lowrank::core::GemmWorkspace<float> ws;
+    if (c.eigen && c.transposed_b)
+        measured_body = [&] { C.noalias() = alpha * A * B.transpose(); };
+    else if (c.eigen)
+        measured_body = [&] { C.noalias() += alpha * A * B; };
+    else if (kernel == "gemm_bcast")
         measured_body = [&] {
             lowrank::core::gemm_bcast<float>(c.m, c.n, c.k, alpha, A.data(), c.k, 1, B.data(), c.n,
                                              C.data(), c.n, true);
         };
-    else if (!c.transposed_b)
-        measured_body = [&] { C.noalias() += alpha * A * B; };
-    else if (!c.eigen)
+    else if (kernel == "rank_update")
+        measured_body = [&] {
+            lowrank::core::rank_update<float>(lowrank::view_mut(C), lowrank::view(A), lowrank::view(B), alpha);
+        };
+    else if (kernel == "gemm_dot")
         measured_body = [&] {
             lowrank::core::gemm_dot<float>(c.m, c.n, c.k, alpha, A.data(), c.k, B.data(), c.k,
                                            C.data(), c.n, false);
         };
+    else if (kernel == "gemm_packed")
+        measured_body = [&] {
+            lowrank::core::gemm_packed<float>(c.m, c.n, c.k, alpha, A.data(), c.k, B.data(), c.k, C.data(), c.n,
+                                              false, ws);
+        };
     else
-        measured_body = [&] { C.noalias() = alpha * A * B.transpose(); };
+        measured_body = [&] {
+            lowrank::core::gemm_dot_narrow<float>(c.m, c.n, c.k, alpha, A.data(), c.k, B.data(), c.k, C.data(),
+                                                  c.n, false);
+        };
 
     measured_body();  // warm-up: first-touch, Eigen's blocking buffers
     C = C0;

@@ -456,7 +456,8 @@ def git_describe():
         return "unknown"
 
 
-def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written, arch, source):
+def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, png_written, arch, source,
+                 meta_note=None):
     rf = Roofline(probe)
     ix = index(core + lora)
     short = args.quick or args.min_time < 0.5 or args.repetitions < 5
@@ -476,6 +477,7 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
         + (f"; load average at the start of bench_core: {', '.join(f'{x:.2f}' for x in load)}" if load else "")
         + ".",
         "",
+    ] + ([meta_note, ""] if meta_note else []) + [
         "All times are medians over repetitions. Single-thread rows are in thread CPU time, "
         "multi-thread rows in wall time. `X / lowrank` is X's time over lowrank's (above 1: lowrank "
         "is faster). The roofline of a row is max(bytes / bandwidth, flops / FMA peak), the bandwidth "
@@ -717,7 +719,7 @@ def render(args, raw):
     lora = medians(raw["bench_lora"], derive_counts=True) if raw.get("bench_lora") else []
     png = write_plot(os.path.join(args.out, "roofline.png"), raw["probe"], core + lora)
     write_report(os.path.join(args.out, "README.md"), args, raw["probe"], core, lora, raw.get("callgrind"),
-                 raw["bench_core"], meta["bench_core_cmd"], png, raw.get("avx2"), meta["source"])
+                 raw["bench_core"], meta["bench_core_cmd"], png, raw.get("avx2"), meta["source"], meta.get("note"))
     log(f"run.py: wrote {os.path.join(args.out, 'README.md')}" + (" and roofline.png" if png else ""))
 
 
