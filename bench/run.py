@@ -72,18 +72,19 @@ def run_probe(path, quick):
     return json.loads(out)
 
 
-def run_benchmark(path, args, bench_filter=None):
+def run_benchmark(path, repetitions, min_time, bench_filter=None, interleave=False, label=""):
+    """One Google Benchmark program's JSON (medians only when repeated) and its command line."""
     cmd = [path, "--benchmark_format=json",
-           f"--benchmark_repetitions={args.repetitions}",
+           f"--benchmark_repetitions={repetitions}",
            "--benchmark_report_aggregates_only=true",
-           f"--benchmark_min_time={args.min_time}"]
-    if not args.no_interleave:
+           f"--benchmark_min_time={min_time}"]
+    if interleave:
         # Repetitions of all benchmarks in random order: a row and its baselines are then sampled
         # over the same minutes of this shared machine, whose speed drifts by ±20% between them.
         cmd.append("--benchmark_enable_random_interleaving=true")
     if bench_filter:
         cmd.append(f"--benchmark_filter={bench_filter}")
-    log("run.py: " + " ".join(cmd))
+    log(f"run.py: {label}" + " ".join(cmd))
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out), cmd
 
@@ -102,11 +103,9 @@ def run_arch_rounds(builds, rounds, min_time):
         for name, build in builds.items():
             rows = []
             for bench, bench_filter in ARCH_FILTERS.items():
-                cmd = [binary(build, bench), "--benchmark_format=json", "--benchmark_repetitions=1",
-                       f"--benchmark_min_time={min_time}", f"--benchmark_filter={bench_filter}"]
-                log(f"run.py: round {i + 1}/{rounds}: " + " ".join(cmd))
-                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-                rows += medians(json.loads(out), derive_counts=bench == "bench_lora")
+                out, _ = run_benchmark(binary(build, bench), 1, min_time, bench_filter,
+                                       label=f"round {i + 1}/{rounds}: ")
+                rows += medians(out, derive_counts=bench == "bench_lora")
             per_build[name].append(rows)
     return per_build
 
@@ -668,8 +667,10 @@ def main():
 
     source = git_describe()  # before the run: what is measured
     probe = run_probe(probe_bin, args.quick)
-    core_json, core_cmd = run_benchmark(core_bin, args, args.filter)
-    lora_json = run_benchmark(lora_bin, args, r"BM_(add_delta|backward_delta)_")[0] if lora_bin else None
+    interleave = not args.no_interleave
+    core_json, core_cmd = run_benchmark(core_bin, args.repetitions, args.min_time, args.filter, interleave)
+    lora_json = run_benchmark(lora_bin, args.repetitions, args.min_time, r"BM_(add_delta|backward_delta)_",
+                              interleave)[0] if lora_bin else None
     callgrind = run_callgrind(cg_bin) if cg_bin else None
     arch = None
     if args.avx2_build:
