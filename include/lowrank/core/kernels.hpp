@@ -904,13 +904,19 @@ inline xsimd::batch<T, Arch> haddp(const xsimd::batch<T, Arch>* acc) noexcept {
 }
 
 /// One row of A against W consecutive rows of B (W = SIMD width): W dot products of length k,
-/// reduced together by `haddp` into one vector of W outputs.
-template <class T, class Arch>
-inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T* b,
-                                                    Index ldb) noexcept {
+/// reduced together by `haddp` into one vector of W outputs. KV > 0 fixes k = KV · W at compile
+/// time (a rank of one, two or four whole vectors): the loop over k has a constant trip count,
+/// which GCC unrolls whole, and there is no tail. Left a runtime loop, those depths spent their
+/// time in its bookkeeping: the expand of a one-row batch, out = 4096, alone, µs, runtime →
+/// fixed depth: AVX2 build r = 8 4.0–5.7 → 2.3, r = 16 4.2–6.1 → 2.9, r = 32 5.6–7.7 → 4.8 (r =
+/// 64 within 3%); AVX-512 build r = 32 4.9–5.8 → 4.8–5.0 (its r = 8 and 16 take
+/// dot_narrow_avx512). (A LOWRANK_UNROLL on that loop also unrolled the runtime one: +2–5%
+/// instructions at k = 24, 64 under callgrind, nothing gained.)
+template <int KV, class T, class Arch>
+inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T* b, Index ldb) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
-    const Index kv = k / W * W;
+    const Index kv = KV > 0 ? KV * W : k / W * W;
     batch acc[W];
     LOWRANK_UNROLL for (Index j = 0; j < W; ++j) acc[j] = batch(T(0));
     for (Index p = 0; p < kv; p += W) {
@@ -919,33 +925,13 @@ inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T
             acc[j] = xsimd::fma(av, batch::load_unaligned(b + j * ldb + p), acc[j]);
     }
     batch sums = kv > 0 ? detail::haddp<T, Arch>(acc) : batch(T(0));
-    if (kv < k) {  // k tail: at most W − 1 products per output
+    if (KV == 0 && kv < k) {  // k tail: at most W − 1 products per output
         alignas(64) std::array<T, W> tail{};
         LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
             for (Index p = kv; p < k; ++p) tail[j] += a[p] * b[j * ldb + p];
         sums += batch::load_aligned(tail.data());
     }
     return sums;
-}
-
-/// dot_row_against_w_rows for k = KV · W exactly (a rank of one, two or four whole vectors): the
-/// row of A held in KV registers, no loop over k, nothing left for a tail. The expand of a
-/// one-row batch, out = 4096, alone, µs, old → new: AVX2 build r = 8 4.0–5.7 → 2.3, r = 16
-/// 4.2–6.1 → 2.9, r = 32 5.6–7.7 → 4.8 (r = 64 within 3%); AVX-512 build r = 32 4.9–5.8 →
-/// 4.8–5.0 (its r = 8 and 16 take dot_narrow_avx512).
-template <int KV, class T, class Arch>
-inline xsimd::batch<T, Arch> dot_row_against_w_rows_fixed(const T* a, const T* b, Index ldb) noexcept {
-    using batch = xsimd::batch<T, Arch>;
-    constexpr Index W = batch::size;
-    batch av[KV];
-    LOWRANK_UNROLL for (int v = 0; v < KV; ++v) av[v] = batch::load_unaligned(a + v * W);
-    batch acc[W];
-    LOWRANK_UNROLL for (Index j = 0; j < W; ++j) {
-        acc[j] = av[0] * batch::load_unaligned(b + j * ldb);
-        LOWRANK_UNROLL for (int v = 1; v < KV; ++v)
-            acc[j] = xsimd::fma(av[v], batch::load_unaligned(b + j * ldb + v * W), acc[j]);
-    }
-    return detail::haddp<T, Arch>(acc);
 }
 
 #if XSIMD_WITH_AVX512F
@@ -1055,25 +1041,25 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
 #endif
     const Index n_full = n / W * W;
     const batch scale(alpha);
-    const auto sweep = [&](auto dots) {  // dots(row of A, W rows of B): their W dot products
+    // kv: k in whole vectors when it is 1, 2 or 4 of them (dot_row_against_w_rows unrolled), else 0.
+    const auto sweep = [&](auto kv) {
         for (Index j = 0; j < n_full; j += W)
             for (Index i = 0; i < m; ++i) {
                 T* dst = c + i * ldc + j;
-                batch r = dots(a + i * lda, b + j * ldb) * scale;
+                batch r = detail::dot_row_against_w_rows<decltype(kv)::value, T, Arch>(k, a + i * lda, b + j * ldb, ldb) *
+                          scale;
                 if (accumulate) r += batch::load_unaligned(dst);
                 r.store_unaligned(dst);
             }
     };
-    // A depth of 1, 2 or 4 whole vectors without the k loop's bookkeeping: see
-    // dot_row_against_w_rows_fixed.
     if (k == W)
-        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows_fixed<1, T, Arch>(ai, bj, ldb); });
+        sweep(std::integral_constant<int, 1>{});
     else if (k == 2 * W)
-        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows_fixed<2, T, Arch>(ai, bj, ldb); });
+        sweep(std::integral_constant<int, 2>{});
     else if (k == 4 * W)
-        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows_fixed<4, T, Arch>(ai, bj, ldb); });
+        sweep(std::integral_constant<int, 4>{});
     else
-        sweep([&](const T* ai, const T* bj) { return detail::dot_row_against_w_rows<T, Arch>(k, ai, bj, ldb); });
+        sweep(std::integral_constant<int, 0>{});
     if (n_full < n)
         gemm_dot<T, Arch>(m, n - n_full, k, alpha, a, lda, b + n_full * ldb, ldb, c + n_full, ldc,
                           accumulate);
