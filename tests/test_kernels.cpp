@@ -5,6 +5,11 @@
 
 #include <lowrank/core/ops.hpp>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <array>
+#include <limits>
 #include <set>
 #include <vector>
 
@@ -148,10 +153,12 @@ TEMPLATE_TEST_CASE("gemm_dot_narrow matches the exact product, strided and conti
     using Arch = typename TestType::arch;
     // k = 8 in float on AVX-512 is the two-rows-per-vector kernel (blocks of 16 rows of B, the rest
     // on AVX2), with B contiguous (one load per two rows) or strided (two); k = 1, 2 or 4 vectors
-    // (2, 4, 8, 16, 32 for the widths 2 to 16) the unrolled dot products; other k, the haddp path.
+    // (2, 4, 8, 16, 32 for the widths 2 to 16) the unrolled dot products; other k, the haddp path
+    // with a k tail (masked on AVX and AVX-512 — double on AVX-512 keeps tails of 1–3: k = 9, 11 —
+    // scalar on SSE); half a vector on AVX (k = 4 float, 2 double) the SSE path.
     const Index m = GENERATE(1, 2, 3, 5);
     const Index n = GENERATE(1, 15, 16, 17, 40);
-    const Index k = GENERATE(1, 2, 4, 7, 8, 9, 16, 20, 32);
+    const Index k = GENERATE(1, 2, 3, 4, 7, 8, 9, 11, 12, 16, 20, 32);
     const bool accumulate = GENERATE(false, true);
     const bool contiguous = GENERATE(false, true);
     CAPTURE(m, n, k, accumulate, contiguous);
@@ -166,6 +173,41 @@ TEMPLATE_TEST_CASE("gemm_dot_narrow matches the exact product, strided and conti
     const Index ldb = contiguous ? k : bv.ld;
     core::gemm_dot_narrow<T, Arch>(m, n, k, alpha, av.data, av.ld, b, ldb, cv.data, cv.ld, accumulate);
     require_within(c.value(), want, bound, "simd vs exact");
+}
+
+TEMPLATE_TEST_CASE("load_first reads t values, zeros the other lanes and reads nothing past them", "[kernels]", float,
+                   double) {
+    using T = TestType;
+    // The t values end where a page without access begins: a read past them faults.
+    const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+    void* mem = mmap(nullptr, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    REQUIRE(mem != MAP_FAILED);
+    REQUIRE(mprotect(static_cast<char*>(mem) + page, page, PROT_NONE) == 0);
+    T* const end = reinterpret_cast<T*>(static_cast<char*>(mem) + page);
+    int paths = 0;
+    xsimd::supported_architectures::for_each([&](auto arch) {
+        using Arch = decltype(arch);
+        if constexpr (core::detail::has_masked_load<Arch>) {
+            constexpr Index W = xsimd::batch<T, Arch>::size;
+            CAPTURE(Arch::name());
+            for (Index t = 1; t < W; ++t) {
+                CAPTURE(t);
+                T* p = end - t;
+                p[-1] = std::numeric_limits<T>::quiet_NaN();  // before them: must not show up either
+                for (Index l = 0; l < t; ++l) p[l] = T(l + 1) / T(3);
+                alignas(64) std::array<T, W> out;
+                core::detail::load_first<T, Arch>(p, t).store_aligned(out.data());
+                for (Index l = 0; l < W; ++l) REQUIRE(out[l] == (l < t ? T(l + 1) / T(3) : T(0)));
+            }
+            ++paths;
+        }
+    });
+    munmap(mem, 2 * page);
+#if XSIMD_WITH_AVX
+    REQUIRE(paths > 0);
+#else
+    static_cast<void>(paths);  // an SSE-only build: no masked loads
+#endif
 }
 
 TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", FloatSse2, DoubleSse2, FloatDefault,

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -903,33 +904,106 @@ inline xsimd::batch<T, Arch> haddp(const xsimd::batch<T, Arch>* acc) noexcept {
     return xsimd::haddp(acc);
 }
 
+/// Whether Arch has masked loads (AVX, AVX-512; not SSE): see load_first.
+template <class Arch>
+inline constexpr bool has_masked_load =
+#if XSIMD_WITH_AVX512F
+    std::is_base_of_v<xsimd::avx512f, Arch> ||
+#endif
+#if XSIMD_WITH_AVX
+    std::is_base_of_v<xsimd::avx, Arch> ||
+#endif
+    false;
+
+/// The t values at p (0 < t < W) in lanes [0, t) of a vector, the other lanes zero, by one
+/// masked load: nothing past p + t is read.
+template <class T, class Arch>
+    requires has_masked_load<Arch>
+inline xsimd::batch<T, Arch> load_first(const T* p, Index t) noexcept {
+#if XSIMD_WITH_AVX512F
+    if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
+        const auto mask = (1u << t) - 1u;
+        if constexpr (std::is_same_v<T, float>)
+            return _mm512_maskz_loadu_ps(static_cast<__mmask16>(mask), p);
+        else
+            return _mm512_maskz_loadu_pd(static_cast<__mmask8>(mask), p);
+    } else
+#endif
+    {
+#if XSIMD_WITH_AVX  // (else has_masked_load holds for no Arch: nothing instantiates this)
+        // 8 lanes of all ones, then 8 of zeros: 8 lanes read from 8 − t (float) or 8 − 2t
+        // (double: two per value) are t values' worth of ones, then zeros.
+        alignas(64) static constexpr std::int32_t ones_then_zeros[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                                         0,  0,  0,  0,  0,  0,  0,  0};
+        const __m256i mask = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(ones_then_zeros + 8 - t * Index(sizeof(T) / 4)));
+        if constexpr (std::is_same_v<T, float>)
+            return _mm256_maskload_ps(p, mask);
+        else
+            return _mm256_maskload_pd(p, mask);
+#else
+        static_cast<void>(p);
+        static_cast<void>(t);
+#endif
+    }
+}
+
 /// One row of A against W consecutive rows of B (W = SIMD width): W dot products of length k,
-/// reduced together by `haddp` into one vector of W outputs. KV > 0 fixes k = KV · W at compile
-/// time (a rank of one, two or four whole vectors): the loop over k has a constant trip count,
-/// which GCC unrolls whole, and there is no tail. Left a runtime loop, those depths spent their
-/// time in its bookkeeping: the expand of a one-row batch, out = 4096, alone, µs, runtime →
-/// fixed depth: AVX2 build r = 8 4.0–5.7 → 2.3, r = 16 4.2–6.1 → 2.9, r = 32 5.6–7.7 → 4.8 (r =
-/// 64 within 3%); AVX-512 build r = 32 4.9–5.8 → 4.8–5.0 (its r = 8 and 16 take
-/// dot_narrow_avx512). (A LOWRANK_UNROLL on that loop also unrolled the runtime one: +2–5%
-/// instructions at k = 24, 64 under callgrind, nothing gained.)
+/// reduced together by `haddp` into one vector of W outputs.
+///
+/// KV > 0 fixes k = KV · W at compile time (a rank of one, two or four whole vectors): the KV
+/// vectors of A are held in registers and each row of B gets its KV multiply-adds in turn, no
+/// loop over k and no tail. Against the runtime loop, the expand of a one-row batch, out = 4096,
+/// alone, µs: AVX2 build r = 8 4.0–5.7 → 2.3, r = 16 4.2–6.1 → 2.9, r = 32 5.6–7.7 → 4.8 (r = 64
+/// within 3%); AVX-512 build r = 32 4.9–5.8 → 4.8–5.0 (its r = 8 and 16 take dot_narrow_avx512).
+/// A runtime k loops over the vectors of A outside the rows of B: one load of A per W
+/// multiply-adds. The two orders do not swap: the runtime loop at a fixed depth of four AVX-512
+/// vectors keeps all 16 row addresses live and GCC 12 spilled them (add_delta, n = 1, 1024², r =
+/// 64: 4.8–4.9 → 5.2–5.3 µs); rows outside in chunks of four vectors at a runtime depth, AVX2,
+/// out = 1024: k = 24 1.34 → 1.72, 64 2.70 → 3.19, 128 5.85 → 6.49 µs.
 template <int KV, class T, class Arch>
 inline xsimd::batch<T, Arch> dot_row_against_w_rows(Index k, const T* a, const T* b, Index ldb) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     const Index kv = KV > 0 ? KV * W : k / W * W;
     batch acc[W];
-    LOWRANK_UNROLL for (Index j = 0; j < W; ++j) acc[j] = batch(T(0));
-    for (Index p = 0; p < kv; p += W) {
-        const batch av = batch::load_unaligned(a + p);
-        LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
-            acc[j] = xsimd::fma(av, batch::load_unaligned(b + j * ldb + p), acc[j]);
+    if constexpr (KV > 0) {
+        batch av[KV];
+        LOWRANK_UNROLL for (int v = 0; v < KV; ++v) av[v] = batch::load_unaligned(a + v * W);
+        LOWRANK_UNROLL for (Index j = 0; j < W; ++j) {
+            acc[j] = av[0] * batch::load_unaligned(b + j * ldb);
+            LOWRANK_UNROLL for (int v = 1; v < KV; ++v)
+                acc[j] = xsimd::fma(av[v], batch::load_unaligned(b + j * ldb + v * W), acc[j]);
+        }
+    } else {
+        LOWRANK_UNROLL for (Index j = 0; j < W; ++j) acc[j] = batch(T(0));
+        for (Index p = 0; p < kv; p += W) {
+            const batch av = batch::load_unaligned(a + p);
+            LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
+                acc[j] = xsimd::fma(av, batch::load_unaligned(b + j * ldb + p), acc[j]);
+        }
     }
-    batch sums = kv > 0 ? detail::haddp<T, Arch>(acc) : batch(T(0));
-    if (KV == 0 && kv < k) {  // k tail: at most W − 1 products per output
-        alignas(64) std::array<T, W> tail{};
-        LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
-            for (Index p = kv; p < k; ++p) tail[j] += a[p] * b[j * ldb + p];
-        sums += batch::load_aligned(tail.data());
+    // k tail, t < W steps: with masked loads one more step, the lanes past t zero in both
+    // operands; on SSE, t products per output in scalar, added after the reduction (its W stores
+    // reloaded as one vector: a store-forwarding stall per W outputs). AVX2 path, one row against
+    // 4096 rows of B, float, µs, scalar → masked: k = 4 9.2 → 4.5, 5 10.0 → 4.2, 12 10.8 → 4.3,
+    // 20 11.0 → 4.8, 36 11.5 → 6.6; any k < 8 costs the same 4.0–4.2 (k = 8, one full step: 2.2).
+    const Index t = KV > 0 ? 0 : k - kv;
+    if constexpr (has_masked_load<Arch>) {
+        if (t > 0) {
+            const batch av = load_first<T, Arch>(a + kv, t);
+            LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
+                acc[j] = xsimd::fma(av, load_first<T, Arch>(b + j * ldb + kv, t), acc[j]);
+        }
+    }
+    batch sums = detail::haddp<T, Arch>(acc);
+    if constexpr (!has_masked_load<Arch>) {
+        if (t > 0) {
+            alignas(64) std::array<T, W> tail{};
+            LOWRANK_UNROLL for (Index j = 0; j < W; ++j)
+                for (Index p = kv; p < k; ++p) tail[j] += a[p] * b[j * ldb + p];
+            sums += batch::load_aligned(tail.data());
+        }
     }
     return sums;
 }
@@ -1033,8 +1107,24 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
                 return;
             }
         }
-        if (k < W) {
+        // A depth shorter than a vector, or ending in half a vector or more, runs AVX2's path:
+        // its tail is shorter (k = 24 in float: 3 whole AVX2 steps against one AVX-512 step and a
+        // masked half). One row against 4096 rows of B, float, µs, AVX-512 → AVX2 path: k = 24
+        // 20.5 → 4.7 (with AVX-512's former scalar tail), 40 34.9 → 7.9, 56 42.7 → 11.0. Whole
+        // vectors stay on AVX-512: alone, AVX2's path was faster (k = 64, 4096: 14.7 vs 12.3) but
+        // inside add_delta (n = 1, 1024², r = 64) slower: 5.2–5.3 against 4.8–4.9 µs.
+        if (k < W || k % W >= W / 2) {
             gemm_dot_narrow<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+            return;
+        }
+    }
+#endif
+#if XSIMD_WITH_AVX
+    if constexpr (std::is_base_of_v<xsimd::avx, Arch>) {
+        // Half a vector (rank 4 in float): one whole SSE vector beats AVX's masked step (which
+        // costs about two full ones). One row against 4096 rows of B, float, µs: 2.0 vs 4.1.
+        if (k == W / 2) {
+            gemm_dot_narrow<T, xsimd::sse2>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
             return;
         }
     }
