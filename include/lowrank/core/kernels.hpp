@@ -1089,11 +1089,9 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
     constexpr Index W = batch::size;
 #if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
     if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
-        // A depth shorter than an AVX-512 vector (rank 8 in float) would run wholly in the scalar
-        // k tail; AVX2's vectors hold 8 floats of it. bench_lora's add_delta, n = 1, r = 8, float
-        // (this expand was ~85% of it), µs: d = 1024 2.75 → 1.25–1.36, d = 4096 10.7 → 4.9–5.0.
-        // Rank 8 and 16: the shuffle-tree kernel (add_delta, n = 1, r = 8: 1.23–1.27 → 0.60–0.62 µs
-        // at 1024², 4.8–5.0 → 2.1–2.3 at 4096²; r = 16: 1.41–1.45 → 1.30–1.34 and 5.3 → 4.4).
+        // Rank 8 and 16 in float: the shuffle-tree kernel (add_delta, n = 1, r = 8: 1.23–1.27 →
+        // 0.60–0.62 µs at 1024², 4.8–5.0 → 2.1–2.3 at 4096²; r = 16: 1.41–1.45 → 1.30–1.34 and
+        // 5.3 → 4.4, against the haddp path).
         if constexpr (std::is_same_v<T, float>) {
             if ((k == 8 || k == 16) && n >= W) {
                 const Index n16 = n / W * W;
@@ -1107,13 +1105,14 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
                 return;
             }
         }
-        // A depth shorter than a vector, or ending in half a vector or more, runs AVX2's path:
-        // its tail is shorter (k = 24 in float: 3 whole AVX2 steps against one AVX-512 step and a
-        // masked half). One row against 4096 rows of B, float, µs, AVX-512 → AVX2 path: k = 24
-        // 20.5 → 4.7 (with AVX-512's former scalar tail), 40 34.9 → 7.9, 56 42.7 → 11.0. Whole
-        // vectors stay on AVX-512: alone, AVX2's path was faster (k = 64, 4096: 14.7 vs 12.3) but
-        // inside add_delta (n = 1, 1024², r = 64) slower: 5.2–5.3 against 4.8–4.9 µs.
-        if (k < W || k % W >= W / 2) {
+        // A depth shorter than a vector, or with a tail, runs AVX2's path (in double only when
+        // AVX2's vectors divide it). One row against 4096 rows of B, µs, AVX-512 path with the
+        // masked tail vs AVX2's, same binary: float k = 17 7.8 vs 5.9, 20 6.8 vs 5.7, 24 7.6 vs
+        // 5.7, 40 10.0 vs 8.5, 52 11.9 vs 11.4 (two rows: 0.76–0.98×); double k = 12 6.2 vs 4.5,
+        // 20 8.8 vs 7.1, but 11 7.7 vs 8.1, 13 7.1 vs 9.5 (9: 6.1 vs 4.6). Whole vectors stay on
+        // AVX-512: alone, float, AVX2's path was faster (k = 64: 14.7 vs 12.3) but inside add_delta
+        // (n = 1, 1024², r = 64) slower, 5.2–5.3 against 4.8–4.9 µs.
+        if (k < W || (k % W != 0 && (std::is_same_v<T, float> || k % (W / 2) == 0))) {
             gemm_dot_narrow<T, xsimd::fma3<xsimd::avx2>>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
             return;
         }
