@@ -3,7 +3,9 @@
 // expression users write today, on the same data in the same binary. Counters: GFLOP/s and the
 // bytes the operation must move at least (GB/s).
 //
-// Shapes (foundation issue): n ∈ {1, 16, 128}, in = out ∈ {1024, 4096}, r ∈ {8, 16, 64}.
+// Shapes (foundation issue): n ∈ {1, 16, 128}, in = out ∈ {1024, 4096}, r ∈ {8, 16, 64}. Beside
+// them, BM_odd_rank_add_delta_*: one and two rows at ranks that are not a whole number of SIMD
+// vectors (4, 12, 20, 24, 40), whose expand ends in a partial vector of the rank.
 
 #include <lowrank/lora.hpp>
 
@@ -161,6 +163,11 @@ void BM_merge_eigen(benchmark::State& state) {
     set_counters(state, 2.0 * p.r * p.d * p.d, 8.0 * p.d * p.d);
 }
 
+void odd_rank_args(benchmark::internal::Benchmark* b) {
+    for (int r : {4, 12, 20, 24, 40})
+        for (int n : {1, 2}) b->Args({n, 4096, r});
+}
+
 void merge_args(benchmark::internal::Benchmark* b) {
     for (int d : {1024, 4096})
         for (int r : {8, 16, 64}) b->Args({1, d, r});
@@ -175,4 +182,6 @@ BENCHMARK(BM_forward_eigen)->Apply(shape_args);
 BENCHMARK(BM_backward_delta_lowrank)->Apply(shape_args);
 BENCHMARK(BM_backward_delta_eigen)->Apply(shape_args);
 BENCHMARK(BM_merge_lowrank)->Apply(merge_args);
+BENCHMARK(BM_add_delta_lowrank)->Name("BM_odd_rank_add_delta_lowrank")->Apply(odd_rank_args);
+BENCHMARK(BM_add_delta_eigen)->Name("BM_odd_rank_add_delta_eigen")->Apply(odd_rank_args);
 BENCHMARK(BM_merge_eigen)->Apply(merge_args);
