@@ -1132,11 +1132,11 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
     const batch scale(alpha);
     // kv: k in whole vectors when it is 1, 2 or 4 of them (dot_row_against_w_rows unrolled), else 0.
     const auto sweep = [&](auto kv) {
+        constexpr int KV = decltype(kv)::value;
         for (Index j = 0; j < n_full; j += W)
             for (Index i = 0; i < m; ++i) {
                 T* dst = c + i * ldc + j;
-                batch r = detail::dot_row_against_w_rows<decltype(kv)::value, T, Arch>(k, a + i * lda, b + j * ldb, ldb) *
-                          scale;
+                batch r = detail::dot_row_against_w_rows<KV, T, Arch>(k, a + i * lda, b + j * ldb, ldb) * scale;
                 if (accumulate) r += batch::load_unaligned(dst);
                 r.store_unaligned(dst);
             }
