@@ -182,6 +182,6 @@ BENCHMARK(BM_forward_eigen)->Apply(shape_args);
 BENCHMARK(BM_backward_delta_lowrank)->Apply(shape_args);
 BENCHMARK(BM_backward_delta_eigen)->Apply(shape_args);
 BENCHMARK(BM_merge_lowrank)->Apply(merge_args);
+BENCHMARK(BM_merge_eigen)->Apply(merge_args);
 BENCHMARK(BM_add_delta_lowrank)->Name("BM_odd_rank_add_delta_lowrank")->Apply(odd_rank_args);
 BENCHMARK(BM_add_delta_eigen)->Name("BM_odd_rank_add_delta_eigen")->Apply(odd_rank_args);
-BENCHMARK(BM_merge_eigen)->Apply(merge_args);
