@@ -466,6 +466,23 @@ TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |Î
     require_within(w, to_double(w0), bound, "round trip");
 }
 
+TEMPLATE_TEST_CASE("rank_update at every row count of a band and its tail", "[ops]", float, double) {
+    using T = TestType;
+    // The band sweep takes blocking::sweep_mr rows at a time (6, or 8 on AVX-512) and the rows
+    // left as one tile of their count: 1 to 17 rows cover every tail after zero, one and two bands.
+    const Index out = GENERATE(range(1, 18));
+    const Index in = 37, r = 5;
+    CAPTURE(out);
+    Matrix<T> w = random_matrix<T>(out, in, 8);
+    const Matrix<T> w0 = w;
+    const Matrix<T> U = random_matrix<T>(out, r, 9), V = random_matrix<T>(r, in, 10);
+    core::rank_update<T>(view_mut(w), view(U), view(V), T(-0.6));
+    require_within(w, to_double(w0) - 0.6 * naive_product(to_double(U), to_double(V)),
+                   product_bound(to_double(U).cwiseAbs(), to_double(V).cwiseAbs(), eps<T>(), 0.6) +
+                       2 * eps<T>() * to_double(w0).cwiseAbs(),
+                   "rank_update");
+}
+
 TEST_CASE("kernels are no-ops on empty shapes", "[kernels]") {
     Matrix<float> c = Matrix<float>::Constant(2, 3, 7.f);
     const Matrix<float> a(2, 0), b(0, 3);

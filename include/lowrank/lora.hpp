@@ -377,9 +377,12 @@ void lora_merge(const char* fn, DW&& W, const Lora<T>& lora, T signed_weight, Th
                          false);
     check_no_overlap(fn, "W", w, "A", lora.shrink_factor());
     check_no_overlap(fn, "W", w, "B", lora.expand_factor());
-    // Rows of W are independent: each thread updates its band with the matching rows of B
-    // (the same per-element arithmetic as one thread, so the result is bit-identical).
-    core::parallel_for(threads, w.rows, 64, core::blocking::mr, [&](Index b, Index e) {
+    // Rows of W are independent: each thread updates its band with the matching rows of B. The
+    // bands start at multiples of the sweep's tile height, so each thread's tiles are the ones
+    // one thread would use there (a 1-row tail tile sums in another order), and the result is
+    // bit-identical.
+    constexpr Index band = core::blocking::sweep_mr<xsimd::default_arch>;
+    core::parallel_for(threads, w.rows, 64, band, [&](Index b, Index e) {
         core::rank_update<T>(w.middle_rows(b, e - b), lora.expand_factor().middle_rows(b, e - b),
                              lora.shrink_factor(), signed_weight * lora.scale());
     });

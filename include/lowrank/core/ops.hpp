@@ -317,14 +317,14 @@ void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du
 namespace detail {
 
 /// C (+)= α U B for U with `depth` columns (row i at u + i·ldu) and B (depth × C's columns) in
-/// strips: C in bands of expand_mr rows across its full width, each tile reading its panel of B
+/// strips: C in bands of blocking::sweep_mr rows across its full width, each tile reading its panel of B
 /// as one contiguous run; PF: expand_sweep's prefetch of C ahead of the tiles. Out of line (see
 /// gemm_block_panel): inlined into grad_shrink's loop over blocks of X, GCC 12 ran its tiles 1.45×
 /// slower (grad_shrink, w = 64, n = 128, 4096²).
 template <class T, class Arch, int PF = 0>
 LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index depth, const StripPanel<T>& panel,
                                  T alpha, bool accumulate) {
-    row_tiles<expand_mr>(c.rows, [&](Index i, auto mr) {
+    row_tiles<int(blocking::sweep_mr<Arch>)>(c.rows, [&](Index i, auto mr) {
         constexpr int MR = decltype(mr)::value;
         T* rows[MR];
         LOWRANK_UNROLL for (int q = 0; q < MR; ++q) rows[q] = c.row(i + q);
@@ -334,7 +334,7 @@ LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index d
 
 /// C (+)= α U V for a short shared dimension r ≤ blocking::short_k (U: m × r, V: r × cols, both
 /// row-major): V is first copied into cache-line strips (r·cols values, in `strips`, grown as
-/// needed) and C is swept in bands of expand_mr rows across its full width, each tile reading
+/// needed) and C is swept in bands of blocking::sweep_mr rows across its full width, each tile reading
 /// its panel of V as one contiguous run (a few sequential streams through C), rather than the
 /// broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at lengths
 /// of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
@@ -351,7 +351,7 @@ void band_product(MatrixView<T> c, MatrixView<const T> u, MatrixView<const T> v,
 
 /// dV (+)= α Gᵀ X. From blocking::band_width rows of dV on (and up to blocking::band_depth rows of
 /// X), Gᵀ is transposed once (ws.a) and X is copied block by block (blocking::band_cols columns
-/// of all its rows, ws.b) into cache-line strips, each swept by bands of 6 rows of dV: the
+/// of all its rows, ws.b) into cache-line strips, each swept by bands of rows of dV: the
 /// broadcast kernel on X in place reads n rows of X a row length apart per tile (at lengths of a
 /// power of two, all in one L1 set). Same run, float, µs, in place → strips: w = 64, in = 4096:
 /// n = 16 231 → 155, 32 402 → 299, 128 1681 → 1125; in = 1024, n = 128: 339 → 228. At w = 8
