@@ -7,15 +7,14 @@
 // and cmake/core_instances_double.cpp. The code is the same: only where it is compiled changes.
 //
 // Not for:
-//  - the benchmarks (LOWRANK_NO_CORE_INSTANCES): they measure what a user's header-only build
-//    gets, the kernels compiled and inlined in the caller's translation unit;
+//  - the benchmarks (CMakeLists.txt: lowrank_bench_flags): they measure what a user's
+//    header-only build gets, the kernels compiled and inlined in the caller's translation unit;
 //  - a translation unit built for another architecture than the library of instances (its
 //    default_arch differs: the declarations below would name instances nobody defines, a link
 //    error, not a silent mismatch), such as bench/callgrind_kernels (x86-64-v3).
 // Kernels called at an explicit non-default Arch (test_arch, the SSE2 paths of test_kernels)
 // are instantiated where they are called, as before.
 #pragma once
-#ifndef LOWRANK_NO_CORE_INSTANCES
 #include "eigen_instances.hpp"  // first: GCC 12's AVX-512 intrinsics, read with -Wuninitialized off
 
 #include <lowrank/core/gathered.hpp>
@@ -87,5 +86,4 @@ namespace lowrank::core {
 LOWRANK_CORE_INSTANCES(extern, float)
 LOWRANK_CORE_INSTANCES(extern, double)
 }  // namespace lowrank::core
-#endif
 #endif

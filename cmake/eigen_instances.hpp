@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Build-time only (never installed, never part of lowrank::lowrank): explicit instantiation
 // declarations of the Eigen decompositions that the project's own tests, benchmarks and examples
-// use. Force-included into every such translation unit (see lowrank_dev_flags in CMakeLists.txt),
+// use. Force-included into every such translation unit (see lowrank_bench_flags in CMakeLists.txt),
 // so the compiler does not instantiate these large class templates in each of them; they are
 // instantiated once, in cmake/eigen_instances_float.cpp and cmake/eigen_instances_double.cpp.
 // Measured: test_lora_svd_init.cpp at -O3 -march=native, 170 s → 56 s of CPU time.
