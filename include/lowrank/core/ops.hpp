@@ -317,10 +317,10 @@ void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du
 namespace detail {
 
 /// C (+)= α U B for U with `depth` columns (row i at u + i·ldu) and B (depth × C's columns) in
-/// strips: C in bands of blocking::sweep_mr rows across its full width, each tile reading its panel of B
-/// as one contiguous run; PF: expand_sweep's prefetch of C ahead of the tiles. Out of line (see
-/// gemm_block_panel): inlined into grad_shrink's loop over blocks of X, GCC 12 ran its tiles 1.45×
-/// slower (grad_shrink, w = 64, n = 128, 4096²).
+/// strips: C in bands of blocking::sweep_mr rows across its full width, each tile reading its
+/// panel of B as one contiguous run; PF: expand_sweep's prefetch of C ahead of the tiles. Out of
+/// line (see gemm_block_panel): inlined into grad_shrink's loop over blocks of X, GCC 12 ran its
+/// tiles 1.45× slower (grad_shrink, w = 64, n = 128, 4096²).
 template <class T, class Arch, int PF = 0>
 LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index depth, const StripPanel<T>& panel,
                                  T alpha, bool accumulate) {
@@ -334,10 +334,10 @@ LOWRANK_NOINLINE void band_sweep(MatrixView<T> c, const T* u, Index ldu, Index d
 
 /// C (+)= α U V for a short shared dimension r ≤ blocking::short_k (U: m × r, V: r × cols, both
 /// row-major): V is first copied into cache-line strips (r·cols values, in `strips`, grown as
-/// needed) and C is swept in bands of blocking::sweep_mr rows across its full width, each tile reading
-/// its panel of V as one contiguous run (a few sequential streams through C), rather than the
-/// broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at lengths
-/// of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
+/// needed) and C is swept in bands of blocking::sweep_mr rows across its full width, each tile
+/// reading its panel of V as one contiguous run (a few sequential streams through C), rather than
+/// the broadcast kernel on V in place, whose tiles read r rows of V a row length apart (at
+/// lengths of a power of two, all in one L1 set). The merge and, for many rows, the input gradient.
 template <class T, class Arch, int PF = 0>
 void band_product(MatrixView<T> c, MatrixView<const T> u, MatrixView<const T> v, T alpha, bool accumulate,
                   std::vector<T, xsimd::aligned_allocator<T, 64>>& strips) {
