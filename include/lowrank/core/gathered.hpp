@@ -302,8 +302,8 @@ struct RowPointers {
 
 /// Y[ρ_i] (+)= α T[i] Uᵀ for a few rows ρ of Y (written in place; T: m × w with m = rows.count,
 /// U: out × w, Y: n × out). Blocks of U are transposed into a 16 KiB L1 buffer with SIMD W × W
-/// transposes (a padded leading dimension), and tiles of 6 rows × 2 vectors of outputs sweep all
-/// m rows over each block: U is read once per call, each selected row of Y read and written once
+/// transposes (a padded leading dimension), and tiles of blocking::sweep_mr rows × 2 vectors of
+/// outputs sweep all m rows over each block: U is read once per call, each selected row of Y read and written once
 /// per block of w. Rows must be distinct. Reference: gemm_bcast_ref on Uᵀ, row by row.
 template <class T, class Arch = xsimd::default_arch>
 void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, RowSet rows, T alpha,
@@ -326,7 +326,7 @@ void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T>
             const Index o1 = std::min(out, o0 + ob);
             detail::pack_transposed<T, Arch>(u, o0, o1 - o0, p0, wc, buffer.data(), ldp);
             const detail::PackedPanel<T> panel{buffer.data(), o0, ldp};
-            detail::row_tiles<detail::expand_mr>(m, [&](Index i, auto mr) {
+            detail::row_tiles<int(blocking::sweep_mr<Arch>)>(m, [&](Index i, auto mr) {
                 constexpr int MR = decltype(mr)::value;
                 detail::expand_rows<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, wc,
                                                  t.data + i * t.ld + p0, t.ld, panel, alpha, acc);
@@ -350,7 +350,7 @@ void gathered_expand_strips(MatrixView<const T> t, MatrixView<const T> us, Matri
     const Index ob = std::max<Index>(S, 16 * 1024 / Index(sizeof(T)) / w / S * S);
     for (Index o0 = 0; o0 < out; o0 += ob) {
         const Index o1 = std::min(out, o0 + ob);
-        detail::row_tiles<detail::expand_mr>(m, [&](Index i, auto mr) {
+        detail::row_tiles<int(blocking::sweep_mr<Arch>)>(m, [&](Index i, auto mr) {
             constexpr int MR = decltype(mr)::value;
             detail::expand_rows<MR, T, Arch>(detail::RowPointers<MR, T>(y, rows, i).at, o0, o1, w,
                                              t.data + i * t.ld, t.ld, panel, alpha, accumulate);

@@ -122,15 +122,19 @@ namespace lowrank::core {
 ///   only above 3/4 of a vector. Same run, in = 4096, float, broadcast vs gemm_dot (µs): n = 32:
 ///   w = 9 57.9 vs 20.3, 12 58.4 vs 29.3, 15 52.1 vs 40.8; n = 64: 97.7 vs 53.2, 101 vs 71.5, 79.8
 ///   vs 85.0; n = 128: 140 vs 90.3, 144 vs 130, 141 vs 173; double, n = 128, w = 7: 176 vs 212.
-/// - `sweep_mr<Arch>`: rows of the band sweeps (detail::band_sweep: the merge, the band product of
-///   input_grad, grad_shrink's strips), 2-vector tiles: 6 on 16 registers (expand_mr), 8 on
-///   AVX-512 (16 accumulators; 12 rows spilled: 93 against 153 GFLOP/s). The sweep alone, float,
-///   one binary, 3 alternating rounds, medians (µs), 6 → 8: merge 1024², r = 16 181–195 → 166–190,
+/// - `sweep_mr<Arch>`: rows of the expand tiles in the band sweeps (detail::band_sweep: the merge,
+///   the band product of input_grad, grad_shrink's strips) and in the gathered expands of mixed
+///   batches, 2-vector tiles (detail::expand_nv): 6 on 16 registers, 8 on AVX-512 (16
+///   accumulators; 12 rows spilled: 93 against 153 GFLOP/s). The band sweep alone, float, one
+///   binary, 3 alternating rounds, medians (µs), 6 → 8: merge 1024², r = 16 181–195 → 166–190,
 ///   4096², r = 64 10.9–12.3 → 10.5–11.5 ms (r = 16 equal, 3.1–3.5 ms); 16 × 4096 rows at depth 64
 ///   (input_grad) 43.2–45.3 → 37.2–37.9; 128 × 4096 equal; a 64 × 256 block of dV at depth 128
 ///   19.2–20.4 → 18.0–21.6. bench_lora, old and new binaries alternating in 6 rounds, medians:
 ///   merge 4096², r = 8 3.34 → 2.59 ms, r = 16 3.33 → 3.02, r = 64 10.9 → 10.3; the backward
-///   rows that sweep bands 0.97–1.15× (within this VM's noise).
+///   rows that sweep bands 0.97–1.15× (within this VM's noise). gathered_expand_strips, m
+///   scattered rows of Y, out = 4096, w = 16 / 64, 3 alternating rounds (µs): m = 8 5.7–5.8 →
+///   5.2–5.3 / 25.6–26.0 → 20.3–21.1, m = 16 11.8–12.0 → 10.4–10.6, m = 64 44.0–45.4 → 43.2–44.0
+///   / 196–201 → 172–174 (m = 6: one tile either way, equal).
 /// - `band_mr<Arch>` × `band_nv<Arch>`: gemm_bcast's tile for a short k (≤ short_k) over a full
 ///   band of rows. AVX-512: 8 rows × 3 vectors (24 accumulators; 11 loads per 24 FMAs, against 8
 ///   per 12 for 6 × 2), so a C of 8 rows (the backward's dA = Gᵀ X and dUᵀ = Tᵀ dY at rank 8) is
@@ -1167,14 +1171,14 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
 
 namespace detail {
 
-/// Tiles of the expand sweeps: 6 rows × 2 vectors of outputs = 12 accumulators (FMA latency 4 ×
-/// 2 pipes needs ≥ 8 in flight), + 2 vectors of the panel + 1 broadcast = 15 registers. Against
-/// 4 × 3 (both with the tail tiles unrolled), same-binary runs of mixed n = 64, 8 adapters, r = 16,
-/// 4096², float (an AdapterBank), relative to a fixed prototype in the same binary: 1.08 / 1.03
-/// vs 1.23 / 1.17. The last 1–3 rows of a sweep take 4 vectors instead (4–12 accumulators, same
-/// register budget): two panel loads per broadcast rather than one halves the loads per FMA of
-/// these thin tiles (the rows of a mixed batch per adapter leave such tails in most groups).
-inline constexpr int expand_mr = 6;
+/// Tiles of the expand sweeps: blocking::sweep_mr rows × 2 vectors of outputs. On 16 registers,
+/// 6 rows = 12 accumulators (FMA latency 4 × 2 pipes needs ≥ 8 in flight), + 2 vectors of the
+/// panel + 1 broadcast = 15 registers. Against 4 × 3 (both with the tail tiles unrolled),
+/// same-binary runs of mixed n = 64, 8 adapters, r = 16, 4096², float (an AdapterBank), relative
+/// to a fixed prototype in the same binary: 1.08 / 1.03 vs 1.23 / 1.17. The last 1–3 rows of a
+/// sweep take 4 vectors instead (4–12 accumulators, same register budget): two panel loads per
+/// broadcast rather than one halves the loads per FMA of these thin tiles (the rows of a mixed
+/// batch per adapter leave such tails in most groups).
 template <int MR>
 inline constexpr int expand_nv = MR >= 4 ? 2 : 4;
 
