@@ -230,7 +230,7 @@ struct blocking {
     static constexpr Index gemm_mr = wide_register_file<Arch> ? 12 : 6;
     static constexpr Index mr = 6;
     template <class Arch>
-    static constexpr Index sweep_mr = wide_register_file<Arch> ? 8 : 6;
+    static constexpr Index sweep_mr = wide_register_file<Arch> ? 8 : mr;
     template <class Arch>
     static constexpr Index band_mr = wide_register_file<Arch> ? 8 : mr;
     template <class Arch>
