@@ -238,6 +238,29 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     REQUIRE(c.border_intact());  // nothing written around C
 }
 
+TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths", "[kernels][ops]", FloatSse2,
+                   DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range on 256-bit and wider vectors
+    // (blocking::stream_batch_vectors: 8W rows on AVX-512, 4W on AVX2, several blocks of 2W rows
+    // with a 1-row block last at 4W + 1 and 8W + 1) and of gemm_dot's (stream_weight_rows: 32,
+    // 33), then gemm_packed (past one block of gemm_mc<T> rows at 150).
+    const std::set<Index> rows{1, 2, 3, W / 4 + 1, 2 * W, 2 * W + 1, 4 * W, 4 * W + 1, 8 * W, 8 * W + 1, 32, 33, 150};
+    const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
+    const Index out = GENERATE(13, 37);
+    const Index in = GENERATE(7, 77);
+    CAPTURE(n, out, in);
+
+    Strided<T> x(n, in, 61), w(out, in, 62), y(n, out, 63);
+    const auto [want, bound] = expected_abt<T>(x.value(), w.value(), y.value(), T(1), false);
+    core::GemmWorkspace<T> ws;
+    core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
+    require_within(y.value(), want, bound, "base_product vs exact");
+    REQUIRE(y.border_intact());
+}
+
 TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels][packed]",
                    FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;

@@ -194,6 +194,20 @@ namespace lowrank::core {
 ///   12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8 vectors of X per group come
 ///   from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were slower (4.7 and 8.7–12.6 ms at
 ///   m = 16: GCC 12 runs out of registers for the rows' offsets).
+/// - `stream_batch_vectors<Arch>`: base_product runs X Wᵀ on gemm_stream_rows up to this many
+///   vectors of rows of X (one pass over W per 2 vectors of them), gemm_packed beyond. Packing W
+///   costs a pass over it that the stream kernel does not make (pack_gemm_b alone over a 4096² W
+///   not in cache: 11–14 ms against a 3.3–5.0 ms read, this 2-core Zen 4 VM), and the re-reads
+///   of W per 32 rows run at 6 GB/s, under the streamed bandwidth. X Wᵀ alone, float, AVX-512, m ×
+///   d², medians of 9 (d = 4096) or 60 (1024) interleaved calls, gemm_packed vs 4 → 8 vectors
+///   (gemm_stream_rows), ms: d = 4096: m = 48 26.8 vs 19.7, 64 35.2 vs 28.0, 96 43.6 vs 35.5, 128
+///   49.7 vs 44.2 (and 49.7 vs 43.0); d = 1024: m = 48 1.54 vs 1.05, 64 1.93 vs 1.69, 96 2.54
+///   vs 2.13, 128 3.30 vs 2.96; beyond, m = 256 at 4096 equal (99–108 ms), m = 512 at 1024 12.0
+///   vs 13.6. The earlier AVX-512 VM (results set of 04ee034: 262 GFLOP/s) ran 32 rows by the
+///   stream kernel in a quarter of gemm_packed's 128 within −7% (1024) to +5% (4096). Double
+///   (8 vectors = 64 rows): m = 64, 1024 3.39 vs 3.14 ms; m = 128 equal (5.9–6.0, 95–97 ms). The
+///   AVX2 build keeps 4 vectors (32 rows): at 64 rows this VM ran the stream kernel 15–23%
+///   faster, but the earlier one ran 32 rows by it 1.19× as long per row as 128 by gemm_packed.
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
@@ -252,6 +266,8 @@ struct blocking {
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
+    template <class Arch>
+    static constexpr Index stream_batch_vectors = wide_register_file<Arch> ? 8 : 4;
     static constexpr Index packed_shrink_rows_one_vector = 32;
     static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;
