@@ -261,6 +261,26 @@ TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths"
     REQUIRE(y.border_intact());
 }
 
+TEMPLATE_TEST_CASE("shrink matches the exact product on each of its paths", "[kernels][ops]", FloatSse2, DoubleSse2,
+                   FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    // n and w at the ends of blocking::stream_shrink's range (8–16 rows, a rank from 32; on
+    // AVX-512 only) and just outside it; in past one pass of the 32 KiB buffer of packed X (512
+    // steps with 4-row groups, 256 in double from 9 rows, 1024 in float up to 8 rows) with a
+    // remainder modulo the groups of 2 and 4 steps.
+    const Index n = GENERATE(7, 8, 12, 16, 17);
+    const Index w = GENERATE(16, 31, 32, 35, 64);
+    const Index in = GENERATE(5, 130, 1030);
+    CAPTURE(n, w, in);
+
+    Strided<T> x(n, in, 71), v(w, in, 72), t(n, w, 73);
+    const auto [want, bound] = expected_abt<T>(x.value(), v.value(), t.value(), T(1), false);
+    core::shrink<T, Arch>(x.view(), v.view(), t.view());
+    require_within(t.value(), want, bound, "shrink vs exact");
+    REQUIRE(t.border_intact());
+}
+
 TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels][packed]",
                    FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;

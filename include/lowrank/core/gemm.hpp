@@ -242,14 +242,35 @@ LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, I
     }
 }
 
-/// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B.
+/// Values of A that stream_rows_block packs for k steps with the stream_tile `Tile`.
+template <class Tile, class T, class Arch>
+[[nodiscard]] constexpr Index stream_packed_size(Index k) noexcept {
+    return (k + Tile::g - 1) / Tile::g * Tile::nv * Index(xsimd::batch<T, Arch>::size);
+}
+
+/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 2W rows of A.
+template <class T, class Arch, class F>
+void with_stream_tile(Index m, F&& f) {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    using tiles = blocking::stream_tiles<Arch>;
+    if (m <= W / 4)
+        f(typename tiles::quarter());
+    else if (m <= W / 2)
+        f(typename tiles::half());
+    else if (m <= W)
+        f(typename tiles::one());
+    else
+        f(typename tiles::two());
+}
+
+/// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B; A is
+/// packed into `ag` (stream_packed_size values, 64-byte aligned).
 template <int MR, int NV, Index G, bool PF, class T, class Arch>
 void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
-                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+                       Index ldc, bool accumulate, T* ag) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size, ld = NV * W;  // values of one group of packed A
     const Index groups = k / G, rem = k % G, stored = (k + G - 1) / G;
-    T* ag = GemmWorkspace<T>::reserve(ws.a, stored * ld);
     if constexpr (G == 1) {
         transpose<T, Arch>(m, k, a, lda, ag, ld);
         for (Index p = 0; p < k; ++p) std::fill(ag + p * ld + m, ag + (p + 1) * ld, T(0));
@@ -315,20 +336,38 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
             for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
         return;
     }
-    const auto block = [&](auto tile) {
+    detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
         using t = decltype(tile);
+        T* ag = GemmWorkspace<T>::reserve(ws.a, detail::stream_packed_size<t, T, Arch>(k));
         detail::stream_rows_block<t::mr, t::nv, t::g, t::pf, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
-                                                                      accumulate, ws);
-    };
-    using tiles = blocking::stream_tiles<Arch>;
-    if (m <= W / 4)
-        block(typename tiles::quarter());
-    else if (m <= W / 2)
-        block(typename tiles::half());
-    else if (m <= W)
-        block(typename tiles::one());
-    else
-        block(typename tiles::two());
+                                                                      accumulate, ag);
+    });
+}
+
+/// gemm_stream_rows for one block of m ≤ 2W rows of A, over k in passes whose packed A fits the
+/// `size` values at `buffer` (64-byte aligned; at least 4W, one group of steps of the widest
+/// tile): for a caller with no workspace (shrink, on a 32 KiB stack buffer). Each pass adds its
+/// sums to the last one's in C; B is still read once.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_stream_rows_passes(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb,
+                             T* c, Index ldc, bool accumulate, T* buffer, Index size) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    LOWRANK_ASSERT(m <= 2 * W);
+    if (m <= 0 || n <= 0) return;
+    if (k <= 0) {
+        if (!accumulate)
+            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
+        return;
+    }
+    detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
+        using t = decltype(tile);
+        const Index kc_max = size / (t::nv * W) * t::g;  // steps of k whose packed A fits
+        LOWRANK_ASSERT(kc_max > 0);
+        for (Index p0 = 0; p0 < k; p0 += kc_max)
+            detail::stream_rows_block<t::mr, t::nv, t::g, t::pf, T, Arch>(
+                m, n, std::min(kc_max, k - p0), alpha, a + p0, lda, b + p0, ldb, c, ldc, accumulate || p0 > 0,
+                buffer);
+    });
 }
 
 /// A weight W (out × in) laid out once for gemm_strips: Wᵀ (in × out) in strips one cache line

@@ -122,6 +122,20 @@ namespace lowrank::core {
 ///   only above 3/4 of a vector. Same run, in = 4096, float, broadcast vs gemm_dot (µs): n = 32:
 ///   w = 9 57.9 vs 20.3, 12 58.4 vs 29.3, 15 52.1 vs 40.8; n = 64: 97.7 vs 53.2, 101 vs 71.5, 79.8
 ///   vs 85.0; n = 128: 140 vs 90.3, 144 vs 130, 141 vs 173; double, n = 128, w = 7: 176 vs 212.
+/// - `stream_shrink<Arch>(n, w)`: whether `shrink` (T = X Vᵀ) runs as gemm_stream_rows' transposed
+///   product, in passes of a 32 KiB stack buffer (gemm_stream_rows_passes): from
+///   `stream_shrink_rows_min` to `stream_shrink_rows_max` rows of X against a V of at least
+///   `stream_shrink_rank` rows, on AVX-512. V is read once, row after row, against X grouped in
+///   vectors (no reductions over k), where the paths above re-read V (dots: once per 3 rows of X)
+///   or transpose it. Alone, this 2-core Zen 4 VM, medians of 21 × 200 calls (µs), former path
+///   vs one pass over all of k vs passes of 512 steps, in = 4096: n = 8, w = 32: 62.3 / 48.9 /
+///   48.8; n = 16: w = 32 85.9 / 66.7 / 71.2, w = 64 165 / 106 / 114, w = 128 394 / 183 / 205;
+///   in = 1024: n = 8, w = 32 15.5 / 12.6 / 12.5; n = 16, w = 64 37.7 / 25.7 / 27.2. Slower
+///   outside that range: n = 4, w = 64 43.4 vs 42.5 (one pass); n = 24, w = 64 207 vs 266; n =
+///   32, w = 32 125 vs 148; n = 16, w = 17 38.8 vs 40.7 and w = 24 equal. Double alike (n = 8,
+///   w = 32: 85.3 vs 57.6; n = 16, w = 64: 317 vs 241; n = 4: slower). The AVX2 build's stream
+///   kernel (6-row tiles, one row of X per lane) was faster at some of these shapes and slower at
+///   others (n = 12, w = 32: 59.6 vs 67.6; n = 16, w = 64: 166 vs 106): left as it was.
 /// - `sweep_mr<Arch>`: rows of the expand tiles in the band sweeps (detail::band_sweep: the merge,
 ///   the band product of input_grad, grad_shrink's strips) and in the gathered expands of mixed
 ///   batches, 2-vector tiles (detail::expand_nv): 6 on 16 registers, 8 on AVX-512 (16
@@ -306,6 +320,14 @@ struct blocking {
         if (w < lanes) return 4 * w > 3 * lanes && n >= packed_shrink_rows_part_vector;
         return n >= (w == lanes ? packed_shrink_rows_one_vector : 8);
     }
+    template <class Arch>
+    [[nodiscard]] static constexpr bool stream_shrink(Index n, Index w) noexcept {
+        return wide_register_file<Arch> && n >= stream_shrink_rows_min && n <= stream_shrink_rows_max &&
+               w >= stream_shrink_rank;
+    }
+    static constexpr Index stream_shrink_rows_min = 8;
+    static constexpr Index stream_shrink_rows_max = 16;
+    static constexpr Index stream_shrink_rank = 32;
     [[nodiscard]] static constexpr bool narrow_project(Index n, Index w, Index lanes) noexcept {
         return half_vector(w, lanes) && n >= narrow_project_rows;
     }
