@@ -130,9 +130,10 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
 /// (blocking::stream_shrink), gemm_stream_rows' transposed product (V read once, row after row,
 /// X grouped along k in passes of a 32 KiB stack buffer). With few rows (or any rows against a V
 /// of half a vector of rows or fewer: blocking::packed_shrink), dot products along the input
-/// features (gemm_dot: X and V read once per pass). With many rows, V is transposed block by block into a 32 KiB stack buffer and the
-/// broadcast kernel runs over all rows of X for each block (more FMAs per load; the copy costs
-/// w · in moves once per call, amortised over the rows), the last w mod W outputs by dot products.
+/// features (gemm_dot: X and V read once per pass). With many rows, V is transposed block by
+/// block into the 32 KiB stack buffer and the broadcast kernel runs over all rows of X for each
+/// block (more FMAs per load; the copy costs w · in moves once per call, amortised over the
+/// rows), the last w mod W outputs by dot products.
 template <class T, class Arch = xsimd::default_arch>
 void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
@@ -140,8 +141,8 @@ void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexc
     const Index n = x.rows, in = x.cols;
     Index w = v.rows;
     constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
+    alignas(64) std::array<T, pack_elems> packed;  // X grouped along k, or a block of Vᵀ (below)
     if (blocking::stream_shrink<Arch>(n, w) && in > 0) {
-        alignas(64) std::array<T, pack_elems> packed;  // X, grouped along k, a pass at a time
         gemm_stream_rows_passes<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false,
                                          packed.data(), pack_elems);
         return;
@@ -160,9 +161,8 @@ void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexc
         w -= rem;
         gemm_dot<T, Arch>(n, rem, in, T(1), x.data, x.ld, v.row(w), v.ld, t.data + w, t.ld, false);
     }
-    alignas(64) std::array<T, pack_elems> packed;  // Vᵀ block: kb × w, row-major
     const Index kb = std::max<Index>(1, pack_elems / w);
-    for (Index p0 = 0; p0 < in; p0 += kb) {
+    for (Index p0 = 0; p0 < in; p0 += kb) {  // Vᵀ block: kc × w, row-major
         const Index kc = std::min(kb, in - p0);
         detail::transpose<T, Arch>(w, kc, v.data + p0, v.ld, packed.data(), w);
         gemm_bcast<T, Arch>(n, w, kc, T(1), x.data + p0, x.ld, 1, packed.data(), w, t.data, t.ld,
