@@ -267,8 +267,8 @@ TEMPLATE_TEST_CASE("shrink matches the exact product on each of its paths", "[ke
     using Arch = typename TestType::arch;
     // n and w at the ends of blocking::stream_shrink's range (8–16 rows, a rank from 32; on
     // AVX-512 only) and just outside it; in past one pass of the 32 KiB buffer of packed X (512
-    // steps with 4-row groups, 256 in double from 9 rows, 1024 in float up to 8 rows) with a
-    // remainder modulo the groups of 2 and 4 steps.
+    // steps in groups of 4, 256 in double from 9 rows, 1024 in float at 8 rows) with a remainder
+    // modulo the groups of 2 and 4 steps.
     const Index n = GENERATE(7, 8, 12, 16, 17);
     const Index w = GENERATE(16, 31, 32, 35, 64);
     const Index in = GENERATE(5, 130, 1030);

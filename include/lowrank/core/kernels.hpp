@@ -130,8 +130,8 @@ namespace lowrank::core {
 ///   or transpose it. Alone, this 2-core Zen 4 VM, medians of 21 × 200 calls (µs), former path
 ///   vs one pass over all of k vs passes of 512 steps, in = 4096: n = 8, w = 32: 62.3 / 48.9 /
 ///   48.8; n = 16: w = 32 85.9 / 66.7 / 71.2, w = 64 165 / 106 / 114, w = 128 394 / 183 / 205;
-///   in = 1024: n = 8, w = 32 15.5 / 12.6 / 12.5; n = 16, w = 64 37.7 / 25.7 / 27.2. Slower
-///   outside that range: n = 4, w = 64 43.4 vs 42.5 (one pass); n = 24, w = 64 207 vs 266; n =
+///   in = 1024: n = 8, w = 32 15.5 / 12.6 / 12.5; n = 16, w = 64 37.7 / 25.7 / 27.2. Outside
+///   that range no gain: n = 4, w = 64 43.4 vs 42.5 (one pass); n = 24, w = 64 207 vs 266; n =
 ///   32, w = 32 125 vs 148; n = 16, w = 17 38.8 vs 40.7 and w = 24 equal. Double alike (n = 8,
 ///   w = 32: 85.3 vs 57.6; n = 16, w = 64: 317 vs 241; n = 4: slower). The AVX2 build's stream
 ///   kernel (6-row tiles, one row of X per lane) was faster at some of these shapes and slower at
@@ -547,6 +547,14 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Inde
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
+    // On AVX-512, for 2 vectors and up to 10 rows (the registers hold MR broadcasts, 2·MR
+    // accumulators and a panel vector): a step's MR broadcasts first, then each panel vector
+    // against all of them. In the other order (both panel vectors, then each broadcast against
+    // them) GCC 12 compiled the 8 × 2 expand tile of the band sweeps with one panel vector stored
+    // to the stack and re-read by 8 of the 16 FMAs, every step (the 12 × 2 GEMM tile does not fit
+    // this order and was compiled clean in the other). Same sums in the same order either way.
+    constexpr bool broadcasts_first =
+        blocking::wide_register_file<Arch> && NV == 2 && MR >= 4 && MR * (NV + 1) + 1 <= 32;
     batch acc[U][MR][NV];
     LOWRANK_UNROLL for (int u = 0; u < U; ++u)
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
@@ -556,12 +564,21 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Inde
             if (prefetch)
                 LOWRANK_UNROLL for (int r = 0; r < (NV + RV - 1) / RV; ++r)
                     LOWRANK_PREFETCH_L2(prefetch + p * ldp + r * jump);
-        batch b[NV];
-        LOWRANK_UNROLL for (int v = 0; v < NV; ++v)
-            b[v] = batch::load_unaligned(panel + p * ldp + (v / RV) * jump + (v % RV) * W);
-        LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
-            const batch ai(a(i, p));
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) s[i][v] = xsimd::fma(ai, b[v], s[i][v]);
+        if constexpr (broadcasts_first) {
+            batch ai[MR];
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) ai[i] = batch(a(i, p));
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) {
+                const batch b = batch::load_unaligned(panel + p * ldp + (v / RV) * jump + (v % RV) * W);
+                LOWRANK_UNROLL for (int i = 0; i < MR; ++i) s[i][v] = xsimd::fma(ai[i], b, s[i][v]);
+            }
+        } else {
+            batch b[NV];
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v)
+                b[v] = batch::load_unaligned(panel + p * ldp + (v / RV) * jump + (v % RV) * W);
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
+                const batch ai(a(i, p));
+                LOWRANK_UNROLL for (int v = 0; v < NV; ++v) s[i][v] = xsimd::fma(ai, b[v], s[i][v]);
+            }
         }
     };
     Index p = 0;
