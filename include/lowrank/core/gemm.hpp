@@ -135,12 +135,7 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
                  Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
     constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index NR = 2 * xsimd::batch<T, Arch>::size;
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
-        return;
-    }
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
     const Index kc_max = std::min(blocking::gemm_kc, k);
     const Index mc_max = std::min((m + MR - 1) / MR * MR, blocking::gemm_mc<T> / MR * MR);
     const Index nc_max = std::min((n + NR - 1) / NR * NR, std::max(NR, blocking::gemm_nc<T> / NR * NR));
@@ -330,12 +325,7 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
                                       ldc, accumulate, ws);
         return;
     }
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
-        return;
-    }
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
     detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
         using t = decltype(tile);
         T* ag = GemmWorkspace<T>::reserve(ws.a, detail::stream_packed_size<t, T, Arch>(k));
@@ -353,12 +343,7 @@ void gemm_stream_rows_passes(Index m, Index n, Index k, T alpha, const T* a, Ind
                              T* c, Index ldc, bool accumulate, T* buffer, Index size) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     LOWRANK_ASSERT(m <= 2 * W);
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
-        return;
-    }
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
     detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
         using t = decltype(tile);
         const Index kc_max = size / (t::nv * W) * t::g;  // steps of k whose packed A fits
@@ -454,12 +439,7 @@ void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w,
                  GemmWorkspace<T>& ws) {
     constexpr Index S = strip_width<T>;
     const Index n = w.rows, k = w.cols;
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
-        return;
-    }
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
     if (m <= 3) {
         // One or a few rows: the expand sweep over the strips (each row of X broadcast against
         // 4-vector tiles that span two strips over all of k) keeps two sequential streams of W in

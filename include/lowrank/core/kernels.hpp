@@ -692,6 +692,17 @@ template <class Arch, int R>
 inline constexpr int partial_band_nv =
     R == 1 ? 3 : std::min(4, ((blocking::wide_register_file<Arch> ? 32 : 16) - 1) / (R + 1));
 
+/// The GEMMs' cases with nothing to multiply: an empty C (m × n), or k = 0, where C (+)= a sum
+/// of nothing (C = 0 unless accumulating). Returns whether the product is done.
+template <class T>
+[[nodiscard]] bool trivial_product(Index m, Index n, Index k, T* c, Index ldc, bool accumulate) noexcept {
+    if (m <= 0 || n <= 0) return true;
+    if (k > 0) return false;
+    if (!accumulate)
+        for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
+    return true;
+}
+
 }  // namespace detail
 
 /// `C (+)= alpha · A · B`. C is m × n (row-major, ldc), B is k × n (row-major, ldb), and
@@ -862,12 +873,7 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
               T* c, Index ldc, bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr int MR = int(blocking::dot_mr);
-    if (m <= 0 || n <= 0) return;
-    if (k <= 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
-        return;
-    }
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
     // All rows of A against rows [j0, j0 + nb) of B, over k in passes of dot_kc.
     auto run = [&](Index j0, Index nb) {
         for (Index pc = 0; pc < k; pc += blocking::dot_kc) {
