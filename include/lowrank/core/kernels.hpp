@@ -731,11 +731,7 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
         }
     }
 #endif
-    if (k <= 0) {
-        if (!accumulate)
-            for (Index i = 0; i < m; ++i) std::fill_n(c + i * ldc, n, T(0));
-        return;
-    }
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
     if (k == 1) {  // an outer product (the factor gradients of a one-row batch)
         Index j = 0;
         for (; j + 4 * W <= n; j += 4 * W)

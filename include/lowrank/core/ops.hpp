@@ -142,7 +142,7 @@ void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexc
     Index w = v.rows;
     constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
     alignas(64) std::array<T, pack_elems> packed;  // X grouped along k, or a block of Vᵀ (below)
-    if (blocking::stream_shrink<Arch>(n, w) && in > 0) {
+    if (blocking::stream_shrink<Arch>(n, w)) {
         gemm_stream_rows_passes<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false,
                                          packed.data(), pack_elems);
         return;
