@@ -79,6 +79,41 @@ TEMPLATE_TEST_CASE("gemm_bcast matches the scalar reference and the exact produc
     REQUIRE(c.border_intact());  // nothing written outside the destination block
 }
 
+TEMPLATE_TEST_CASE("gemm_bcast's one-row and outer-product paths match the exact product over several blocks",
+                   "[kernels]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // One row of C (detail::row_product: B in groups of 4 rows, then 1–3 single rows, over 4 KiB
+    // blocks of columns and a tail shorter than a vector), and k = 1 with rows wider than 4
+    // vectors (detail::outer_rows), m = 1 and more rows.
+    const Index block = 4096 / Index(sizeof(T));
+    const Index n = GENERATE_COPY(4 * W + 1, block, block + 1, 2 * block + W + 3);
+    const Index k = GENERATE(Index(1), Index(2), Index(4), Index(7), Index(9), core::blocking::short_k);
+    const Index m = GENERATE(Index(1), Index(3));
+    const bool transposed_a = GENERATE(false, true);
+    const bool accumulate = GENERATE(false, true);
+    if (m > 1 && k > 1) return;  // more rows and k > 1: the band tiles (the test above)
+    CAPTURE(m, n, k, transposed_a, accumulate);
+    Strided<T> a_store(transposed_a ? k : m, transposed_a ? m : k, 21);
+    Strided<T> b(k, n, 22);
+    Strided<T> c(m, n, 23);
+    const auto av = a_store.view();
+    const Index rsa = transposed_a ? 1 : av.ld, csa = transposed_a ? av.ld : 1;
+    const T alpha = T(1.25);
+    const Matrix<double> a = transposed_a ? Matrix<double>(a_store.value().transpose()) : a_store.value();
+    const Matrix<double> c0 = c.value();
+    Matrix<double> want = alpha * naive_product(a, b.value());
+    if (accumulate) want += c0;
+    Matrix<double> bound = product_bound(a.cwiseAbs(), b.value().cwiseAbs(), eps<T>(), alpha);
+    if (accumulate) bound += 2 * eps<T>() * c0.cwiseAbs();
+    auto cv = c.view();
+    core::gemm_bcast<T, Arch>(m, n, k, alpha, av.data, rsa, csa, b.view().data, b.view().ld, cv.data, cv.ld,
+                              accumulate);
+    require_within(c.value(), want, bound, "simd vs exact");
+    REQUIRE(c.border_intact());
+}
+
 TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product", "[kernels]",
                    FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;

@@ -656,6 +656,78 @@ void outer_block(Index m, T alpha, const T* a, Index rsa, const T* b, T* c, Inde
     }
 }
 
+/// C (+)= α a bᵀ (k = 1) for rows wider than 4 vectors (the factor gradient dA = α Gᵀ X of a
+/// one-row batch): row after row, b re-read from L1, so C is written as one sequential stream.
+/// outer_block's column blocks wrote down all m rows before moving right: m streams a row length
+/// apart (one L1 set at a power-of-two length).
+template <class T, class Arch>
+void outer_rows(Index m, Index n, T alpha, const T* a, Index rsa, const T* b, T* c, Index ldc,
+                bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    const Index nv = n / W * W;
+    for (Index i = 0; i < m; ++i) {
+        const T ai = alpha * a[i * rsa];
+        const batch av(ai);
+        T* ci = c + i * ldc;
+        for (Index j = 0; j < nv; j += W) {
+            const batch bv = batch::load_unaligned(b + j);
+            const batch r = accumulate ? xsimd::fma(av, bv, batch::load_unaligned(ci + j)) : av * bv;
+            r.store_unaligned(ci + j);
+        }
+        for (Index j = nv; j < n; ++j) ci[j] = (accumulate ? ci[j] : T(0)) + ai * b[j];
+    }
+}
+
+/// c[0..n) (+)= α Σ_p a[p·csa] B[p, 0..n) (B k × n, row-major): a C of one row (dX = α G A of a
+/// one-row batch). The band tiles would read all k rows of B side by side for each few vectors of
+/// c (k streams a row length apart: one L1 set at a power-of-two length) into 3 sums, a chain of
+/// k dependent FMAs each (latency bound). Here B is read 4 rows at a time, each row sequentially,
+/// into the sums of a block of columns held in a 4 KiB buffer; each block's sums are then added
+/// to c once (α applied once, one rounding into c, as in the tiles).
+template <class T, class Arch>
+void row_product(Index n, Index k, T alpha, const T* a, Index csa, const T* b, Index ldb, T* c,
+                 bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size, CB = 4096 / Index(sizeof(T));
+    alignas(64) std::array<T, CB> sum;
+    for (Index j0 = 0; j0 < n; j0 += CB) {
+        const Index nb = std::min(CB, n - j0), nv = nb / W * W;
+        const T* bj = b + j0;
+        T* s = sum.data();
+        // Rows [p, p + G) of B into the sums (the first group sets them).
+        const auto rows = [&](Index p, auto group) {
+            constexpr int G = decltype(group)::value;
+            batch ap[G];
+            const T* bp[G];
+            LOWRANK_UNROLL for (int g = 0; g < G; ++g) {
+                ap[g] = batch(a[(p + g) * csa]);
+                bp[g] = bj + (p + g) * ldb;
+            }
+            for (Index j = 0; j < nv; j += W) {
+                batch acc = p == 0 ? batch(T(0)) : batch::load_aligned(s + j);
+                LOWRANK_UNROLL for (int g = 0; g < G; ++g) acc = xsimd::fma(ap[g], batch::load_unaligned(bp[g] + j), acc);
+                acc.store_aligned(s + j);
+            }
+            for (Index j = nv; j < nb; ++j) {
+                T acc = p == 0 ? T(0) : s[j];
+                for (int g = 0; g < G; ++g) acc += a[(p + g) * csa] * bp[g][j];
+                s[j] = acc;
+            }
+        };
+        Index p = 0;
+        for (; p + 4 <= k; p += 4) rows(p, std::integral_constant<int, 4>());
+        for (; p < k; ++p) rows(p, std::integral_constant<int, 1>());
+        const batch al(alpha);
+        T* cj = c + j0;
+        for (Index j = 0; j < nv; j += W) {
+            const batch v = batch::load_aligned(s + j);
+            (accumulate ? xsimd::fma(al, v, batch::load_unaligned(cj + j)) : al * v).store_unaligned(cj + j);
+        }
+        for (Index j = nv; j < nb; ++j) cj[j] = (accumulate ? cj[j] : T(0)) + alpha * s[j];
+    }
+}
+
 /// All m rows of a column block: tiles of blocking::mr rows, then one tile of the rows left.
 template <int NV, class T, class Arch>
 inline void bcast_rows(Index m, Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b,
@@ -732,7 +804,11 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     }
 #endif
     if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
-    if (k == 1) {  // an outer product (the factor gradients of a one-row batch)
+    if (k == 1 && n > 4 * W) {  // a wide outer product (dA of a one-row batch)
+        detail::outer_rows<T, Arch>(m, n, alpha, a, rsa, b, c, ldc, accumulate);
+        return;
+    }
+    if (k == 1) {  // an outer product of at most 4 vectors of columns (dB of a one-row batch)
         Index j = 0;
         for (; j + 4 * W <= n; j += 4 * W)
             detail::outer_block<4, T, Arch>(m, alpha, a, rsa, b + j, c + j, ldc, accumulate);
@@ -749,6 +825,10 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                 T& dst = c[i * ldc + jj];
                 dst = (accumulate ? dst : T(0)) + alpha * (a[i * rsa] * b[jj]);
             }
+        return;
+    }
+    if (m == 1 && k <= blocking::short_k) {  // one row of C against a few rows of B
+        detail::row_product<T, Arch>(n, k, alpha, a, csa, b, ldb, c, accumulate);
         return;
     }
     // A short k (a rank-r update) makes C's read-modify-write the cost: sweep C row band by row

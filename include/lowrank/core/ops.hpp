@@ -370,7 +370,7 @@ void grad_shrink(MatrixView<const T> g, MatrixView<const T> x, MatrixView<T> dv,
                  GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(g.rows == x.rows && dv.rows == g.cols && dv.cols == x.cols);
     const Index n = g.rows, w = g.cols, in = x.cols;
-    if (w < blocking::band_width || n == 0 || n > blocking::band_depth || in == 0) {
+    if (w < blocking::band_width || n <= 1 || n > blocking::band_depth || in == 0) {
         gemm_bcast<T, Arch>(w, in, n, alpha, g.data, 1, g.ld, x.data, x.ld, dv.data, dv.ld, accumulate);
         return;
     }
