@@ -250,11 +250,14 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/4, W/2, W and 2W rows),
-    // partly filled vectors, two blocks of rows (2W + 3); n around the 6- and 12-row tiles of B
-    // (tails of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one,
-    // and every remainder modulo the groups of 2 and 4 steps (6, 7, 515).
-    const std::set<Index> rows{1, 3, W / 4, W / 4 + 1, W / 2, W / 2 + 1, W - 1, W, W + 1, 2 * W, 2 * W + 3};
+    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/4, W/2, W, 2W, 3W and
+    // 4W rows), partly filled vectors, several passes (2W + 3 on 16 registers; 4W + 1 = 3 + 2
+    // vectors and 9W + 5 = 4 + 3 + 3 on AVX-512); n around the 6-, 8- and 12-row tiles of B (tails
+    // of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one, and
+    // every remainder modulo the groups of 2 and 4 steps (6, 7, 515).
+    const std::set<Index> rows{1,         3,     W / 4,     W / 4 + 1, W / 2,     W / 2 + 1, W - 1,
+                               W,         W + 1, 2 * W,     2 * W + 3, 3 * W,     3 * W + 1, 4 * W,
+                               4 * W + 1, 9 * W + 5};
     const Index m = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
     const Index k = GENERATE(0, 1, 6, 7, 77, 515);
@@ -278,10 +281,11 @@ TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths"
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range on 256-bit and wider vectors
-    // (blocking::stream_batch_vectors: 8W rows on AVX-512, 4W on AVX2, several blocks of 2W rows
-    // with a 1-row block last at 4W + 1 and 8W + 1) and of gemm_dot's (stream_weight_rows: 32,
-    // 33), then gemm_packed (past one block of gemm_mc<T> rows at 150).
+    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range on 256-bit vectors
+    // (blocking::stream_batch_vectors: 4W rows on AVX2, in passes of 2W rows with a 1-row pass
+    // last at 4W + 1; every batch on AVX-512, in passes of up to 4W rows: 8W + 1 takes three
+    // passes of 3, 3 and 3 vectors) and of gemm_dot's (stream_weight_rows: 32, 33), then
+    // gemm_packed where it remains (past one block of gemm_mc<T> rows at 150).
     const std::set<Index> rows{1, 2, 3, W / 4 + 1, 2 * W, 2 * W + 1, 4 * W, 4 * W + 1, 8 * W, 8 * W + 1, 32, 33, 150};
     const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index out = GENERATE(13, 37);

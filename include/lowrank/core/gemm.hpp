@@ -243,7 +243,8 @@ template <class Tile, class T, class Arch>
     return (k + Tile::g - 1) / Tile::g * Tile::nv * Index(xsimd::batch<T, Arch>::size);
 }
 
-/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 2W rows of A.
+/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A (2W with 16
+/// registers).
 template <class T, class Arch, class F>
 void with_stream_tile(Index m, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -254,8 +255,12 @@ void with_stream_tile(Index m, F&& f) {
         f(typename tiles::half());
     else if (m <= W)
         f(typename tiles::one());
-    else
+    else if (m <= 2 * W || !blocking::wide_register_file<Arch>)
         f(typename tiles::two());
+    else if (m <= 3 * W)
+        f(typename tiles::three());
+    else
+        f(typename tiles::four());
 }
 
 #if XSIMD_WITH_AVX512F
@@ -370,12 +375,12 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 
 }  // namespace detail
 
-/// C (+)= α A Bᵀ for a few rows of A against a large row-major B (a weight in nn.Linear layout,
-/// n × k): the product is computed as its transpose, Cᵀ = B Aᵀ, with the batch along the vectors,
-/// in blocks of at most 2 vectors of rows of A. B is never copied: tiles of MR rows of it run
-/// over all of k, so B is read from memory once per block, row after row, and there are no
-/// horizontal reductions over k. A is copied once per block (into ws.a, zero-padded) and re-read
-/// from L1/L2 by every tile.
+/// C (+)= α A Bᵀ for a batch of rows of A against a large row-major B (a weight in nn.Linear
+/// layout, n × k): the product is computed as its transpose, Cᵀ = B Aᵀ, with the batch along the
+/// vectors, in blocks of at most blocking::stream_block_vectors vectors of rows of A. B is never
+/// copied: tiles of MR rows of it run over all of k, so B is read from memory once per block, row
+/// after row, and there are no horizontal reductions over k. A is copied once per block (into
+/// ws.a, zero-padded) and re-read from L1/L2 by every tile.
 ///
 /// On AVX-512 a vector holds R = W / G rows of A × G consecutive steps of k (G = 4, 2 or 1, by the
 /// block's rows): each group of G values of a row of B is one broadcast load that serves NV
@@ -383,16 +388,23 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
 /// m ≤ 4: G = 4, 12 × 1; m ≤ 8: G = 2, 12 × 1; m ≤ 16: G = 4, 6 × 4 (10 loads per 24 FMAs, against
 /// 13 per 12 with one row of A per lane), which prefetches the next tile's rows of B into L2;
-/// m ≤ 32: G = 1, 12 × 2. Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
+/// m ≤ 32: G = 1, 12 × 2; m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see
+/// blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
 /// gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
-    constexpr Index W = xsimd::batch<T, Arch>::size;
-    if (m > 2 * W) {
-        for (Index i0 = 0; i0 < m; i0 += 2 * W)
-            gemm_stream_rows<T, Arch>(std::min(2 * W, m - i0), n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
-                                      ldc, accumulate, ws);
+    constexpr Index W = xsimd::batch<T, Arch>::size, NB = blocking::stream_block_vectors<Arch>;
+    if (const Index vectors = (m + W - 1) / W; vectors > NB) {
+        // As few passes over B as blocks of NB vectors of rows allow, the vectors shared evenly
+        // among them (e.g. 6 = 3 + 3, not 4 + 2: the 3-vector tile runs as fast per row as the
+        // 4-vector one, the 2-vector one slower).
+        const Index passes = (vectors + NB - 1) / NB;
+        for (Index p = 0, i0 = 0; p < passes; ++p) {
+            const Index rows = std::min(m - i0, (vectors / passes + (p < vectors % passes ? 1 : 0)) * W);
+            gemm_stream_rows<T, Arch>(rows, n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc, ldc, accumulate, ws);
+            i0 += rows;
+        }
         return;
     }
     if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;

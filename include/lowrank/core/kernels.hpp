@@ -208,20 +208,27 @@ namespace lowrank::core {
 ///   12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8 vectors of X per group come
 ///   from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were slower (4.7 and 8.7–12.6 ms at
 ///   m = 16: GCC 12 runs out of registers for the rows' offsets).
-/// - `stream_batch_vectors<Arch>`: base_product runs X Wᵀ on gemm_stream_rows up to this many
-///   vectors of rows of X (one pass over W per 2 vectors of them), gemm_packed beyond. Packing W
-///   costs a pass over it that the stream kernel does not make (pack_gemm_b alone over a 4096² W
-///   not in cache: 11–14 ms against a 3.3–5.0 ms read, this 2-core Zen 4 VM), and the re-reads
-///   of W per 32 rows run at 6 GB/s, under the streamed bandwidth. X Wᵀ alone, float, AVX-512, m ×
-///   d², medians of 9 (d = 4096) or 60 (1024) interleaved calls, gemm_packed vs 4 → 8 vectors
-///   (gemm_stream_rows), ms: d = 4096: m = 48 26.8 vs 19.7, 64 35.2 vs 28.0, 96 43.6 vs 35.5, 128
-///   49.7 vs 44.2 (and 49.7 vs 43.0); d = 1024: m = 48 1.54 vs 1.05, 64 1.93 vs 1.69, 96 2.54
-///   vs 2.13, 128 3.30 vs 2.96; beyond, m = 256 at 4096 equal (99–108 ms), m = 512 at 1024 12.0
-///   vs 13.6. The earlier AVX-512 VM (results set of 04ee034: 262 GFLOP/s) ran 32 rows by the
-///   stream kernel in a quarter of gemm_packed's 128 within −7% (1024) to +5% (4096). Double
-///   (8 vectors = 64 rows): m = 64, 1024 3.39 vs 3.14 ms; m = 128 equal (5.9–6.0, 95–97 ms). The
-///   AVX2 build keeps 4 vectors (32 rows): at 64 rows this VM ran the stream kernel 15–23%
-///   faster, but the earlier one ran 32 rows by it 1.19× as long per row as 128 by gemm_packed.
+/// - `stream_block_vectors<Arch>`, `stream_batch_vectors`: gemm_stream_rows takes up to 4 vectors
+///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
+///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 2 with 16; a batch of more
+///   vectors goes in as few passes as that allows, its vectors shared evenly. With 32 registers
+///   base_product streams W for every batch of 2 rows or more: X Wᵀ alone, float, this 2-core
+///   Zen 4 VM (probe 121–134 GFLOP/s), medians of 9, ms, former stream kernel (2-vector passes) /
+///   4-vector passes / gemm_packed: d = 1024: m = 48 1.22 / 0.92 / 1.15, 64 1.34 / 1.22 / 1.53,
+///   128 3.53 / 2.42 / 2.67, 256 6.16 / 4.79 / 5.14, 512 12.0 / 9.78 / 10.7, 2048 — / 41.6 / 47.3;
+///   d = 4096: m = 64 21.7 / 20.0 / 28.7, 128 47.8 / 39.5 / 49.6, 256 102 / 79.1 / 93.5, 512
+///   — / 160 / 181; X 128 × 32768 against W 1024 × 32768 80.0 vs 99.9 (X's packed block, 8 MiB,
+///   streams from L3 as W does); double, 1024: m = 64 2.89 / 2.61 / 3.18, 256 11.4 / 10.6 / 12.0.
+///   m = 33 (3 vectors, one row in the third) 0.92 vs 0.83 by gemm_packed, kept for one rule. The
+///   Zen 5 VM (probe 250 GFLOP/s), same three, medians of 3 × 15 (1024) or 3 × 5 (4096) calls, ms:
+///   d = 1024: m = 48 0.73 / 0.60 / 1.31, 96 1.79 / 1.21 / 1.35, 128 1.36 / 1.35 / 1.46, 512 5.50 /
+///   5.37 / 5.48; d = 4096: m = 64 15.7 / 14.0 / 18.5, 128 30.9 / 26.7 / 26.2, 256 56.0 / 54.5 /
+///   50.3 (gemm_packed 8% ahead there, 14% behind on Zen 4); double, 1024: m = 256 5.51 / 5.11 /
+///   5.59. With
+///   16 registers (AVX2) the stream kernel keeps 2-vector passes and base_product takes it up to
+///   `stream_batch_vectors` = 4 vectors (32 rows), gemm_packed beyond: at 64 rows the Zen 4 VM ran
+///   the stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long per row as
+///   128 by gemm_packed.
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
@@ -280,8 +287,7 @@ struct blocking {
     static constexpr Index stream_mr = 2;
     static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
-    template <class Arch>
-    static constexpr Index stream_batch_vectors = wide_register_file<Arch> ? 8 : 4;
+    static constexpr Index stream_batch_vectors = 4;
     static constexpr Index packed_shrink_rows_one_vector = 32;
     static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;
@@ -293,8 +299,8 @@ struct blocking {
         static constexpr Index g = G;
         static constexpr bool pf = PF;
     };
-    /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W and 2W rows of X (W:
-    /// Arch's lanes of T).
+    /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
+    /// X (W: Arch's lanes of T; the last two with 32 registers only).
     template <class Arch>
     struct stream_tiles {
         using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 4, false>,
@@ -305,7 +311,11 @@ struct blocking {
                                        stream_tile<6, 1, 1, false>>;
         using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1, false>,
                                        stream_tile<6, 2, 1, false>>;
+        using three = stream_tile<8, 3, 1, false>;  // 32 registers only (24 accumulators)
+        using four = stream_tile<6, 4, 1, false>;
     };
+    template <class Arch>
+    static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 2;
     static constexpr Index gemm_kc = 384;
     template <class T>
     static constexpr Index gemm_mc = 144 * 4 / Index(sizeof(T));

@@ -52,12 +52,12 @@ private:
 };
 
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: gemm_stream_rows streams
-/// W (once per 2W rows; W: SIMD width) from 2 rows of X on AVX-512 and from W/4 + 1 rows with
-/// 256-bit vectors, up to `blocking::stream_batch_vectors` · W rows (8W on AVX-512, 4W on AVX2);
-/// otherwise from 2 to stream_weight_rows rows the dot kernel streams it once; one row is Eigen's
-/// GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096²,
-/// bench_lora); beyond, gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc
-/// blocks, BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed
+/// W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows
+/// or more on AVX-512, and from W/4 + 1 up to `blocking::stream_batch_vectors` · W rows with
+/// 256-bit vectors; otherwise from 2 to stream_weight_rows rows the dot kernel streams it once;
+/// one row is Eigen's GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel
+/// at 4096², bench_lora); beyond (16 registers only), gemm_packed (packing both operands into
+/// (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed
 /// blocks live in `ws`, which grows as needed (no allocation once it has grown to the shape).
 template <class T, class Arch = xsimd::default_arch>
 void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, GemmWorkspace<T>& ws) {
@@ -80,7 +80,7 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     const bool stream_rows = blocking::wide_register_file<Arch>
                                  ? x.rows >= 2
                                  : sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W;
-    if (stream_rows && x.rows <= blocking::stream_batch_vectors<Arch> * W) {
+    if (stream_rows && (blocking::wide_register_file<Arch> || x.rows <= blocking::stream_batch_vectors * W)) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
     }
