@@ -249,18 +249,18 @@ template <class T, class Arch, class F>
 void with_stream_tile(Index m, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     using tiles = blocking::stream_tiles<Arch>;
+    if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
+        if (m > 3 * W) return f(typename tiles::four());
+        if (m > 2 * W) return f(typename tiles::three());
+    }
     if (m <= W / 4)
         f(typename tiles::quarter());
     else if (m <= W / 2)
         f(typename tiles::half());
     else if (m <= W)
         f(typename tiles::one());
-    else if (m <= 2 * W || !blocking::wide_register_file<Arch>)
-        f(typename tiles::two());
-    else if (m <= 3 * W)
-        f(typename tiles::three());
     else
-        f(typename tiles::four());
+        f(typename tiles::two());
 }
 
 #if XSIMD_WITH_AVX512F

@@ -224,11 +224,10 @@ namespace lowrank::core {
 ///   d = 1024: m = 48 0.73 / 0.60 / 1.31, 96 1.79 / 1.21 / 1.35, 128 1.36 / 1.35 / 1.46, 512 5.50 /
 ///   5.37 / 5.48; d = 4096: m = 64 15.7 / 14.0 / 18.5, 128 30.9 / 26.7 / 26.2, 256 56.0 / 54.5 /
 ///   50.3 (gemm_packed 8% ahead there, 14% behind on Zen 4); double, 1024: m = 256 5.51 / 5.11 /
-///   5.59. With
-///   16 registers (AVX2) the stream kernel keeps 2-vector passes and base_product takes it up to
-///   `stream_batch_vectors` = 4 vectors (32 rows), gemm_packed beyond: at 64 rows the Zen 4 VM ran
-///   the stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long per row as
-///   128 by gemm_packed.
+///   5.59. With 16 registers (AVX2) the stream kernel keeps 2-vector passes and base_product takes
+///   it up to `stream_batch_vectors` = 4 vectors (32 rows), gemm_packed beyond: at 64 rows the Zen
+///   4 VM ran the stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long
+///   per row as 128 by gemm_packed.
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,

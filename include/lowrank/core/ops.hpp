@@ -57,8 +57,9 @@ private:
 /// 256-bit vectors; otherwise from 2 to stream_weight_rows rows the dot kernel streams it once;
 /// one row is Eigen's GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel
 /// at 4096², bench_lora); beyond (16 registers only), gemm_packed (packing both operands into
-/// (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed
-/// blocks live in `ws`, which grows as needed (no allocation once it has grown to the shape).
+/// (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W packed ahead: gemm_strips at every batch
+/// size. The copies and packed blocks live in `ws`, which grows as needed (no allocation once it
+/// has grown to the shape).
 template <class T, class Arch = xsimd::default_arch>
 void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(x.cols == weight.cols() && y.rows == x.rows && y.cols == weight.rows());
@@ -70,7 +71,7 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     const MatrixView<const T> w = weight.dense;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // The transposed product, the batch along the vectors (no reductions over k, W never copied,
-    // read once per 2W rows of X). m × 4096², float, kernel alone, ms: AVX-512 with the tiles of
+    // read once per pass of blocking::stream_block_vectors vectors of rows of X). m × 4096², float, kernel alone, ms: AVX-512 with the tiles of
     // blocking::stream_tile, m = 2 / 4 / 8 / 16: 2.3 / 2.5 / 3.0 / 3.6 against gemm_dot's 3.9 /
     // 4.2 / 4.1–4.3 (m = 2, 4) and the former one-row-per-lane tiles (m = 8, 16: 4.1–4.3); one row
     // stays on Eigen's GEMV (1.96 vs 2.28). An AVX2 build on the same machine (bench_core's
@@ -79,8 +80,9 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // float lanes: n = 16 takes two passes of 8 rows, 21.8–22.2 vs 13.9–14.4 ms).
     const bool stream_rows = blocking::wide_register_file<Arch>
                                  ? x.rows >= 2
-                                 : sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W;
-    if (stream_rows && (blocking::wide_register_file<Arch> || x.rows <= blocking::stream_batch_vectors * W)) {
+                                 : sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W &&
+                                       x.rows <= blocking::stream_batch_vectors * W;
+    if (stream_rows) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
     }
