@@ -575,3 +575,38 @@ TEST_CASE("kernels are no-ops on empty shapes", "[kernels]") {
     core::gemm_bcast<float>(2, 3, 0, 1.f, a.data(), 0, 1, b.data(), 3, c.data(), 3, false);
     REQUIRE((c.array() == 0.f).all());  // k = 0 without accumulate: C = 0 · (empty sum)
 }
+
+TEMPLATE_TEST_CASE("shrink_row_backward equals its dense formulas", "[ops]", FloatSse2, DoubleSse2, FloatDefault,
+                   DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // Ranks around the blocks of 4 rows of V (and none), inputs around the vector width (tails).
+    const Index w = GENERATE(Index(0), Index(1), Index(4), Index(5), Index(7), Index(11));
+    const Index in = GENERATE_COPY(W - 1, W + 1, 3 * W + 2);
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(w, in, accumulate);
+    Strided<T> x(1, in, 61), v(w, in, 62), g(1, w, 63), t(1, w, 64), dv(w, in, 65), dx(1, in, 66);
+    const Matrix<double> X = x.value(), V = v.value(), G = g.value(), dX0 = dx.value();
+    const double u = eps<T>(), alpha = -0.75;
+    core::shrink_row_backward<T, Arch>(x.view().data, v.view(), g.view().data, T(alpha), t.view().data, dv.view(),
+                                       dx.view().data, accumulate);
+    require_within(t.value(), naive_product(X, V.transpose()),
+                   product_bound(X.cwiseAbs(), V.transpose().cwiseAbs(), u), "t = x Vᵀ");
+    // α g is rounded once, then its product with x once (and the reference, in double, twice
+    // more: for T = double it is no more exact than the result): within 4u.
+    require_within(dv.value(), alpha * naive_product(G.transpose(), X),
+                   4 * u * std::abs(alpha) * naive_product(G.transpose().cwiseAbs(), X.cwiseAbs()), "dV = α gᵀ x");
+    const Matrix<double> dX = (accumulate ? dX0 : Matrix<double>::Zero(1, in)) + alpha * naive_product(G, V);
+    Matrix<double> bound = product_bound(G.cwiseAbs(), V.cwiseAbs(), 2 * u, std::abs(alpha));
+    if (accumulate) bound += 2 * u * dX0.cwiseAbs();
+    require_within(dx.value(), dX, bound, "dx (+)= α g V");
+    REQUIRE((t.border_intact() && dv.border_intact() && dx.border_intact()));
+
+    // Without dx: the same t and dV, bit for bit.
+    Strided<T> t2(1, w, 67), dv2(w, in, 68);
+    core::shrink_row_backward<T, Arch>(x.view().data, v.view(), g.view().data, T(alpha), t2.view().data, dv2.view(),
+                                       nullptr, accumulate);
+    REQUIRE(t2.value() == t.value());
+    REQUIRE(dv2.value() == dv.value());
+}

@@ -227,6 +227,13 @@ void lora_backward_delta(MatrixView<const T> xa, const Lora<T>& lora, MatrixView
     auto scratch = ws.matrix(n, 2 * r);
     const auto t = scratch.block(0, 0, n, r);  // T = Xa Aᵀ
     const auto g = scratch.block(0, r, n, r);  // G = dY B
+    if (n == 1) {  // A read once for T, dA and dXa (core::shrink_row_backward)
+        core::project_back<T>(dy, lora.expand_factor(), g);
+        core::shrink_row_backward<T>(xa.data, lora.shrink_factor(), g.data, s, t.data, view_mut(grad.A),
+                                     dxa ? dxa->data : nullptr, accumulate_dx);
+        core::grad_expand<T>(dy, t, view_mut(grad.B), s, false);  // dB = s dYᵀ T
+        return;
+    }
     core::shrink<T>(xa, lora.shrink_factor(), t);
     core::project_back<T>(dy, lora.expand_factor(), g);
     core::grad_expand<T>(dy, t, view_mut(grad.B), s, false);  // dB = s dYᵀ T
@@ -303,6 +310,8 @@ void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y) {
 ///
 /// grad.A, grad.B and dX are overwritten (plain matrices are resized). W is only read for dX.
 /// The full-weight gradient dYᵀ X is never formed. Cost: 2·n·r·(2·in + 2·out) + 2·n·out·in flops.
+/// For one row (n = 1), A is read once for T, grad.A and dX together (core::shrink_row_backward),
+/// so the adapter's factors are each read once and their gradients each written once.
 template <class DX, class DW, Real T, class DdY, Destination DdX>
 void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
               const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad, DdX&& dX, Workspace<T>& ws) {

@@ -228,6 +228,12 @@ namespace lowrank::core {
 ///   it up to `stream_batch_vectors` = 4 vectors (32 rows), gemm_packed beyond: at 64 rows the Zen
 ///   4 VM ran the stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long
 ///   per row as 128 by gemm_packed.
+/// - `row_backward_rows`: rows of V per block of shrink_row_backward (the one-row LoRA backward's
+///   sweep over A: t = A x, dA = α g xᵀ, dx += α Aᵀ g), each block reading and writing dx once.
+///   bench_lora's backward, n = 1, float, this Zen 5 VM, 4 rows against 1, 2 and 8 in 3
+///   alternating rounds (ratios of medians, 1 / 2 / 8 over 4): 4096, r = 64 1.17 / 1.09 / 1.19,
+///   r = 16 1.13 / 1.03 / 1.38; 1024, r = 8 0.96 / 0.97 / 1.33 (8 rows: 16 streams of A and dA a
+///   row length apart, most of them in one L1 set).
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
@@ -315,6 +321,7 @@ struct blocking {
     };
     template <class Arch>
     static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 2;
+    static constexpr int row_backward_rows = 4;
     static constexpr Index gemm_kc = 384;
     template <class T>
     static constexpr Index gemm_mc = 144 * 4 / Index(sizeof(T));

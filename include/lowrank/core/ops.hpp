@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.hpp"
@@ -417,6 +419,72 @@ template <class T, class Arch = xsimd::default_arch>
 void input_grad(MatrixView<const T> g, MatrixView<const T> v, MatrixView<T> dx, T alpha, bool accumulate) {
     GemmWorkspace<T> ws;
     input_grad<T, Arch>(g, v, dx, alpha, accumulate, ws);
+}
+
+/// The backward of t = V x for one row x (in values, V: w × in) given g (w values, the gradient
+/// reaching t): t = V x, dV = α g xᵀ and, if dx is not null, dx (+)= α Vᵀ g, in one sweep over
+/// V: each block of blocking::row_backward_rows rows of V is read once, its rows of dV written
+/// once, and dx (in values) read and written once per block. shrink, grad_shrink and input_grad read V twice between them
+/// (t needs V before g can exist upstream; dx needs g): for one row, where each call streams a
+/// whole factor for few flops, that second read is a third of the traffic.
+template <class T, class Arch = xsimd::default_arch>
+void shrink_row_backward(const T* x, MatrixView<const T> v, const T* g, T alpha, T* t, MatrixView<T> dv, T* dx,
+                         bool accumulate_dx) noexcept {
+    LOWRANK_ASSERT(dv.rows == v.rows && dv.cols == v.cols);
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    const Index w = v.rows, in = v.cols;
+    if (w == 0) {
+        if (dx && !accumulate_dx) std::fill_n(dx, in, T(0));
+        return;
+    }
+    const auto sweep = [&](auto with_dx) {
+        constexpr bool DX = decltype(with_dx)::value;
+        detail::row_tiles<blocking::row_backward_rows>(w, [&](Index j0, auto rows) {
+            constexpr int R = decltype(rows)::value;
+            const bool acc = accumulate_dx || j0 > 0;  // dx holds the blocks before this one
+            const T* vr[R];
+            T* dr[R];
+            T gj[R];
+            batch gb[R], dot[R];
+            LOWRANK_UNROLL for (int q = 0; q < R; ++q) {
+                vr[q] = v.row(j0 + q);
+                dr[q] = dv.row(j0 + q);
+                gj[q] = alpha * g[j0 + q];
+                gb[q] = batch(gj[q]);
+                dot[q] = batch(T(0));
+            }
+            Index c = 0;
+            for (; c + W <= in; c += W) {
+                const batch xv = batch::load_unaligned(x + c);
+                batch d(T(0));
+                if constexpr (DX)
+                    if (acc) d = batch::load_unaligned(dx + c);
+                LOWRANK_UNROLL for (int q = 0; q < R; ++q) {
+                    const batch a = batch::load_unaligned(vr[q] + c);
+                    dot[q] = xsimd::fma(a, xv, dot[q]);
+                    (gb[q] * xv).store_unaligned(dr[q] + c);
+                    if constexpr (DX) d = xsimd::fma(gb[q], a, d);
+                }
+                if constexpr (DX) d.store_unaligned(dx + c);
+            }
+            T tail[R] = {};
+            for (; c < in; ++c) {
+                T d = DX && acc ? dx[c] : T(0);
+                LOWRANK_UNROLL for (int q = 0; q < R; ++q) {  // fused as the vectors are, in both sweeps
+                    tail[q] = std::fma(vr[q][c], x[c], tail[q]);
+                    dr[q][c] = gj[q] * x[c];
+                    if constexpr (DX) d = std::fma(gj[q], vr[q][c], d);
+                }
+                if constexpr (DX) dx[c] = d;
+            }
+            LOWRANK_UNROLL for (int q = 0; q < R; ++q) t[j0 + q] = xsimd::hadd(dot[q]) + tail[q];
+        });
+    };
+    if (dx)
+        sweep(std::true_type());
+    else
+        sweep(std::false_type());
 }
 
 /// W += α U V (merge with α = s, unmerge with α = −s). ΔW is formed tile by tile in registers and
