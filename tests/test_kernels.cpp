@@ -610,3 +610,47 @@ TEMPLATE_TEST_CASE("shrink_row_backward equals its dense formulas", "[ops]", Flo
     REQUIRE(t2.value() == t.value());
     REQUIRE(dv2.value() == dv.value());
 }
+
+TEMPLATE_TEST_CASE("gemm_bcast with rows of a quarter or half a vector, contiguous, equals its dense formula",
+                   "[kernels]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // One row of C against a contiguous B (R = W / n rows of B per vector, k not a multiple of 4R:
+    // the sums' tail and the rows' tail), and outer products into a contiguous C (m rows, R per
+    // vector, a tail of rows), with A's values a stride apart.
+    const Index n = GENERATE_COPY(W / 2, W / 4);
+    const bool one_row = GENERATE(true, false);
+    const Index len = GENERATE(Index(1), Index(2), Index(3), Index(5), Index(8), Index(9), Index(131), Index(301));
+    const Index stride = GENERATE(Index(1), Index(3));
+    const bool accumulate = GENERATE(false, true);
+    if (n < 1 || (!one_row && len < 2)) return;
+    const Index m = one_row ? 1 : len, k = one_row ? len : 1;
+    CAPTURE(n, m, k, stride, accumulate);
+    const Matrix<double> A = random_matrix<double>(m, k, 71), B = random_matrix<double>(k, n, 72),
+                         C0 = random_matrix<double>(m, n, 73);
+    // A(i, p) at a[i·rsa + p·csa]; B and C contiguous, with guard values past C's end.
+    const Index rsa = one_row ? 1 : stride, csa = one_row ? stride : 1;
+    std::vector<T> a(std::size_t(m * rsa + k * csa), T(0)), b(std::size_t(k * n)), c(std::size_t(m * n + W), T(7));
+    for (Index i = 0; i < m; ++i)
+        for (Index p = 0; p < k; ++p) a[std::size_t(i * rsa + p * csa)] = T(A(i, p));
+    for (Index p = 0; p < k; ++p)
+        for (Index j = 0; j < n; ++j) b[std::size_t(p * n + j)] = T(B(p, j));
+    for (Index i = 0; i < m; ++i)
+        for (Index j = 0; j < n; ++j) c[std::size_t(i * n + j)] = T(C0(i, j));
+    const T alpha = T(-0.75);
+    core::gemm_bcast<T, Arch>(m, n, k, alpha, a.data(), rsa, csa, b.data(), n, c.data(), n, accumulate);
+    Matrix<double> got(m, n);
+    for (Index i = 0; i < m; ++i)
+        for (Index j = 0; j < n; ++j) got(i, j) = double(c[std::size_t(i * n + j)]);
+    const Matrix<double> Ad = to_double(Matrix<T>(A.cast<T>())), Bd = to_double(Matrix<T>(B.cast<T>())),
+                         Cd = to_double(Matrix<T>(C0.cast<T>()));
+    Matrix<double> want = double(alpha) * naive_product(Ad, Bd);
+    Matrix<double> bound = product_bound(Ad.cwiseAbs(), Bd.cwiseAbs(), eps<T>(), double(alpha));
+    if (accumulate) {
+        want += Cd;
+        bound += 2 * eps<T>() * Cd.cwiseAbs();
+    }
+    require_within(got, want, bound, "gemm_bcast, rows of a part of a vector");
+    for (Index g = m * n; g < m * n + W; ++g) REQUIRE(c[std::size_t(g)] == T(7));  // nothing past C
+}

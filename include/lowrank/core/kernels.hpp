@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -791,6 +792,75 @@ template <class T>
     return true;
 }
 
+/// Rows of R = W / n values (R = 2 or 4: rank 8 or 4 in float on AVX-512) in a contiguous matrix:
+/// a vector holds R consecutive rows, so no lane idles. `expand(a, rs)` is the vector whose lanes
+/// of row q hold a[q·rs] (q < R): one broadcast per row, merged by lane masks.
+template <int R, class T, class Arch>
+struct FlatRows {
+    using batch = xsimd::batch<T, Arch>;
+    static constexpr Index W = batch::size;
+    xsimd::batch_bool<T, Arch> from[R - 1];  // lanes of rows q + 1 and after
+    explicit FlatRows(Index n) noexcept {
+        alignas(64) std::array<T, std::size_t(W)> lane;
+        for (Index l = 0; l < W; ++l) lane[std::size_t(l)] = T(l);
+        const batch idx = batch::load_aligned(lane.data());
+        for (int q = 1; q < R; ++q) from[q - 1] = idx >= batch(T(q * n));
+    }
+    [[nodiscard]] batch expand(const T* a, Index rs) const noexcept {
+        batch e(a[0]);
+        LOWRANK_UNROLL for (int q = 1; q < R; ++q) e = xsimd::select(from[q - 1], batch(a[q * rs]), e);
+        return e;
+    }
+};
+
+/// c[0..n) (+)= α Σ_p a[p·csa] B[p, 0..n) for B k × n contiguous (ldb = n) with n = W / R: R rows
+/// of B per vector in 4 independent sums, folded at the end (the one-row G = dY B at rank 8,
+/// where row_product ran half vectors in a chain of dependent FMAs through its buffer).
+template <int R, class T, class Arch>
+void row_product_flat(Index n, Index k, T alpha, const T* a, Index csa, const T* b, T* c, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    const FlatRows<R, T, Arch> rows(n);
+    const Index steps = k / R;  // vectors of R rows
+    batch acc[4] = {batch(T(0)), batch(T(0)), batch(T(0)), batch(T(0))};
+    Index s = 0;
+    for (; s + 4 <= steps; s += 4)
+        LOWRANK_UNROLL for (int u = 0; u < 4; ++u)
+            acc[u] = xsimd::fma(rows.expand(a + (s + u) * R * csa, csa), batch::load_unaligned(b + (s + u) * W), acc[u]);
+    for (; s < steps; ++s) acc[0] = xsimd::fma(rows.expand(a + s * R * csa, csa), batch::load_unaligned(b + s * W), acc[0]);
+    alignas(64) std::array<T, std::size_t(W)> sum;
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])).store_aligned(sum.data());
+    for (Index j = 0; j < n; ++j) {
+        T v = sum[std::size_t(j)];
+        for (int q = 1; q < R; ++q) v += sum[std::size_t(q * n + j)];
+        for (Index p = steps * R; p < k; ++p) v += a[p * csa] * b[p * n + j];
+        c[j] = (accumulate ? c[j] : T(0)) + alpha * v;
+    }
+}
+
+/// C (+)= α a bᵀ (k = 1) for C m × n contiguous (ldc = n) with n = W / R: R rows of C per vector
+/// (the one-row dB = s dYᵀ T at rank 8, whose rows outer_block wrote as half vectors).
+template <int R, class T, class Arch>
+void outer_flat(Index m, Index n, T alpha, const T* a, Index rsa, const T* b, T* c, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    const FlatRows<R, T, Arch> rows(n);
+    alignas(64) std::array<T, std::size_t(W)> tiled;  // α b, R times
+    for (Index l = 0; l < W; ++l) tiled[std::size_t(l)] = alpha * b[l % n];
+    const batch bb = batch::load_aligned(tiled.data());
+    Index i = 0;
+    for (; i + R <= m; i += R) {
+        const batch e = rows.expand(a + i * rsa, rsa);
+        T* dst = c + i * n;
+        (accumulate ? xsimd::fma(e, bb, batch::load_unaligned(dst)) : e * bb).store_unaligned(dst);
+    }
+    for (; i < m; ++i)
+        for (Index j = 0; j < n; ++j) {
+            T& dst = c[i * n + j];
+            dst = accumulate ? std::fma(a[i * rsa], tiled[std::size_t(j)], dst) : a[i * rsa] * tiled[std::size_t(j)];
+        }
+}
+
 }  // namespace detail
 
 /// `C (+)= alpha · A · B`. C is m × n (row-major, ldc), B is k × n (row-major, ldb), and
@@ -805,6 +875,24 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     if (m <= 0 || n <= 0) return;
+    // Rows of a quarter or half a vector in a contiguous B or C: R rows per vector.
+    if (2 * n <= W && 4 * n >= W && W % n == 0 && k >= 1) {
+        const bool one_row = m == 1 && ldb == n, outer = k == 1 && ldc == n && m > 1;
+        if (one_row || outer) {
+            const auto run = [&](auto r) {
+                constexpr int R = decltype(r)::value;
+                if (one_row)
+                    detail::row_product_flat<R, T, Arch>(n, k, alpha, a, csa, b, c, accumulate);
+                else
+                    detail::outer_flat<R, T, Arch>(m, n, alpha, a, rsa, b, c, accumulate);
+            };
+            if (2 * n == W)
+                run(std::integral_constant<int, 2>());
+            else
+                run(std::integral_constant<int, 4>());
+            return;
+        }
+    }
 #if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
     if constexpr (std::is_base_of_v<xsimd::avx512f, Arch>) {
         // A column tail of at most half an AVX-512 vector (all of C at rank 8 in float: the shrink
