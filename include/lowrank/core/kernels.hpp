@@ -799,7 +799,7 @@ template <int R, class T, class Arch>
 struct FlatRows {
     using batch = xsimd::batch<T, Arch>;
     static constexpr Index W = batch::size;
-    xsimd::batch_bool<T, Arch> from[R - 1];  // lanes of rows q + 1 and after
+    xsimd::batch_bool<T, Arch> from[R - 1];  // from[q − 1]: the lanes of rows q and after
     explicit FlatRows(Index n) noexcept {
         alignas(64) std::array<T, std::size_t(W)> lane;
         for (Index l = 0; l < W; ++l) lane[std::size_t(l)] = T(l);
@@ -824,10 +824,11 @@ void row_product_flat(Index n, Index k, T alpha, const T* a, Index csa, const T*
     const Index steps = k / R;  // vectors of R rows
     batch acc[4] = {batch(T(0)), batch(T(0)), batch(T(0)), batch(T(0))};
     Index s = 0;
-    for (; s + 4 <= steps; s += 4)
-        LOWRANK_UNROLL for (int u = 0; u < 4; ++u)
-            acc[u] = xsimd::fma(rows.expand(a + (s + u) * R * csa, csa), batch::load_unaligned(b + (s + u) * W), acc[u]);
-    for (; s < steps; ++s) acc[0] = xsimd::fma(rows.expand(a + s * R * csa, csa), batch::load_unaligned(b + s * W), acc[0]);
+    const auto step = [&](Index v, batch& sum) {  // rows [v·R, v·R + R) of B: its vector v
+        sum = xsimd::fma(rows.expand(a + v * R * csa, csa), batch::load_unaligned(b + v * W), sum);
+    };
+    for (; s + 4 <= steps; s += 4) LOWRANK_UNROLL for (int u = 0; u < 4; ++u) step(s + u, acc[u]);
+    for (; s < steps; ++s) step(s, acc[0]);
     alignas(64) std::array<T, std::size_t(W)> sum;
     ((acc[0] + acc[1]) + (acc[2] + acc[3])).store_aligned(sum.data());
     for (Index j = 0; j < n; ++j) {

@@ -73,13 +73,14 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     const MatrixView<const T> w = weight.dense;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // The transposed product, the batch along the vectors (no reductions over k, W never copied,
-    // read once per pass of blocking::stream_block_vectors vectors of rows of X). m × 4096², float, kernel alone, ms: AVX-512 with the tiles of
-    // blocking::stream_tile, m = 2 / 4 / 8 / 16: 2.3 / 2.5 / 3.0 / 3.6 against gemm_dot's 3.9 /
-    // 4.2 / 4.1–4.3 (m = 2, 4) and the former one-row-per-lane tiles (m = 8, 16: 4.1–4.3); one row
-    // stays on Eigen's GEMV (1.96 vs 2.28). An AVX2 build on the same machine (bench_core's
-    // forward, r = 16): n = 16 5.8–7.0 vs gemm_dot's 8.1–10.1, n = 32 (two passes over W)
-    // 11.1–12.4 vs 15.2–17.8; below W/4 + 1 rows its lanes would be mostly empty. Not on SSE (4
-    // float lanes: n = 16 takes two passes of 8 rows, 21.8–22.2 vs 13.9–14.4 ms).
+    // read once per pass of blocking::stream_block_vectors vectors of rows of X). m × 4096², float,
+    // kernel alone, ms: AVX-512 with the tiles of blocking::stream_tile, m = 2 / 4 / 8 / 16: 2.3 /
+    // 2.5 / 3.0 / 3.6 against gemm_dot's 3.9 / 4.2 / 4.1–4.3 (m = 2, 4) and the former
+    // one-row-per-lane tiles (m = 8, 16: 4.1–4.3); one row stays on Eigen's GEMV (1.96 vs 2.28). An
+    // AVX2 build on the same machine (bench_core's forward, r = 16): n = 16 5.8–7.0 vs gemm_dot's
+    // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8; below W/4 + 1 rows its lanes
+    // would be mostly empty. Not on SSE (4 float lanes: n = 16 takes two passes of 8 rows,
+    // 21.8–22.2 vs 13.9–14.4 ms).
     const bool stream_rows = blocking::wide_register_file<Arch>
                                  ? x.rows >= 2
                                  : sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W &&
@@ -424,9 +425,10 @@ void input_grad(MatrixView<const T> g, MatrixView<const T> v, MatrixView<T> dx, 
 /// The backward of t = V x for one row x (in values, V: w × in) given g (w values, the gradient
 /// reaching t): t = V x, dV = α g xᵀ and, if dx is not null, dx (+)= α Vᵀ g, in one sweep over
 /// V: each block of blocking::row_backward_rows rows of V is read once, its rows of dV written
-/// once, and dx (in values) read and written once per block. shrink, grad_shrink and input_grad read V twice between them
-/// (t needs V before g can exist upstream; dx needs g): for one row, where each call streams a
-/// whole factor for few flops, that second read is a third of the traffic.
+/// once, and dx (in values) read and written once per block. shrink, grad_shrink and input_grad
+/// read V twice between them (t is formed before g exists upstream; dx needs g): for one row of
+/// the LoRA backward, where each call streams a whole factor for few flops, that second read of A
+/// was a fifth of the traffic (A read twice, B once, dA and dB written).
 template <class T, class Arch = xsimd::default_arch>
 void shrink_row_backward(const T* x, MatrixView<const T> v, const T* g, T alpha, T* t, MatrixView<T> dv, T* dx,
                          bool accumulate_dx) noexcept {
