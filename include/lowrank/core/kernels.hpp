@@ -814,8 +814,9 @@ struct FlatRows {
 };
 
 /// c[0..n) (+)= α Σ_p a[p·csa] B[p, 0..n) for B k × n contiguous (ldb = n) with n = W / R: R rows
-/// of B per vector in 4 independent sums, folded at the end (the one-row G = dY B at rank 8,
-/// where row_product ran half vectors in a chain of dependent FMAs through its buffer).
+/// of B per vector in 4 independent sums, folded at the end (the one-row G = dY B at rank 8, which
+/// ran on AVX2's half vectors: row_product's chain of dependent FMAs through its buffer up to
+/// blocking::short_k rows of B, the band tiles beyond).
 template <int R, class T, class Arch>
 void row_product_flat(Index n, Index k, T alpha, const T* a, Index csa, const T* b, T* c, bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
