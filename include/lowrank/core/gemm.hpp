@@ -197,11 +197,12 @@ LOWRANK_TILE_INLINE xsimd::batch<T, Arch> broadcast_group(const T* p) noexcept {
 /// ag + q·NV·W), lane r·G + g of vector v holding A(v·R + r, q·G + g) (R = W / G rows of A per
 /// vector); each group of G values of a row of B is broadcast to the R lane groups, so acc[i][v]
 /// lane r·G + g sums B(i, p) · A(v·R + r, p) over the steps p ≡ g (mod G). B's rows are read once,
-/// sequentially; with PF, each cache line of them also prefetches the same line of the rows at
-/// `next` (the next tile's) into L2.
-template <int MR, int NV, Index G, bool PF, class T, class Arch>
-LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, Index ldb, const T* next,
-                                          const T* ag, xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
+/// sequentially; with AHEAD > 0, each cache line of them first prefetches the line AHEAD lines
+/// further along the same row (the hardware prefetchers lose the MR streams, all a power-of-two
+/// row stride apart in the usual weight shapes, at every 4 KiB page).
+template <int MR, int NV, Index G, Index AHEAD, class T, class Arch>
+LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, Index ldb, const T* ag,
+                                          xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
@@ -215,14 +216,12 @@ LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, I
         }
     };
     Index q = 0;
-    if constexpr (PF) {
+    if constexpr (AHEAD > 0) {
         constexpr Index L = 64 / (G * Index(sizeof(T)));  // groups per cache line of a row
-        for (; q + L <= groups; q += L) {
-            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L2(next + i * ldb + q * G);
+        for (; q + (AHEAD + 1) * L <= groups; q += L) {
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L2(b + i * ldb + (q + AHEAD * L) * G);
             LOWRANK_UNROLL for (Index l = 0; l < L; ++l) step(b + (q + l) * G, ldb, ag + (q + l) * NV * W);
         }
-    } else {
-        (void)next;
     }
     for (; q < groups; ++q) step(b + q * G, ldb, ag + q * NV * W);
     if constexpr (G > 1) {
@@ -342,7 +341,7 @@ void pack_groups(Index m, Index k, const T* a, Index lda, T* ag, Index ld) noexc
 
 /// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B; A is
 /// packed into `ag` (stream_packed_size values, 64-byte aligned).
-template <int MR, int NV, Index G, bool PF, class T, class Arch>
+template <int MR, int NV, Index G, Index AHEAD, class T, class Arch>
 void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                        Index ldc, bool accumulate, T* ag) noexcept {
     using batch = xsimd::batch<T, Arch>;
@@ -356,9 +355,8 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
     }
     row_tiles<MR>(n, [&](Index j0, auto mr) {
         constexpr int M = decltype(mr)::value;
-        const Index j1 = j0 + M + MR <= n ? j0 + M : j0;  // the next full tile (prefetched), or this one
         batch acc[M][NV];
-        stream_rows_tile<M, NV, G, PF, T, Arch>(groups, rem, b + j0 * ldb, ldb, b + j1 * ldb, ag, acc);
+        stream_rows_tile<M, NV, G, AHEAD, T, Arch>(groups, rem, b + j0 * ldb, ldb, ag, acc);
         alignas(64) std::array<T, std::size_t(M * ld)> sum;
         LOWRANK_UNROLL for (int j = 0; j < M; ++j)
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + j * ld + v * W);
@@ -386,8 +384,8 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// block's rows): each group of G values of a row of B is one broadcast load that serves NV
 /// vectors, i.e. NV·R rows of A, with all lanes in use from R rows; the G partial sums of a lane
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
-/// m ≤ 4: G = 4, 12 × 1; m ≤ 8: G = 2, 12 × 1; m ≤ 16: G = 4, 6 × 4 (10 loads per 24 FMAs, against
-/// 13 per 12 with one row of A per lane), which prefetches the next tile's rows of B into L2;
+/// m ≤ 4: G = 4, 12 × 1; m ≤ 8: G = 2, 12 × 1; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against
+/// 13 per 12 with one row of A per lane), each row of B prefetching 8 lines ahead of its reads;
 /// m ≤ 32: G = 1, 12 × 2; m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see
 /// blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
 /// gemm_packed.
@@ -411,7 +409,7 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
     detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
         using t = decltype(tile);
         T* ag = GemmWorkspace<T>::reserve(ws.a, detail::stream_packed_size<t, T, Arch>(k));
-        detail::stream_rows_block<t::mr, t::nv, t::g, t::pf, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
+        detail::stream_rows_block<t::mr, t::nv, t::g, t::ahead, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
                                                                       accumulate, ag);
     });
 }
@@ -431,7 +429,7 @@ void gemm_stream_rows_passes(Index m, Index n, Index k, T alpha, const T* a, Ind
         const Index kc_max = size / (t::nv * W) * t::g;  // steps of k whose packed A fits
         LOWRANK_ASSERT(kc_max > 0);
         for (Index p0 = 0; p0 < k; p0 += kc_max)
-            detail::stream_rows_block<t::mr, t::nv, t::g, t::pf, T, Arch>(
+            detail::stream_rows_block<t::mr, t::nv, t::g, t::ahead, T, Arch>(
                 m, n, std::min(kc_max, k - p0), alpha, a + p0, lda, b + p0, ldb, c, ldc, accumulate || p0 > 0,
                 buffer);
     });

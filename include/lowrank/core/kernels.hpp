@@ -197,12 +197,25 @@ namespace lowrank::core {
 ///   (24 and 16 loads per 12 FMAs). Y = X Wᵀ, X 16 × 4096, W 4096², float, same run: 2 × 4 over
 ///   all of k 10.8 ms, the former 3 × 4 in passes of dot_kc 18.5 ms (bench_core's fused forward,
 ///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
-/// - `stream_tile<MR, NV, G, PF>`: a tile of gemm_stream_rows (the small-batch X Wᵀ, the batch
-///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k,
-///   PF: prefetch the next tile's rows of W into L2; `stream_tiles<Arch>` holds the one for each
-///   range of rows. 16 registers: 6 × 1 or 6 × 2, G = 1. 32 registers (AVX-512), up to W/4, W/2, W,
-///   2W rows: G = 4, 12 × 1; G = 2, 12 × 1; G = 4, 6 × 4 with PF; G = 1, 12 × 2. m × 4096 × 4096,
-///   float, this AVX-512 VM, one harness alternating the variants 30–40 times, medians (ms; the
+/// - `stream_tile<MR, NV, G, AHEAD>`: a tile of gemm_stream_rows (the small-batch X Wᵀ, the batch
+///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
+///   AHEAD > 0: each row of W prefetches the line AHEAD lines ahead of the one it reads.
+///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1 or 6 × 2, G =
+///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 12 × 1; G = 2, 12 × 1; G = 2,
+///   8 × 2 with AHEAD = 8; G = 1, 12 × 2. The tile of W/2 + 1 to W rows (9–16 in float) was G = 4,
+///   6 × 4 prefetching the next tile's rows into L2 (the measurements below, Zen 4); this Zen 5 VM,
+///   bench_core's forward at n = 16, old and new builds alternating in 7 rounds, one shape per
+///   process, medians: 1024², r = 8 / 16 / 64 188 / 196 / 215 → 178 / 184 / 207 µs; 4096² 3.42 /
+///   3.71 / 3.81 → 3.20 / 3.41 / 3.36 ms; bench_lora, n = 16, r = 64 (the shrink runs on it):
+///   add_delta 1024 29.4 → 26.6 µs, 4096 123 → 119; backward 1024 75.7 → 65.2, 4096 291 → 259.
+///   (4096², r = 16, 11 rounds: 3.42 → 2.97 ms.) Its alternatives, the kernel alone, m = 16,
+///   1024² / 4096², one m per process, time over the former tile's (the kernel's 4096² runs
+///   vary ±10% from process to process, W's physical pages with them): G = 2, 12 × 2 0.89 / 0.97;
+///   with the next-tile prefetch 1.00 / 1.10; G = 4, 6 × 4 with AHEAD = 8 0.97 / 1.10; G = 2,
+///   8 × 2 with AHEAD = 0, 4, 8, 16, 32 lines 0.91, 0.92, 0.92, 0.92, 0.93 / 1.13, 0.96, 1.09,
+///   1.04, 1.00 (15 rounds more at 4096²: AHEAD = 4 0.96, 8 0.97). AHEAD = 8 on the other tiles:
+///   m = 4 and 8 at 1024² 1.14–1.20 (0.87 for m = 8 at 4096²); left off. Zen 4 (the former VM),
+///   m × 4096 × 4096, float, one harness alternating the variants 30–40 times, medians (ms; the
 ///   former 12-row, G = 1 tiles for all m in brackets): m = 2–4: G = 4, 12 × 1: 2.3–2.7 (gemm_dot
 ///   3.8–4.9); m = 8: G = 2, 12 × 1: 2.8–2.9 (4.1–4.3), G = 4, 12 × 2: 3.1–3.2; m = 16: G = 4, 6 ×
 ///   4 with prefetch 3.56–3.62, without 3.86–3.88, G = 2, 12 × 2 3.5–3.9 (4.1–4.3); m = 32: G = 1,
@@ -299,26 +312,21 @@ struct blocking {
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
     static constexpr Index narrow_grad_rows_full = 16;
-    template <int MR, int NV, Index G, bool PF>
+    template <int MR, int NV, Index G, Index AHEAD = 0>
     struct stream_tile {
         static constexpr int mr = MR, nv = NV;
-        static constexpr Index g = G;
-        static constexpr bool pf = PF;
+        static constexpr Index g = G, ahead = AHEAD;
     };
     /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
     /// X (W: Arch's lanes of T; the last two with 32 registers only).
     template <class Arch>
     struct stream_tiles {
-        using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 4, false>,
-                                           stream_tile<6, 1, 1, false>>;
-        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 2, false>,
-                                        stream_tile<6, 1, 1, false>>;
-        using one = std::conditional_t<wide_register_file<Arch>, stream_tile<6, 4, 4, true>,
-                                       stream_tile<6, 1, 1, false>>;
-        using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1, false>,
-                                       stream_tile<6, 2, 1, false>>;
-        using three = stream_tile<8, 3, 1, false>;  // 32 registers only (24 accumulators)
-        using four = stream_tile<6, 4, 1, false>;
+        using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 4>, stream_tile<6, 1, 1>>;
+        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 2>, stream_tile<6, 1, 1>>;
+        using one = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 2, 8>, stream_tile<6, 1, 1>>;
+        using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1>, stream_tile<6, 2, 1>>;
+        using three = stream_tile<8, 3, 1>;  // 32 registers only (24 accumulators)
+        using four = stream_tile<6, 4, 1>;
     };
     template <class Arch>
     static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 2;
