@@ -731,7 +731,8 @@ void row_product(Index n, Index k, T alpha, const T* a, Index csa, const T* b, I
             }
             for (Index j = 0; j < nv; j += W) {
                 batch acc = p == 0 ? batch(T(0)) : batch::load_aligned(s + j);
-                LOWRANK_UNROLL for (int g = 0; g < G; ++g) acc = xsimd::fma(ap[g], batch::load_unaligned(bp[g] + j), acc);
+                LOWRANK_UNROLL for (int g = 0; g < G; ++g)
+                    acc = xsimd::fma(ap[g], batch::load_unaligned(bp[g] + j), acc);
                 acc.store_aligned(s + j);
             }
             for (Index j = nv; j < nb; ++j) {
@@ -1132,7 +1133,8 @@ inline void transpose(Index rows, Index cols, const T* src, Index lds, T* dst, I
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index rv = rows / W * W, cv = cols / W * W;
     for (Index i0 = 0; i0 < rv; i0 += W)
-        for (Index j0 = 0; j0 < cv; j0 += W) transpose_tile<T, Arch>(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+        for (Index j0 = 0; j0 < cv; j0 += W)
+            transpose_tile<T, Arch>(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
     using Edge = typename transpose_edge<Arch>::type;
     if constexpr (!std::is_void_v<Edge>) {
         if (cv < cols) transpose<T, Edge>(rv, cols - cv, src + cv, lds, dst + cv * ldd, ldd);  // right of the tiles
