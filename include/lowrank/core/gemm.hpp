@@ -198,9 +198,9 @@ LOWRANK_TILE_INLINE xsimd::batch<T, Arch> broadcast_group(const T* p) noexcept {
 /// vector); each group of G values of a row of B is broadcast to the R lane groups, so acc[i][v]
 /// lane r·G + g sums B(i, p) · A(v·R + r, p) over the steps p ≡ g (mod G). B's rows are read once,
 /// sequentially; with AHEAD > 0, each cache line of them first prefetches the line AHEAD lines
-/// further along the same row (the G = 2, 8 × 2 tile at m = 16, 4096², whose MR rows are a
-/// power-of-two stride apart: 1.13× the former tile's time without it, 0.96–0.97× with it; see
-/// blocking::stream_tile).
+/// further along the same row into L1 (the G = 2, 8 × 2 tile at m = 16, 4096², whose MR rows are
+/// a power-of-two stride apart: 1.13× the former tile's time without it, 0.96–0.97× with it into
+/// L2, 0.94–0.95× of that into L1; see blocking::stream_tile).
 template <int MR, int NV, Index G, Index AHEAD, class T, class Arch>
 LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, Index ldb, const T* ag,
                                           xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
@@ -220,7 +220,7 @@ LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, I
     if constexpr (AHEAD > 0) {
         constexpr Index L = 64 / (G * Index(sizeof(T)));  // groups per cache line of a row
         for (; q + (AHEAD + 1) * L <= groups; q += L) {
-            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L2(b + i * ldb + (q + AHEAD * L) * G);
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L1(b + i * ldb + (q + AHEAD * L) * G);
             LOWRANK_UNROLL for (Index l = 0; l < L; ++l) step(b + (q + l) * G, ldb, ag + (q + l) * NV * W);
         }
     }

@@ -48,18 +48,20 @@
 ///   called, 4.96 M inlined).
 /// - LOWRANK_NOINLINE: a function kept out of line: the loops it holds are register-allocated on
 ///   their own, not as part of a larger caller (see gemm_block_panel).
-/// - LOWRANK_PREFETCH_L2(ptr): a software prefetch of the cache line at `ptr` into L2 (prefetcht1
-///   on x86; nothing elsewhere).
+/// - LOWRANK_PREFETCH_L1(ptr), LOWRANK_PREFETCH_L2(ptr): a software prefetch of the cache line at
+///   `ptr` into L1 or L2 (prefetcht0, prefetcht1 on x86; nothing elsewhere).
 /// - LOWRANK_PREFETCH_W(ptr): a prefetch of the line at `ptr` into L1 with the intent to write it
 ///   (prefetchw where the target has it, e.g. -march=native on AMD Zen; prefetcht0 otherwise).
 #if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_TILE_INLINE [[gnu::always_inline]] inline
 #define LOWRANK_NOINLINE [[gnu::noinline]]
+#define LOWRANK_PREFETCH_L1(ptr) __builtin_prefetch((ptr), 0, 3)
 #define LOWRANK_PREFETCH_L2(ptr) __builtin_prefetch((ptr), 0, 2)
 #define LOWRANK_PREFETCH_W(ptr) __builtin_prefetch((ptr), 1, 3)
 #else
 #define LOWRANK_TILE_INLINE inline
 #define LOWRANK_NOINLINE
+#define LOWRANK_PREFETCH_L1(ptr) ((void)(ptr))
 #define LOWRANK_PREFETCH_L2(ptr) ((void)(ptr))
 #define LOWRANK_PREFETCH_W(ptr) ((void)(ptr))
 #endif
@@ -199,7 +201,7 @@ namespace lowrank::core {
 ///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
 /// - `stream_tile<MR, NV, G, AHEAD>`: a tile of gemm_stream_rows (the small-batch X Wᵀ, the batch
 ///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
-///   AHEAD > 0: each row of W prefetches the line AHEAD lines ahead of the one it reads.
+///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
 ///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1 or 6 × 2, G =
 ///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 12 × 1; G = 2, 12 × 1; G = 2,
 ///   8 × 2 with AHEAD = 8; G = 1, 12 × 2. The tile of W/2 + 1 to W rows (9–16 in float) was G = 4,
@@ -213,8 +215,14 @@ namespace lowrank::core {
 ///   vary ±10% from process to process, W's physical pages with them): G = 2, 12 × 2 0.89 / 0.97;
 ///   with the next-tile prefetch 1.00 / 1.10; G = 4, 6 × 4 with AHEAD = 8 0.97 / 1.10; G = 2,
 ///   8 × 2 with AHEAD = 0, 4, 8, 16, 32 lines 0.91, 0.92, 0.92, 0.92, 0.93 / 1.13, 0.96, 1.09,
-///   1.04, 1.00 (15 rounds more at 4096²: AHEAD = 4 0.96, 8 0.97). AHEAD = 8 on the other tiles:
-///   m = 4 and 8 at 1024² 1.14–1.20 (0.87 for m = 8 at 4096²); left off. Zen 4 (the former VM),
+///   1.04, 1.00 (15 rounds more at 4096²: AHEAD = 4 0.96, 8 0.97), those prefetches into L2;
+///   into L1 instead (prefetcht0), times over those into L2: the kernel alone, m = 16, 4096², 15
+///   rounds: 0.94 (AHEAD = 8), 0.95 (4), m = 12 0.98, 1024² 1.00; bench_core's forward n = 16,
+///   4096², r = 8 / 16 / 64, 9–11 rounds: 0.94–0.96 / 0.97–0.99 / 0.96; bench_lora n = 16, r =
+///   64, 11 rounds: backward 4096 0.89, 1024 0.93, add_delta 0.99. AHEAD = 8 on the other tiles,
+///   into L2 / into L1, time over none: m = 4 and 8 at 1024² 1.14–1.20 / 1.11–1.19 (at 4096² 0.87
+///   / 0.93 for m = 8, 1.01 for m = 4); m = 32 1.00–1.01 / 0.99 at 4096², 1.09 at 1024²; m = 128
+///   0.99–1.12 / 1.00–1.01 (m = 48 into L1 1.01): left off. Zen 4 (the former VM),
 ///   m × 4096 × 4096, float, one harness alternating the variants 30–40 times, medians (ms; the
 ///   former 12-row, G = 1 tiles for all m in brackets): m = 2–4: G = 4, 12 × 1: 2.3–2.7 (gemm_dot
 ///   3.8–4.9); m = 8: G = 2, 12 × 1: 2.8–2.9 (4.1–4.3), G = 4, 12 × 2: 3.1–3.2; m = 16: G = 4, 6 ×
