@@ -276,6 +276,34 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     REQUIRE(c.border_intact());  // nothing written around C
 }
 
+TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product on a large B whose rows share L1 sets", "[kernels]",
+                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // B's rows a multiple of blocking::l1_set_span bytes apart (one span) and B past
+    // blocking::stream_aliased_bytes: the rows W + 1 to 2W of A take the two_aliased tile on
+    // AVX-512 (8 rows of B, the prefetching loop over all but the last 9 lines of each row). k =
+    // ld − 5 ends each row in a partly used line; n = 4100 leaves 4 rows of B to the tail tile.
+    const Index ld = core::blocking::l1_set_span / Index(sizeof(T));
+    const Index n = core::blocking::stream_aliased_bytes / core::blocking::l1_set_span + 4;
+    const Index m = GENERATE(W + 1, 2 * W - 1, 2 * W);
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, accumulate);
+    REQUIRE(core::detail::aliased_rows<T>(n, ld));
+
+    const Index k = ld - 5;
+    Strided<T> a(m, k, 71), b(n, k, 72), c(m, n, 73);
+    const T alpha = T(-1.25);
+    const auto [want, bound] = expected_abt<T>(a.value(), b.value(), c.value(), alpha, accumulate);
+    auto av = a.view(), bv = b.view(), cv = c.view();
+    REQUIRE(bv.ld == ld);
+    core::GemmWorkspace<T> ws;
+    core::gemm_stream_rows<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate, ws);
+    require_within(c.value(), want, bound, "stream rows (aliased rows of B) vs exact");
+    REQUIRE(c.border_intact());
+}
+
 TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths", "[kernels][ops]", FloatSse2,
                    DoubleSse2, FloatDefault, DoubleDefault) {
     using T = typename TestType::scalar;

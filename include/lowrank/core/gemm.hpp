@@ -243,10 +243,18 @@ template <class Tile, class T, class Arch>
     return (k + Tile::g - 1) / Tile::g * Tile::nv * Index(xsimd::batch<T, Arch>::size);
 }
 
+/// Whether the n rows of B, ldb values apart, stream from memory into L1 sets they share
+/// (blocking::stream_tiles::two_aliased).
+template <class T>
+[[nodiscard]] constexpr bool aliased_rows(Index n, Index ldb) noexcept {
+    const Index stride = ldb * Index(sizeof(T));
+    return stride % blocking::l1_set_span == 0 && n * stride > blocking::stream_aliased_bytes;
+}
+
 /// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A (2W with 16
-/// registers).
+/// registers) against B's n rows, ldb values apart.
 template <class T, class Arch, class F>
-void with_stream_tile(Index m, F&& f) {
+void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     using tiles = blocking::stream_tiles<Arch>;
     if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
@@ -259,6 +267,8 @@ void with_stream_tile(Index m, F&& f) {
         f(typename tiles::half());
     else if (m <= W)
         f(typename tiles::one());
+    else if (aliased_rows<T>(n, ldb))
+        f(typename tiles::two_aliased());
     else
         f(typename tiles::two());
 }
@@ -387,7 +397,8 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
 /// m ≤ 4: G = 4, 12 × 1; m ≤ 8: G = 2, 12 × 1; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against
 /// 13 per 12 with one row of A per lane), each row of B prefetching 8 lines ahead of its reads;
-/// m ≤ 32: G = 1, 12 × 2; m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see
+/// m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows share L1
+/// sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see
 /// blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
 /// gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
@@ -407,7 +418,7 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
         return;
     }
     if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
-    detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
+    detail::with_stream_tile<T, Arch>(m, n, ldb, [&](auto tile) {
         using t = decltype(tile);
         T* ag = GemmWorkspace<T>::reserve(ws.a, detail::stream_packed_size<t, T, Arch>(k));
         detail::stream_rows_block<t::mr, t::nv, t::g, t::ahead, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
@@ -425,7 +436,7 @@ void gemm_stream_rows_passes(Index m, Index n, Index k, T alpha, const T* a, Ind
     constexpr Index W = xsimd::batch<T, Arch>::size;
     LOWRANK_ASSERT(m <= 2 * W);
     if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
-    detail::with_stream_tile<T, Arch>(m, [&](auto tile) {
+    detail::with_stream_tile<T, Arch>(m, n, ldb, [&](auto tile) {
         using t = decltype(tile);
         const Index kc_max = size / (t::nv * W) * t::g;  // steps of k whose packed A fits
         LOWRANK_ASSERT(kc_max > 0);

@@ -230,6 +230,19 @@ namespace lowrank::core {
 ///   12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8 vectors of X per group come
 ///   from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were slower (4.7 and 8.7–12.6 ms at
 ///   m = 16: GCC 12 runs out of registers for the rows' offsets).
+/// - `stream_tiles<Arch>::two_aliased`, `l1_set_span`, `stream_aliased_bytes`: the tile of W + 1
+///   to 2W rows (17–32 in float) when W's rows are a multiple of l1_set_span bytes apart (the
+///   span of one way of L1: 64 sets × 64 bytes; the 12 rows of the 12 × 2 tile then share one set
+///   of a 12-way L1, against every line of packed X that passes through it) and W is larger than
+///   stream_aliased_bytes (read from memory, not L3, between calls): G = 1, 8 × 2 with AHEAD = 8.
+///   X Wᵀ alone, float, this Zen 5 VM, 12 × 2 and 8 × 2 alternating in 5–7 rounds, one shape per
+///   process, time over 12 × 2: m = 17 / 20 / 24 / 28 / 32 at 4096² 0.98–1.04 / 0.94 / 0.88–0.91
+///   / 0.89 / 0.91–0.93; at 2048² (16 MiB) 0.77 / 1.09 / 0.98 / 1.02 / 0.97–1.00 and at 1024²
+///   0.82 / 1.05 / 1.03 / 1.06 / 0.98–1.03 (noisier; left on 12 × 2); m = 32, 3072² 0.98; rows
+///   not aliased: 4096 rows × 11008 1.08 (slower), 11008 rows × 4096 0.89. Double (W + 1 to 2W:
+///   9–16 rows), 5 rounds: m = 9 / 12 / 16 at 2048² (32 MiB) 0.85 / 0.75 / 0.74, 4096² 0.82 /
+///   0.96 / 0.99. bench_core's forward, n = 32, 4096², r = 8 / 16 / 64, 7 rounds: 0.90 / 0.90 /
+///   0.93.
 /// - `stream_block_vectors<Arch>`, `stream_batch_vectors`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 2 with 16; a batch of more
@@ -333,11 +346,14 @@ struct blocking {
         using half = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 1, 2>, stream_tile<6, 1, 1>>;
         using one = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 2, 8>, stream_tile<6, 1, 1>>;
         using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1>, stream_tile<6, 2, 1>>;
+        using two_aliased = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 1, 8>, two>;
         using three = stream_tile<8, 3, 1>;  // 32 registers only (24 accumulators)
         using four = stream_tile<6, 4, 1>;
     };
     template <class Arch>
     static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 2;
+    static constexpr Index l1_set_span = 4096;
+    static constexpr Index stream_aliased_bytes = Index(16) << 20;
     static constexpr int row_backward_rows = 4;
     static constexpr Index gemm_kc = 384;
     template <class T>
