@@ -395,8 +395,9 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// block's rows): each group of G values of a row of B is one broadcast load that serves NV
 /// vectors, i.e. NV·R rows of A, with all lanes in use from R rows; the G partial sums of a lane
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
-/// m ≤ 4: G = 4, 12 × 1; m ≤ 8: G = 2, 12 × 1; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against
-/// 13 per 12 with one row of A per lane), each row of B prefetching 8 lines ahead of its reads;
+/// m ≤ 4: G = 4, 8 × 1; m ≤ 8: G = 2, 8 × 1; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against
+/// 13 per 12 with one row of A per lane), each row of B in these three prefetching 8 lines ahead
+/// of its reads;
 /// m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows share L1
 /// sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see
 /// blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
