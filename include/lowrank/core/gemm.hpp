@@ -397,11 +397,10 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
 /// m ≤ 4: G = 4, 8 × 1; m ≤ 8: G = 2, 8 × 1; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against
 /// 13 per 12 with one row of A per lane), each row of B in these three prefetching 8 lines ahead
-/// of its reads;
-/// m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows share L1
-/// sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see
-/// blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as
-/// gemm_packed.
+/// of its reads; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its
+/// rows share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1,
+/// 6 × 4 (see blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same
+/// arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

@@ -203,41 +203,39 @@ namespace lowrank::core {
 ///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
 ///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
 ///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1 or 6 × 2, G =
-///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1; G = 2, 8 × 1; G = 2,
-///   8 × 2 (the three with AHEAD = 8); G = 1, 12 × 2. Up to W/2 rows (8 in float) the tiles were
-///   G = 4 and G = 2, 12 × 1 without prefetch (measurements below); 8 rows of W with it instead,
-///   X Wᵀ alone, float, 5–9 rounds, one shape per process, time over 12 × 1: m = 4 / 6 / 8 at
-///   1024² 0.85–0.88 / 0.86 / 0.86, 4096² 0.88–0.89 / 0.85 / 0.87, 2048² 1.02 / — / 1.04–1.06;
-///   m = 2 0.99–1.01; 4096 rows × 11008 (rows not 4 KiB apart) m = 4 1.00, m = 8 0.93; 8 × 1024 ×
-///   4096 0.74; shrink-like products (W = 32 or 64 rows, hot) 0.95–1.00; double, m = 2 / 4 at
-///   4096² 0.82 / 0.76, m = 3 / 4 at 2048² / 1024² 1.03. The tile of W/2 + 1 to W rows (9–16 in
-///   float) was G = 4,
-///   6 × 4 prefetching the next tile's rows into L2 (the measurements below, Zen 4); this Zen 5 VM,
-///   bench_core's forward at n = 16, old and new builds alternating in 7 rounds, one shape per
+///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1; G = 2, 8 × 1; G = 2, 8 ×
+///   2 (the three with AHEAD = 8); G = 1, 12 × 2. Up to W/2 rows (8 in float) the tiles were G = 4
+///   and G = 2, 12 × 1 without prefetch (measurements below); 8 rows of W with it instead, X Wᵀ
+///   alone, float, 5–9 rounds, one shape per process, time over 12 × 1: m = 4 / 6 / 8 at 1024²
+///   0.85–0.88 / 0.86 / 0.86, 4096² 0.88–0.89 / 0.85 / 0.87, 2048² 1.02 / — / 1.04–1.06; m = 2
+///   0.99–1.01; 4096 rows × 11008 (rows not 4 KiB apart) m = 4 1.00, m = 8 0.93; 8 × 1024 × 4096
+///   0.74; shrink-like products (W = 32 or 64 rows, hot) 0.95–1.00; double, m = 2 / 4 at 4096² 0.82
+///   / 0.76, m = 3 / 4 at 2048² / 1024² 1.03. The tile of W/2 + 1 to W rows (9–16 in float) was G =
+///   4, 6 × 4 prefetching the next tile's rows into L2 (the measurements below, Zen 4); this Zen 5
+///   VM, bench_core's forward at n = 16, old and new builds alternating in 7 rounds, one shape per
 ///   process, medians: 1024², r = 8 / 16 / 64 188 / 196 / 215 → 178 / 184 / 207 µs; 4096² 3.42 /
 ///   3.71 / 3.81 → 3.20 / 3.41 / 3.36 ms; bench_lora, n = 16, r = 64 (the shrink runs on it):
 ///   add_delta 1024 29.4 → 26.6 µs, 4096 123 → 119; backward 1024 75.7 → 65.2, 4096 291 → 259.
-///   (4096², r = 16, 11 rounds: 3.42 → 2.97 ms.) Its alternatives, the kernel alone, m = 16,
-///   1024² / 4096², one m per process, time over the former tile's (the kernel's 4096² runs
-///   vary ±10% from process to process, W's physical pages with them): G = 2, 12 × 2 0.89 / 0.97;
-///   with the next-tile prefetch 1.00 / 1.10; G = 4, 6 × 4 with AHEAD = 8 0.97 / 1.10; G = 2,
-///   8 × 2 with AHEAD = 0, 4, 8, 16, 32 lines 0.91, 0.92, 0.92, 0.92, 0.93 / 1.13, 0.96, 1.09,
-///   1.04, 1.00 (15 rounds more at 4096²: AHEAD = 4 0.96, 8 0.97), those prefetches into L2;
-///   into L1 instead (prefetcht0), times over those into L2: the kernel alone, m = 16, 4096², 15
-///   rounds: 0.94 (AHEAD = 8), 0.95 (4), m = 12 0.98, 1024² 1.00; bench_core's forward n = 16,
-///   4096², r = 8 / 16 / 64, 9–11 rounds: 0.94–0.96 / 0.97–0.99 / 0.96; bench_lora n = 16, r =
-///   64, 11 rounds: backward 4096 0.89, 1024 0.93, add_delta 0.99. AHEAD = 8 on the other tiles,
-///   into L2 / into L1, time over none: m = 4 and 8 (12 × 1) at 1024² 1.14–1.20 / 1.11–1.19 (at
-///   4096² 0.87 / 0.93 for m = 8, 1.01 for m = 4); m = 32 1.00–1.01 / 0.99 at 4096², 1.09 at 1024²;
-///   m = 128 0.99–1.12 / 1.00–1.01 (m = 48 into L1 1.01): left off (m ≤ 8: the 8-row tiles with it,
-///   above). Zen 4 (the former VM),
-///   m × 4096 × 4096, float, one harness alternating the variants 30–40 times, medians (ms; the
-///   former 12-row, G = 1 tiles for all m in brackets): m = 2–4: G = 4, 12 × 1: 2.3–2.7 (gemm_dot
-///   3.8–4.9); m = 8: G = 2, 12 × 1: 2.8–2.9 (4.1–4.3), G = 4, 12 × 2: 3.1–3.2; m = 16: G = 4, 6 ×
-///   4 with prefetch 3.56–3.62, without 3.86–3.88, G = 2, 12 × 2 3.5–3.9 (4.1–4.3); m = 32: G = 1,
-///   12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8 vectors of X per group come
-///   from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were slower (4.7 and 8.7–12.6 ms at
-///   m = 16: GCC 12 runs out of registers for the rows' offsets).
+///   (4096², r = 16, 11 rounds: 3.42 → 2.97 ms.) Its alternatives, the kernel alone, m = 16, 1024²
+///   / 4096², one m per process, time over the former tile's (the kernel's 4096² runs vary ±10%
+///   from process to process, W's physical pages with them): G = 2, 12 × 2 0.89 / 0.97; with the
+///   next-tile prefetch 1.00 / 1.10; G = 4, 6 × 4 with AHEAD = 8 0.97 / 1.10; G = 2, 8 × 2 with
+///   AHEAD = 0, 4, 8, 16, 32 lines 0.91, 0.92, 0.92, 0.92, 0.93 / 1.13, 0.96, 1.09, 1.04, 1.00 (15
+///   rounds more at 4096²: AHEAD = 4 0.96, 8 0.97), those prefetches into L2; into L1 instead
+///   (prefetcht0), times over those into L2: the kernel alone, m = 16, 4096², 15 rounds: 0.94
+///   (AHEAD = 8), 0.95 (4), m = 12 0.98, 1024² 1.00; bench_core's forward n = 16, 4096², r = 8 / 16
+///   / 64, 9–11 rounds: 0.94–0.96 / 0.97–0.99 / 0.96; bench_lora n = 16, r = 64, 11 rounds:
+///   backward 4096 0.89, 1024 0.93, add_delta 0.99. AHEAD = 8 on the other tiles, into L2 / into
+///   L1, time over none: m = 4 and 8 (12 × 1) at 1024² 1.14–1.20 / 1.11–1.19 (at 4096² 0.87 / 0.93
+///   for m = 8, 1.01 for m = 4); m = 32 1.00–1.01 / 0.99 at 4096², 1.09 at 1024²; m = 128 0.99–1.12
+///   / 1.00–1.01 (m = 48 into L1 1.01): left off (m ≤ 8: the 8-row tiles with it, above). Zen 4
+///   (the former VM), m × 4096 × 4096, float, one harness alternating the variants 30–40 times,
+///   medians (ms; the former 12-row, G = 1 tiles for all m in brackets): m = 2–4: G = 4, 12 × 1:
+///   2.3–2.7 (gemm_dot 3.8–4.9); m = 8: G = 2, 12 × 1: 2.8–2.9 (4.1–4.3), G = 4, 12 × 2: 3.1–3.2; m
+///   = 16: G = 4, 6 × 4 with prefetch 3.56–3.62, without 3.86–3.88, G = 2, 12 × 2 3.5–3.9
+///   (4.1–4.3); m = 32: G = 1, 12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8
+///   vectors of X per group come from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were
+///   slower (4.7 and 8.7–12.6 ms at m = 16: GCC 12 runs out of registers for the rows' offsets).
 /// - `stream_tiles<Arch>::two_aliased`, `l1_set_span`, `stream_aliased_bytes`: the tile of W + 1
 ///   to 2W rows (17–32 in float) when W's rows are a multiple of l1_set_span bytes apart (the
 ///   span of one way of L1: 64 sets × 64 bytes; the 12 rows of the 12 × 2 tile then share one set
