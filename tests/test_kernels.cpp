@@ -119,9 +119,10 @@ TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product"
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // n > m streams B (tiles of 2 rows of A × 4 rows of B): odd m leave a row of A, and n = 3, 5,
-    // 6 three, one and two rows of B, to the narrower tiles. n ≤ m keeps B in cache (tiles of 3
-    // rows of A × 8 rows of B on AVX-512, then 4, then 1: n = 8, 9, 12, 13, 15 with m = 16).
+    // B in blocks of 8 rows (AVX-512; 4 otherwise), then 4, then 1, each against tiles of 3 rows
+    // of A: n = 3, 5, 6, 8, 9, 12, 13, 15 reach every block width and its tail, m = 2, 4, 5, 7, 11,
+    // 16 leave one or two rows of A; k = 1100 takes two passes of dot_kc = 1024, except at m = 1
+    // (blocks of 4 over all of k).
     const Index m = GENERATE(0, 1, 2, 3, 4, 5, 6, 7, 11, 16);
     const Index n = GENERATE(1, 3, 4, 5, 6, 8, 9, 12, 13, 15);
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W, W + 1, Index(77), Index(1100));
@@ -460,9 +461,10 @@ TEMPLATE_TEST_CASE("shrink equals its dense formula on each side of blocking::pa
     // Ranks of half a vector + 1, 3/4 of one (dot products at every n), one lane short of a vector
     // (the broadcast kernel from packed_shrink_rows_part_vector rows on), exactly one, and past
     // one with a partial vector (its last w mod W outputs by dot products); n on each side of the
-    // row thresholds (8, 32, 64).
+    // row thresholds (8, 64 and, for a rank of one vector, 192).
     const Index w = GENERATE_COPY(W / 2 + 1, 3 * W / 4, W - 1, W, W + 1, 2 * W + 3);
-    const Index n = GENERATE(Index(7), Index(8), Index(31), Index(32), Index(63), Index(64), Index(70));
+    const Index n = GENERATE(Index(7), Index(8), Index(31), Index(32), Index(63), Index(64), Index(70),
+                             Index(191), Index(192));
     const Index in = GENERATE_COPY(W + 1, Index(130));
     CAPTURE(n, w, in, core::blocking::packed_shrink(n, w, W));
     Strided<T> x(n, in, 51), v(w, in, 52), t(n, w, 53);

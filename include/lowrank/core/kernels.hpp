@@ -52,13 +52,22 @@
 ///   `ptr` into L1 or L2 (prefetcht0, prefetcht1 on x86; nothing elsewhere).
 /// - LOWRANK_PREFETCH_W(ptr): a prefetch of the line at `ptr` into L1 with the intent to write it
 ///   (prefetchw where the target has it, e.g. -march=native on AMD Zen; prefetcht0 otherwise).
+/// - LOWRANK_IN_REGISTER(v): an empty asm statement that takes the batch v in a vector register
+///   and may change it, so the compiler keeps the one load that filled it instead of folding it
+///   into each FMA that reads v as a memory operand (x86 with GCC or Clang; nothing elsewhere).
 #if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_TILE_INLINE [[gnu::always_inline]] inline
 #define LOWRANK_NOINLINE [[gnu::noinline]]
 #define LOWRANK_PREFETCH_L1(ptr) __builtin_prefetch((ptr), 0, 3)
 #define LOWRANK_PREFETCH_L2(ptr) __builtin_prefetch((ptr), 0, 2)
 #define LOWRANK_PREFETCH_W(ptr) __builtin_prefetch((ptr), 1, 3)
+#if defined(__x86_64__) || defined(__i386__)
+#define LOWRANK_IN_REGISTER(v) __asm__("" : "+v"((v).data))
 #else
+#define LOWRANK_IN_REGISTER(v) ((void)(v))
+#endif
+#else
+#define LOWRANK_IN_REGISTER(v) ((void)(v))
 #define LOWRANK_TILE_INLINE inline
 #define LOWRANK_NOINLINE
 #define LOWRANK_PREFETCH_L1(ptr) ((void)(ptr))
@@ -92,14 +101,25 @@ namespace lowrank::core {
 ///   least band_width rows and batches of at most band_depth rows (the depth of one sweep); see
 ///   ops.hpp for the measurements (band_cols = 256 was within 5% of one block of all of in).
 /// - `nc`: columns of C per block, chosen so a kc × nc block of B (512 KiB in float) stays in L2.
-/// - `dot_mr` × `dot_nr<Arch>`: outputs per micro-tile of gemm_dot when B is the smaller operand.
-///   16 registers: 3 × 4 (12 accumulators; 7 loads per 12 FMAs as written, but GCC 12 compiles it
-///   with its operands reloaded, 24 loads per 12 FMAs — see stream_mr for the tile that avoids
-///   it). 32 registers (AVX-512): 3 × 8, 24 accumulators (GCC 12 spilled a row of A of the 3 × 4
-///   tile to the stack there). Shrink X Vᵀ alone, w = 8, float, this AVX-512 VM, same run (µs),
-///   3 × 4 → 3 × 8: n = 16, in = 1024: 3.48 → 1.98, in = 4096: 13.4 → 7.9; 2 × 8, 4 × 4 and 4 × 8
-///   tiles were 10–40% slower than 3 × 8, and keeping B's vectors in registers (no memory operands
-///   in the FMAs) slower still.
+/// - `dot_mr` × `dot_nr<Arch>`: outputs per micro-tile of gemm_dot. 16 registers: 3 × 4 (12
+///   accumulators, 7 loads per 12 FMAs). 32 registers (AVX-512): 3 × 8, 24 accumulators (GCC 12
+///   spilled a row of A of the 3 × 4 tile to the stack there). Shrink X Vᵀ alone, w = 8, float,
+///   this AVX-512 VM, same run (µs), 3 × 4 → 3 × 8: n = 16, in = 1024: 3.48 → 1.98, in = 4096:
+///   13.4 → 7.9; 2 × 8, 4 × 4 and 4 × 8 tiles were 10–40% slower than 3 × 8. GCC 12 folds each
+///   load of B into the MR FMAs that read it (3 + 24 loads per 24 FMAs); from MR = 2 rows on the
+///   tile holds it in a register (LOWRANK_IN_REGISTER) and loads it once. gemm_dot runs B in blocks
+///   of dot_nr rows, each against all rows of A; B used to be streamed 4 rows at a time over all
+///   of k against 2-row tiles of A whenever it had more rows than A, and otherwise swept by rows of
+///   A in the outer loop (all of B's rows in a pass per tile of A). Shrink alone, float, this Zen 5
+///   VM, both builds in one process, 15–41 alternating bursts, medians, new / former time: n = 16
+///   rows: in = 1024, w = 8 / 16 0.74 / 0.75, in = 4096 0.80 / 0.71 (the register alone: 0.78–0.90;
+///   the block order alone on top 0.83–0.95); fewer rows than B (the former streaming path): n =
+///   4 / 12, in = 4096, w = 16 0.66; n = 2, in = 1024, w = 16 0.90, in = 4096, w = 64 0.99; B of
+///   64 MiB (4096 rows of 4096), n = 2 / 16 1.03 / 0.99 (±5–10% spread); the AVX2 build 0.87–1.05.
+///   The register for MR = 2 against MR = 3 only: n = 2 / 5 / 8, in = 4096, 0.98 / 0.90 / 0.96.
+///   One row of A (a GEMV) keeps blocks of 4 over all of k: blocks of 8 in passes measured 1.06–
+///   1.15× its time at w = 64, 0.75–0.91× at w = 8 and 16 (the harness's own bias: ±5%). Each
+///   tile's 24 sums reduced by haddp in place of 24 single reductions: 1.01–1.07× slower.
 /// - `narrow_dot(n, w)`: whether `expand` reduces with `gemm_dot_narrow` rather than transposing
 ///   U into a buffer for the broadcast kernel. The transposed copy costs ~0.6 instructions per
 ///   element of U once (AVX tiles); the narrow kernel a haddp reduction per 8 outputs and row.
@@ -118,7 +138,12 @@ namespace lowrank::core {
 ///   rows (a later run, same harness, µs, broadcast vs gemm_dot, w = 16, AVX-512: in = 4096: n = 16
 ///   28.8 vs 18.7 and 37.8 vs 25.6 (two runs), n = 32 53.9 vs 55.1, n = 64 88.2 vs 107, n = 128 154
 ///   vs 219; in = 1024, n = 16 7.0 vs 4.6, n = 64 20.5 vs 24.6). On AVX2 (w = 8, one vector there)
-///   gemm_dot stays faster at n = 64 too (72.1 vs 57.0); left at 32 for both.
+///   gemm_dot stays faster at n = 64 too (72.1 vs 57.0); left at 32 for both. Since gemm_dot holds
+///   each vector of V in a register and runs V in blocks (dot_nr), this Zen 5 VM, both paths in
+///   one process, gemm_dot / broadcast time: w = 16, in = 4096: n = 32 0.82, 64 0.99, 128 0.93,
+///   192 1.16, 256 0.97–1.17 (two runs); in = 1024: n = 128 0.87, 256 0.95–0.98; the AVX2 build,
+///   w = 8: n = 32 / 64 / 128 / 192 / 256 0.71 / 0.84 / 0.80–0.83 / 0.83 / 0.84. Now 192 for both
+///   (129–191 not measured).
 ///   `packed_shrink_rows_part_vector`: a rank between half a vector and one (9–15 in float on
 ///   AVX-512) pays a whole vector per tile in the broadcast kernel (a zero-padded copy of the
 ///   panel) but only its w lanes in dot products; the broadcast kernel from this many rows on, and
@@ -191,14 +216,9 @@ namespace lowrank::core {
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
 ///   and 32 within 2% of each other, n = 48 33.3 vs 29.6 (1.95 vs 1.75).
 /// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
-///   256 KiB in float, an L2-sized share).
-/// - `stream_mr` × `stream_nr`: gemm_dot's tile when B is the larger operand (a weight streamed
-///   against a few rows): stream_nr rows of B over the whole of k, so each is read once in one
-///   sequential run, against stream_mr rows of A at a time (re-read from L2). 2 × 4 needs 11 of
-///   the 16 vector registers; GCC compiles the 3 × 4 and 4 × 3 tiles with operands reloaded
-///   (24 and 16 loads per 12 FMAs). Y = X Wᵀ, X 16 × 4096, W 4096², float, same run: 2 × 4 over
-///   all of k 10.8 ms, the former 3 × 4 in passes of dot_kc 18.5 ms (bench_core's fused forward,
-///   n = 16, d = 4096, r = 16: 15.7–16.4 → 11.3–12.6 ms; OpenBLAS 15.1–16.6).
+///   256 KiB in float, an L2-sized share; a block of dot_nr rows 32 KiB, within L1). Shrink alone,
+///   n = 16, w = 8 and 16, in = 1024 and 4096, this Zen 5 VM: 512 1.13–1.19× and 2048 0.99–1.24×
+///   the time of 1024 (each pass reduces and stores every tile's sums).
 /// - `stream_tile<MR, NV, G, AHEAD>`: a tile of gemm_stream_rows (the small-batch X Wᵀ, the batch
 ///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
 ///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
@@ -330,11 +350,9 @@ struct blocking {
     template <class Arch>
     static constexpr Index dot_nr = wide_register_file<Arch> ? 8 : 4;
     static constexpr Index dot_kc = 1024;
-    static constexpr Index stream_mr = 2;
-    static constexpr Index stream_nr = 4;
     static constexpr Index stream_weight_rows = 32;
     static constexpr Index stream_batch_vectors = 4;
-    static constexpr Index packed_shrink_rows_one_vector = 32;
+    static constexpr Index packed_shrink_rows_one_vector = 192;
     static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
@@ -1048,7 +1066,8 @@ inline void dot_tile(Index kc, const T* a, Index lda, const T* b, Index ldb, T o
         batch av[MR];
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) av[i] = batch::load_unaligned(a + i * lda + p);
         LOWRANK_UNROLL for (int j = 0; j < NR; ++j) {
-            const batch bv = batch::load_unaligned(b + j * ldb + p);
+            batch bv = batch::load_unaligned(b + j * ldb + p);
+            if constexpr (MR >= 2) LOWRANK_IN_REGISTER(bv);
             LOWRANK_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = xsimd::fma(av[i], bv, acc[i][j]);
         }
     }
@@ -1070,63 +1089,36 @@ inline void dot_block(Index kc, Index kv, T alpha, const T* a, Index lda, const 
         }
 }
 
-template <int MR, class T, class Arch>
-inline void dot_row_block(Index n, Index kc, Index kv, T alpha, const T* a, Index lda, const T* b,
-                          Index ldb, T* c, Index ldc, bool accumulate) noexcept {
-    constexpr int NR = int(blocking::dot_nr<Arch>);
-    Index j = 0;
-    for (; j + NR <= n; j += NR)
-        dot_block<MR, NR, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
-    if constexpr (NR > 4)
-        for (; j + 4 <= n; j += 4)
-            dot_block<MR, 4, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
-    for (; j < n; ++j)
-        dot_block<MR, 1, T, Arch>(kc, kv, alpha, a, lda, b + j * ldb, ldb, c + j, ldc, accumulate);
-}
-
 }  // namespace detail
 
 /// `C (+)= alpha · A · Bᵀ`: C is m × n, A is m × k and B is n × k, both row-major (contiguous
-/// along k). With `accumulate == false` C is overwritten. Cost: 2·m·n·k flops. The smaller of
-/// A and B is the one re-read from cache; the larger is streamed from memory once.
+/// along k). With `accumulate == false` C is overwritten. Cost: 2·m·n·k flops. Over k in passes
+/// of dot_kc; within a pass, B in blocks of dot_nr rows, each against every row of A before the
+/// next: the block stays in L1 over the tiles, so B is read once and A once per block. One row
+/// of A takes blocks of 4 over all of k (see dot_nr).
 template <class T, class Arch = xsimd::default_arch>
 void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb,
               T* c, Index ldc, bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    constexpr int MR = int(blocking::dot_mr);
+    constexpr int MR = int(blocking::dot_mr), NR = int(blocking::dot_nr<Arch>);
     if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
-    // All rows of A against rows [j0, j0 + nb) of B, over k in passes of dot_kc.
-    auto run = [&](Index j0, Index nb) {
-        for (Index pc = 0; pc < k; pc += blocking::dot_kc) {
-            const Index kc = std::min(blocking::dot_kc, k - pc);
-            const Index kv = kc / W * W;  // vectorised part of this pass; the rest is a scalar tail
-            const bool acc = accumulate || pc > 0;
-            const T* a_p = a + pc;
-            const T* b_p = b + j0 * ldb + pc;
-            T* c_j = c + j0;
+    const Index depth = m == 1 ? k : blocking::dot_kc;
+    for (Index pc = 0; pc < k; pc += depth) {
+        const Index kc = std::min(depth, k - pc);
+        const Index kv = kc / W * W;  // vectorised part of this pass; the rest is a scalar tail
+        const bool acc = accumulate || pc > 0;
+        Index j = 0;
+        auto block = [&](auto nr) {  // rows [j, j + nr) of B against all rows of A
             detail::row_tiles<MR>(m, [&](Index i, auto mr) {
-                detail::dot_row_block<decltype(mr)::value, T, Arch>(nb, kc, kv, alpha, a_p + i * lda, lda, b_p, ldb,
-                                                                    c_j + i * ldc, ldc, acc);
+                detail::dot_block<decltype(mr)::value, decltype(nr)::value, T, Arch>(
+                    kc, kv, alpha, a + i * lda + pc, lda, b + j * ldb + pc, ldb, c + i * ldc + j, ldc, acc);
             });
-        }
-    };
-    if (n <= m) {
-        run(0, n);  // B is the smaller operand: it stays in cache while A streams through once
-        return;
+        };
+        if (m > 1)
+            for (; j + NR <= n; j += NR) block(std::integral_constant<int, NR>());
+        for (; j + 4 <= n; j += 4) block(std::integral_constant<int, 4>());
+        for (; j < n; ++j) block(std::integral_constant<int, 1>());
     }
-    // B is the larger operand (a weight against a few rows): take it stream_nr rows at a time over
-    // the whole of k, so each row of B is read from memory exactly once, in one sequential run,
-    // while A stays in L2.
-    constexpr int SR = int(blocking::stream_mr), SN = int(blocking::stream_nr);
-    const Index kv = k / W * W;
-    auto rows_of_b = [&](Index j0, auto nr) {
-        constexpr int NR = decltype(nr)::value;
-        detail::row_tiles<SR>(m, [&](Index i, auto mr) {
-            detail::dot_block<decltype(mr)::value, NR, T, Arch>(k, kv, alpha, a + i * lda, lda, b + j0 * ldb, ldb,
-                                                                c + i * ldc + j0, ldc, accumulate);
-        });
-    };
-    detail::row_tiles<SN>(n, rows_of_b);
 }
 
 namespace detail {
