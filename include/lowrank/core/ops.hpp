@@ -135,10 +135,10 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
 /// (blocking::stream_shrink), gemm_stream_rows' transposed product (V read once, row after row,
 /// X grouped along k in passes of a 32 KiB stack buffer). With few rows (or any rows against a V
 /// of half a vector of rows or fewer: blocking::packed_shrink), dot products along the input
-/// features (gemm_dot: V read once, X once per block of its rows). With many rows, V is transposed block by
-/// block into the 32 KiB stack buffer and the broadcast kernel runs over all rows of X for each
-/// block (more FMAs per load; the copy costs w · in moves once per call, amortised over the
-/// rows), the last w mod W outputs by dot products.
+/// features (gemm_dot: V read once, X once per block of its rows). With many rows, V is
+/// transposed block by block into the 32 KiB stack buffer and the broadcast kernel runs over all
+/// rows of X for each block (more FMAs per load; the copy costs w · in moves once per call,
+/// amortised over the rows), the last w mod W outputs by dot products.
 template <class T, class Arch = xsimd::default_arch>
 void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
