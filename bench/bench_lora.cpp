@@ -114,8 +114,9 @@ void backward_counters(benchmark::State& state, const Problem& p) {
 void BM_backward_delta_lowrank(benchmark::State& state) {
     Problem p(state.range(0), state.range(1), state.range(2));
     lowrank::LoraGrad<float> grad(p.lora);
+    lowrank::Workspace<float> ws;
     for (auto _ : state) {
-        lowrank::backward_delta(p.X, p.lora, p.dY, grad, p.dX);
+        lowrank::backward_delta(p.X, p.lora, p.dY, grad, p.dX, ws);
         benchmark::DoNotOptimize(grad.A.data());
         benchmark::ClobberMemory();
     }

@@ -405,8 +405,8 @@ TEMPLATE_TEST_CASE("with a workspace, forward, add_delta and linear allocate not
     REQUIRE(allocations_in([&] { forward(X, W, lora, Y); }) > 0);
 }
 
-TEMPLATE_TEST_CASE("with a workspace, backward allocates nothing in steady state", "[lora][workspace]", float,
-                   double) {
+TEMPLATE_TEST_CASE("with a workspace, backward and backward_delta allocate nothing in steady state",
+                   "[lora][workspace]", float, double) {
     using T = TestType;
     // 1, 5 and 40 rows (from 32 on, dX's adapter part copies A into strips); rank 4 and rank 40
     // (from 32 on, grad.A copies Gᵀ and blocks of X): those buffers live in the workspace. The
@@ -426,5 +426,24 @@ TEMPLATE_TEST_CASE("with a workspace, backward allocates nothing in steady state
     REQUIRE(grad.A == first.A);
     REQUIRE(grad.B == first.B);
     REQUIRE(dX == dX1);
+    // The other three forms, on the same (grown) workspace, against their forms without one: the
+    // same values, and no allocation (the gradients already have their shapes).
+    LoraGrad<T> fresh;
+    Matrix<T> dXa(n, in), dXa_fresh;
+    backward_delta(X, lora, dY, fresh, dXa_fresh);
+    REQUIRE(allocations_in([&] { backward_delta(X, lora, dY, grad, dXa, ws); }) == 0);
+    REQUIRE(grad.A == fresh.A);
+    REQUIRE(grad.B == fresh.B);
+    REQUIRE(dXa == dXa_fresh);
+    grad.A.setZero();
+    grad.B.setZero();
+    REQUIRE(allocations_in([&] { backward_delta(X, lora, dY, grad, ws); }) == 0);
+    REQUIRE(grad.A == fresh.A);
+    REQUIRE(grad.B == fresh.B);
+    grad.A.setZero();
+    grad.B.setZero();
+    REQUIRE(allocations_in([&] { backward(X, W, lora, dY, grad, ws); }) == 0);
+    REQUIRE(grad.A == first.A);
+    REQUIRE(grad.B == first.B);
 }
 #endif

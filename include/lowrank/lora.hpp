@@ -311,7 +311,9 @@ void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y) {
 /// grad.A, grad.B and dX are overwritten (plain matrices are resized). W is only read for dX.
 /// The full-weight gradient dYᵀ X is never formed. Cost: 2·n·r·(2·in + 2·out) + 2·n·out·in flops.
 /// For one row (n = 1), A is read once for T, grad.A and dX together (core::shrink_row_backward),
-/// so the adapter's factors are each read once and their gradients each written once.
+/// so the adapter's factors are each read once and their gradients each written once. With `ws`
+/// (every form below takes one), the n × 2r scratch and the products' copies are reused across
+/// calls: none is allocated once `ws` has grown to the shapes and the gradients have theirs.
 template <class DX, class DW, Real T, class DdY, Destination DdX>
 void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
               const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad, DdX&& dX, Workspace<T>& ws) {
@@ -337,14 +339,19 @@ void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, co
 /// Backward without the input gradient: grad.A and grad.B only (W is only shape-checked).
 template <class DX, class DW, Real T, class DdY>
 void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
-              const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad) {
+              const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad, Workspace<T>& ws) {
     const char* fn = "lowrank::backward";
     const auto x = detail::input_view(fn, "X", X, -1, lora.in_features());
     detail::check_shape(fn, "W", W.derived(), lora.out_features(), lora.in_features());
     const auto dy = detail::input_view(fn, "dY", dY, x.rows, lora.out_features());
     lora.validate(fn, x.rows, lora.in_features(), lora.out_features());
-    Workspace<T> ws;
     detail::lora_backward_delta<T>(x, lora, dy, grad, nullptr, false, ws);
+}
+template <class DX, class DW, Real T, class DdY>
+void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const Lora<T>& lora,
+              const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad) {
+    Workspace<T> ws;
+    backward(X, W, lora, dY, grad, ws);
 }
 
 /// Backward of the adapter branch alone (of `add_delta(Xa, lora, Y)`): grad.A, grad.B and
@@ -352,7 +359,8 @@ void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, co
 /// its dropout, to its own base gradient dY W.
 template <class DXa, Real T, class DdY, Destination DdXa>
 void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const Lora<T>& lora,
-                    const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad, DdXa&& dXa) {
+                    const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad, DdXa&& dXa,
+                    Workspace<T>& ws) {
     const char* fn = "lowrank::backward_delta";
     const auto xa = detail::input_view(fn, "Xa", Xa, -1, lora.in_features());
     const auto dy = detail::input_view(fn, "dY", dY, xa.rows, lora.out_features());
@@ -361,19 +369,30 @@ void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const Lora<T>& lora,
                                    lora.in_features(), true);
     detail::check_no_overlap(fn, "dXa", dxa, "Xa", xa);
     detail::check_no_overlap(fn, "dXa", dxa, "dY", dy);
-    Workspace<T> ws;
     detail::lora_backward_delta<T>(xa, lora, dy, grad, &dxa, false, ws);
+}
+template <class DXa, Real T, class DdY, Destination DdXa>
+void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const Lora<T>& lora,
+                    const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad, DdXa&& dXa) {
+    Workspace<T> ws;
+    backward_delta(Xa, lora, dY, grad, std::forward<DdXa>(dXa), ws);
 }
 /// Backward of the adapter branch alone, without dXa.
 template <class DXa, Real T, class DdY>
 void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const Lora<T>& lora,
-                    const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad) {
+                    const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad,
+                    Workspace<T>& ws) {
     const char* fn = "lowrank::backward_delta";
     const auto xa = detail::input_view(fn, "Xa", Xa, -1, lora.in_features());
     const auto dy = detail::input_view(fn, "dY", dY, xa.rows, lora.out_features());
     lora.validate(fn, xa.rows, lora.in_features(), lora.out_features());
-    Workspace<T> ws;
     detail::lora_backward_delta<T>(xa, lora, dy, grad, nullptr, false, ws);
+}
+template <class DXa, Real T, class DdY>
+void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const Lora<T>& lora,
+                    const Eigen::MatrixBase<DdY>& dY, LoraGrad<T>& grad) {
+    Workspace<T> ws;
+    backward_delta(Xa, lora, dY, grad, ws);
 }
 
 namespace detail {

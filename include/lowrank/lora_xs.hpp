@@ -331,7 +331,8 @@ void add_delta(const Eigen::MatrixBase<DX>& X, const LoraXS<T>& xs, DY&& Y) {
 ///     T = X Aᵀ,  G = dY B,  grad.R = s Gᵀ T,  dX = dY W + s (G R) A
 ///
 /// (grad.R = s Bᵀ (dYᵀ X) Aᵀ: the full-weight gradient projected onto the frozen factors, never
-/// formed). grad.R and dX are overwritten (plain matrices are resized).
+/// formed). grad.R and dX are overwritten (plain matrices are resized). With `ws` (every form
+/// below takes one), the scratch is reused across calls, as for LoRA's backward.
 /// Cost: 2·n·r·(2·in + out + 2·r) + 2·n·out·in flops.
 template <class DX, class DW, Real T, class DdY, Destination DdX>
 void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const LoraXS<T>& xs,
@@ -358,21 +359,27 @@ void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, co
 /// Backward without the input gradient: grad.R only (W is only shape-checked).
 template <class DX, class DW, Real T, class DdY>
 void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const LoraXS<T>& xs,
-              const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad) {
+              const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad, Workspace<T>& ws) {
     const char* fn = "lowrank::backward";
     const auto x = detail::input_view(fn, "X", X, -1, xs.in_features());
     detail::check_shape(fn, "W", W.derived(), xs.out_features(), xs.in_features());
     const auto dy = detail::input_view(fn, "dY", dY, x.rows, xs.out_features());
     xs.validate(fn, x.rows, xs.in_features(), xs.out_features());
-    Workspace<T> ws;
     detail::lora_xs_backward_delta<T>(x, xs, dy, grad, nullptr, false, ws);
+}
+template <class DX, class DW, Real T, class DdY>
+void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, const LoraXS<T>& xs,
+              const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad) {
+    Workspace<T> ws;
+    backward(X, W, xs, dY, grad, ws);
 }
 
 /// Backward of the adapter branch alone (of `add_delta(Xa, xs, Y)`): grad.R and
 /// dXa = s (dY B R) A, both overwritten.
 template <class DXa, Real T, class DdY, Destination DdXa>
 void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const LoraXS<T>& xs,
-                    const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad, DdXa&& dXa) {
+                    const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad, DdXa&& dXa,
+                    Workspace<T>& ws) {
     const char* fn = "lowrank::backward_delta";
     const auto xa = detail::input_view(fn, "Xa", Xa, -1, xs.in_features());
     const auto dy = detail::input_view(fn, "dY", dY, xa.rows, xs.out_features());
@@ -380,19 +387,30 @@ void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const LoraXS<T>& xs,
     auto dxa = detail::output_view(fn, "dXa", std::forward<DdXa>(dXa), xa.rows, xs.in_features(), true);
     detail::check_no_overlap(fn, "dXa", dxa, "Xa", xa);
     detail::check_no_overlap(fn, "dXa", dxa, "dY", dy);
-    Workspace<T> ws;
     detail::lora_xs_backward_delta<T>(xa, xs, dy, grad, &dxa, false, ws);
+}
+template <class DXa, Real T, class DdY, Destination DdXa>
+void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const LoraXS<T>& xs,
+                    const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad, DdXa&& dXa) {
+    Workspace<T> ws;
+    backward_delta(Xa, xs, dY, grad, std::forward<DdXa>(dXa), ws);
 }
 /// Backward of the adapter branch alone, without dXa.
 template <class DXa, Real T, class DdY>
 void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const LoraXS<T>& xs,
-                    const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad) {
+                    const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad,
+                    Workspace<T>& ws) {
     const char* fn = "lowrank::backward_delta";
     const auto xa = detail::input_view(fn, "Xa", Xa, -1, xs.in_features());
     const auto dy = detail::input_view(fn, "dY", dY, xa.rows, xs.out_features());
     xs.validate(fn, xa.rows, xs.in_features(), xs.out_features());
-    Workspace<T> ws;
     detail::lora_xs_backward_delta<T>(xa, xs, dy, grad, nullptr, false, ws);
+}
+template <class DXa, Real T, class DdY>
+void backward_delta(const Eigen::MatrixBase<DXa>& Xa, const LoraXS<T>& xs,
+                    const Eigen::MatrixBase<DdY>& dY, LoraXSGrad<T>& grad) {
+    Workspace<T> ws;
+    backward_delta(Xa, xs, dY, grad, ws);
 }
 
 /// W += weight · s · B R A, one read-modify-write pass over W after forming B R (out × r).
