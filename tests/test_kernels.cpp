@@ -251,13 +251,15 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/4, W/2, W, 2W, 3W and
-    // 4W rows), partly filled vectors, several passes (2W + 3 on 16 registers; 4W + 1 = 3 + 2
-    // vectors and 9W + 5 = 4 + 3 + 3 on AVX-512); n around the 6-, 8- and 12-row tiles of B (tails
-    // of every size 1..11 come from n = 13, 23, 37); k with no full vector and a long one, and
-    // every remainder modulo the groups of 2 and 4 steps (6, 7, 515).
-    const std::set<Index> rows{1,         3,     W / 4,     W / 4 + 1, W / 2,     W / 2 + 1, W - 1,
-                               W,         W + 1, 2 * W,     2 * W + 3, 3 * W,     3 * W + 1, 4 * W,
+    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/8 and 3W/8 in float,
+    // W/4, W/2, 3W/4, W, 3W/2, 2W, 3W and 4W rows), partly filled vectors, several passes (2W + 3
+    // on 16 registers; 4W + 1 = 3 + 2 vectors and 9W + 5 = 4 + 3 + 3 on AVX-512); n around the 6-,
+    // 8- and 12-row tiles of B (tails of every size 1..11 come from n = 13, 23, 37); k with no
+    // full vector and a long one, and every remainder modulo the groups of 2, 4 and 8 steps (6, 7,
+    // 515).
+    const std::set<Index> rows{1,         2,         3,         W / 4,     W / 4 + 1, 3 * W / 8, 3 * W / 8 + 1,
+                               W / 2,     W / 2 + 1, 3 * W / 4, 3 * W / 4 + 1, W - 1, W,     W + 1,
+                               3 * W / 2, 3 * W / 2 + 1, 2 * W, 2 * W + 3, 3 * W, 3 * W + 1, 4 * W,
                                4 * W + 1, 9 * W + 5};
     const Index m = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
@@ -283,12 +285,13 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product on a large B whos
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // B's rows a multiple of blocking::l1_set_span bytes apart (one span) and B past
-    // blocking::stream_aliased_bytes: the rows W + 1 to 2W of A take the two_aliased tile on
-    // AVX-512 (8 rows of B, the prefetching loop over all but the last 9 lines of each row). k =
-    // ld − 5 ends each row in a partly used line; n = 4100 leaves 4 rows of B to the tail tile.
+    // blocking::stream_aliased_bytes: the rows 3W/2 + 1 to 2W of A take the two_aliased tile on
+    // AVX-512, W + 1 to 3W/2 the three_halves one (both 8 rows of B, the prefetching loop over all
+    // but the last lines of each row). k = ld − 5 ends each row in a partly used line; n = 4100
+    // leaves 4 rows of B to the tail tile.
     const Index ld = core::blocking::l1_set_span / Index(sizeof(T));
     const Index n = core::blocking::stream_aliased_bytes / core::blocking::l1_set_span + 4;
-    const Index m = GENERATE(W + 1, 2 * W - 1, 2 * W);
+    const Index m = GENERATE(W + 1, 3 * W / 2, 3 * W / 2 + 1, 2 * W - 1, 2 * W);
     const bool accumulate = GENERATE(false, true);
     CAPTURE(m, accumulate);
     REQUIRE(core::detail::aliased_rows<T>(n, ld));

@@ -260,6 +260,13 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
         if (m > 3 * W) return f(typename tiles::four());
         if (m > 2 * W) return f(typename tiles::three());
+        // Three vectors, or one of W/8 rows, where the range's tile below would leave lanes empty.
+        if (m > W && 2 * m <= 3 * W) return f(typename tiles::three_halves());
+        if (2 * m > W && 4 * m <= 3 * W) return f(typename tiles::three_quarters());
+        if constexpr (sizeof(T) == 4) {  // groups of 8 steps: 32 bytes of float (64 of double)
+            if (4 * m > W && 8 * m <= 3 * W) return f(typename tiles::three_eighths());
+            if (8 * m <= W) return f(typename tiles::eighth());
+        }
     }
     if (m <= W / 4)
         f(typename tiles::quarter());
@@ -395,12 +402,13 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// block's rows): each group of G values of a row of B is one broadcast load that serves NV
 /// vectors, i.e. NV·R rows of A, with all lanes in use from R rows; the G partial sums of a lane
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
-/// m ≤ 4: G = 4, 8 × 1; m ≤ 8: G = 2, 8 × 1; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against
-/// 13 per 12 with one row of A per lane), each row of B in these three prefetching 8 lines ahead
-/// of its reads; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its
-/// rows share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1,
-/// 6 × 4 (see blocking::stream_block_vectors). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same
-/// arguments as gemm_packed.
+/// m ≤ 2: G = 8, 8 × 1; m ≤ 4: G = 4, 8 × 1; m ≤ 6: G = 8, 8 × 3; m ≤ 8: G = 2, 8 × 1; m ≤ 12:
+/// G = 4, 8 × 3; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against 13 per 12 with one row of A
+/// per lane); m ≤ 24: G = 2, 8 × 3, each row of B in these seven prefetching 8 lines ahead of its
+/// reads; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows
+/// share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
+/// (see blocking::stream_block_vectors). Double: the same by fractions of W (8 lanes), but no
+/// groups of 8. Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

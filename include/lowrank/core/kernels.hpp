@@ -256,6 +256,18 @@ namespace lowrank::core {
 ///   (4.1–4.3); m = 32: G = 1, 12 × 2 6.4–6.6, G = 2, 6 × 4 6.4–6.6, G = 4, 3 × 8 10.1 (its 8
 ///   vectors of X per group come from L2: 1 load per 3 FMAs). 16 and 24-row tiles of G = 1 were
 ///   slower (4.7 and 8.7–12.6 ms at m = 16: GCC 12 runs out of registers for the rows' offsets).
+///   A tile does NV / G FMAs per value of W whatever m is, so m that leaves lanes of its range's
+///   tile empty takes a tile that fills them: `eighth` (float, m ≤ 2: G = 8, one vector, 1/8
+///   against the quarter tile's 1/4), `three_eighths` (float, m ≤ 6: G = 8, 3 vectors, 3/8 against
+///   1/2), `three_quarters` (m ≤ 3W/4: G = 4, 3 vectors, 3/4 against 1), `three_halves` (m ≤
+///   3W/2: G = 2, 3 vectors, 3/2 against 2); all 8 rows of W with AHEAD = 8. X Wᵀ alone, this
+///   Zen 5 VM, both builds in one process, 7–21 alternating bursts, medians, new / former time,
+///   float: m = 2 at 256² – 2048² 0.79–0.89 (the other link order 1.13–1.22 former / new); m = 5 /
+///   6 at 1024² 0.78 / 0.79; m = 9 / 10 / 12 at 1024² 0.81 / 0.82 / 0.82, m = 12 at 4096² 0.85;
+///   m = 17 / 20 / 24 at 1024² 0.77–0.78, 20 at 2048² 0.67, 24 at 4096² 0.75; double, m = 5 / 6 at
+///   1024² 0.90 / 0.84, 6 at 4096² 1.02. Shrink on it (n = 9–12, w = 32 / 64, in = 4096) 0.82–0.84,
+///   n = 12, in = 1024 0.87. Tiles that only trade loads for FMAs gained nothing: G = 8 for m = 3, 4
+///   (2 vectors) 0.96 / 1.02, for m = 7, 8 (6 × 4) 0.96–1.04.
 /// - `stream_tiles<Arch>::two_aliased`, `l1_set_span`, `stream_aliased_bytes`: the tile of W + 1
 ///   to 2W rows (17–32 in float) when W's rows are a multiple of l1_set_span bytes apart (the
 ///   span of one way of L1: 64 sets × 64 bytes; the 12 rows of the 12 × 2 tile then share one set
@@ -363,9 +375,15 @@ struct blocking {
         static constexpr Index g = G, ahead = AHEAD;
     };
     /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
-    /// X (W: Arch's lanes of T; the last two with 32 registers only).
+    /// X (W: Arch's lanes of T; the last two with 32 registers only), and with 32 registers for W/8
+    /// (float), 3W/8 (float), 3W/4 and 3W/2 rows: the last four fill three vectors, or one of
+    /// W/8 rows, where the tile of the next range up would leave lanes empty.
     template <class Arch>
     struct stream_tiles {
+        using eighth = stream_tile<8, 1, 8, 8>;  // G = 8: float only (32-byte groups)
+        using three_eighths = stream_tile<8, 3, 8, 8>;
+        using three_quarters = stream_tile<8, 3, 4, 8>;
+        using three_halves = stream_tile<8, 3, 2, 8>;
         using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 4, 8>, stream_tile<6, 1, 1>>;
         using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 2, 8>, stream_tile<6, 1, 1>>;
         using one = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 2, 8>, stream_tile<6, 1, 1>>;
