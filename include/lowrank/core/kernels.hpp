@@ -267,7 +267,10 @@ namespace lowrank::core {
 ///   m = 17 / 20 / 24 at 1024² 0.77–0.78, 20 at 2048² 0.67, 24 at 4096² 0.75; double, m = 5 / 6 at
 ///   1024² 0.90 / 0.84, 6 at 4096² 1.02. Shrink on it (n = 9–12, w = 32 / 64, in = 4096) 0.82–0.84,
 ///   n = 12, in = 1024 0.87. Tiles that only trade loads for FMAs gained nothing: G = 8 for m = 3, 4
-///   (2 vectors) 0.96 / 1.02, for m = 7, 8 (6 × 4) 0.96–1.04.
+///   (2 vectors) 0.96 / 1.02, for m = 7, 8 (6 × 4) 0.96–1.04. Past 2W rows the G = 1 tiles stay:
+///   G = 2 for 2W + 1 to 5W/2 rows (4 × 5) and 3W + 1 to 7W/2 (3 × 7), float, m = 36 / 40 / 52 / 56
+///   at 1024², 40 at 4096², took 1.09 / 1.18 / 1.26 / 1.16, 1.18× as long; so did the 8-row tiles
+///   as 4-row ones (m = 2 / 4: 1.06–1.18 / 1.16–1.32).
 /// - `stream_tiles<Arch>::two_aliased`, `l1_set_span`, `stream_aliased_bytes`: the tile of W + 1
 ///   to 2W rows (17–32 in float) when W's rows are a multiple of l1_set_span bytes apart (the
 ///   span of one way of L1: 64 sets × 64 bytes; the 12 rows of the 12 × 2 tile then share one set
