@@ -291,8 +291,11 @@ void BM_merge_openblas(benchmark::State& state) {
 void forward_grid(benchmark::internal::Benchmark* b) {
     b->ArgNames({"n", "d", "r"});
     for (int d : {1024, 4096})
-        for (int r : {8, 16, 64})
+        for (int r : {8, 16, 64}) {
             for (int n : {1, 16, 32, 128}) b->Args({n, d, r});
+            if (r == 16)  // the batches of a few decoding sequences, at one rank
+                for (int n : {2, 4, 8}) b->Args({n, d, r});
+        }
 }
 
 void packed_grid(benchmark::internal::Benchmark* b) {
