@@ -313,12 +313,14 @@ TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths"
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range on 256-bit vectors
-    // (blocking::stream_batch_vectors: 4W rows on AVX2, in passes of 2W rows with a 1-row pass
-    // last at 4W + 1; every batch on AVX-512, in passes of up to 4W rows: 8W + 1 takes three
-    // passes of 3, 3 and 3 vectors) and of gemm_dot's (stream_weight_rows: 32, 33), then
-    // gemm_packed where it remains (past one block of gemm_mc<T> rows at 150).
-    const std::set<Index> rows{1, 2, 3, W / 4 + 1, 2 * W, 2 * W + 1, 4 * W, 4 * W + 1, 8 * W, 8 * W + 1, 32, 33, 150};
+    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range on 256-bit vectors (from
+    // 3W/2 + 1 rows in float and W in double to blocking::stream_batch_vectors · W = 4W rows on
+    // AVX2, in passes of 2W rows with a 1-row pass last at 4W + 1; every batch on AVX-512, in
+    // passes of up to 4W rows: 8W + 1 takes three passes of 3, 3 and 3 vectors) and of gemm_dot's
+    // (stream_weight_rows: 32, 33), then gemm_packed where it remains (past one block of
+    // gemm_mc<T> rows at 150).
+    const std::set<Index> rows{1,         2,     3,         W / 4 + 1, W - 1, W,     3 * W / 2, 3 * W / 2 + 1, 2 * W,
+                               2 * W + 1, 4 * W, 4 * W + 1, 8 * W,     8 * W + 1, 32, 33,        150};
     const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index out = GENERATE(13, 37);
     const Index in = GENERATE(7, 77);

@@ -55,8 +55,9 @@ private:
 
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: gemm_stream_rows streams
 /// W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows
-/// or more on AVX-512, and from W/4 + 1 up to `blocking::stream_batch_vectors` · W rows with
-/// 256-bit vectors; otherwise from 2 to stream_weight_rows rows the dot kernel streams it once;
+/// or more on AVX-512, and from 3W/2 + 1 rows in float (W in double) up to
+/// `blocking::stream_batch_vectors` · W rows with 256-bit vectors; otherwise from 2 to
+/// stream_weight_rows rows the dot kernel streams it once;
 /// one row is Eigen's GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel
 /// at 4096², bench_lora); beyond (16 registers only), gemm_packed (packing both operands into
 /// (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W packed ahead: gemm_strips at every batch
@@ -81,9 +82,15 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8; below W/4 + 1 rows its lanes
     // would be mostly empty. Not on SSE (4 float lanes: n = 16 takes two passes of 8 rows,
     // 21.8–22.2 vs 13.9–14.4 ms).
+    // With 16 registers the tiles hold one row of X per lane (G = 1): below 3W/2 + 1 rows in
+    // float (W in double) the dot kernel does fewer FMAs and ran faster. AVX2 build (-march=
+    // x86-64-v3), X Wᵀ alone, 1024², both in one process, dot / stream time: float m = 3 / 4 / 6 /
+    // 8 / 10 / 12 / 16 0.34 / 0.55 / 0.63 / 0.89–0.91 / 0.77 / 0.94 / 1.17, m = 4 at 4096² 0.91;
+    // double m = 2 / 3 / 4 / 6 / 8 0.64 / 0.66 / 1.13 / 1.01 / 1.21.
     const bool stream_rows = blocking::wide_register_file<Arch>
                                  ? x.rows >= 2
-                                 : sizeof(xsimd::batch<T, Arch>) >= 32 && 4 * x.rows > W &&
+                                 : sizeof(xsimd::batch<T, Arch>) >= 32 &&
+                                       (sizeof(T) == 4 ? 2 * x.rows > 3 * W : x.rows >= W) &&
                                        x.rows <= blocking::stream_batch_vectors * W;
     if (stream_rows) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
