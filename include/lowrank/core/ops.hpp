@@ -79,12 +79,13 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // 2.5 / 3.0 / 3.6 against gemm_dot's 3.9 / 4.2 / 4.1–4.3 (m = 2, 4) and the former
     // one-row-per-lane tiles (m = 8, 16: 4.1–4.3); one row stays on Eigen's GEMV (1.96 vs 2.28). An
     // AVX2 build on the same machine (bench_core's forward, r = 16): n = 16 5.8–7.0 vs gemm_dot's
-    // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8. Not on SSE (4 float lanes:
-    // n = 16 takes two passes of 8 rows, 21.8–22.2 vs 13.9–14.4 ms). With 16 registers the tiles hold one row of X per lane (G = 1): below 3W/2 + 1 rows in
-    // float (W in double) the dot kernel does fewer FMAs and ran faster. AVX2 build (-march=
-    // x86-64-v3), X Wᵀ alone, 1024², both in one process, dot / stream time: float m = 3 / 4 / 6 /
-    // 8 / 10 / 12 / 16 0.34 / 0.55 / 0.63 / 0.89–0.91 / 0.77 / 0.94 / 1.17, m = 4 at 4096² 0.91;
-    // double m = 2 / 3 / 4 / 6 / 8 0.64 / 0.66 / 1.13 / 1.01 / 1.21.
+    // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8. Not on SSE (4 float lanes: n =
+    // 16 takes two passes of 8 rows, 21.8–22.2 vs 13.9–14.4 ms). With 16 registers the tiles hold
+    // one row of X per lane (G = 1): below 3W/2 + 1 rows in float (W in double) the dot kernel does
+    // fewer FMAs and ran faster. AVX2 build (-march=x86-64-v3), X Wᵀ alone, 1024², both in one
+    // process, dot / stream time: float m = 3 / 4 / 6 / 8 / 10 / 12 / 16 0.34 / 0.55 / 0.63 /
+    // 0.89–0.91 / 0.77 / 0.94 / 1.17, m = 4 at 4096² 0.91; double m = 2 / 3 / 4 / 6 / 8 0.64 / 0.66
+    // / 1.13 / 1.01 / 1.21.
     const bool stream_rows = blocking::wide_register_file<Arch>
                                  ? x.rows >= 2
                                  : sizeof(xsimd::batch<T, Arch>) >= 32 &&
