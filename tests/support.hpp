@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <limits>
 #include <string>
+#include <tuple>
 
 namespace lowrank::test {
 
@@ -47,6 +48,16 @@ using FloatSse2 = Case<float, xsimd::sse2>;
 using DoubleSse2 = Case<double, xsimd::sse2>;
 using FloatDefault = Case<float, xsimd::default_arch>;
 using DoubleDefault = Case<double, xsimd::default_arch>;
+/// The kernel tests' cases: SSE2 and the default, and in a build whose default is AVX-512 also
+/// AVX2 + FMA, whose kernels take the 16-register branches (tiles, batch thresholds) the default
+/// does not: the build that ships AVX-512 code is then also the one that checks the AVX2 code.
+#if XSIMD_WITH_AVX512F && XSIMD_WITH_FMA3_AVX2
+using FloatAvx2 = Case<float, xsimd::fma3<xsimd::avx2>>;
+using DoubleAvx2 = Case<double, xsimd::fma3<xsimd::avx2>>;
+using KernelCases = std::tuple<FloatSse2, DoubleSse2, FloatAvx2, DoubleAvx2, FloatDefault, DoubleDefault>;
+#else
+using KernelCases = std::tuple<FloatSse2, DoubleSse2, FloatDefault, DoubleDefault>;
+#endif
 
 /// A rows × cols block at (1, 2) of a larger random matrix, so that ld ≠ cols and the data is not
 /// aligned: exercises leading dimensions and unaligned loads.

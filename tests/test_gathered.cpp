@@ -22,6 +22,7 @@ using lowrank::test::DoubleDefault;
 using lowrank::test::DoubleSse2;
 using lowrank::test::FloatDefault;
 using lowrank::test::FloatSse2;
+using lowrank::test::KernelCases;
 using lowrank::test::Strided;
 
 namespace {
@@ -83,8 +84,8 @@ Grads exact_grads(const Matrix<double>& x, const Matrix<double>& dy, const Matri
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("gathered_shrink matches gemm_dot_ref and the exact product", "[gathered]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gathered_shrink matches gemm_dot_ref and the exact product", "[gathered]",
+                        KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -125,8 +126,8 @@ TEMPLATE_TEST_CASE("gathered_shrink matches gemm_dot_ref and the exact product",
     REQUIRE(t2.border_intact());
 }
 
-TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact product",
-                   "[gathered]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact product", "[gathered]",
+                        KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -196,8 +197,7 @@ TEMPLATE_TEST_CASE("gathered_expand matches gemm_bcast_ref on Uᵀ and the exact
     REQUIRE(outside2 == fresh);
 }
 
-TEMPLATE_TEST_CASE("the packing transpose is exact, tails included", "[gathered]", FloatSse2,
-                   DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("the packing transpose is exact, tails included", "[gathered]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -241,8 +241,8 @@ TEMPLATE_TEST_CASE("row movement and grouping", "[gathered]", FloatSse2, FloatDe
     REQUIRE(std::vector<Index>(order.begin(), order.begin() + 7) == std::vector<Index>{2, 6, 7, 0, 3, 4, 8});
 }
 
-TEMPLATE_TEST_CASE("gathered_apply and its backward equal the references and dense formulas",
-                   "[gathered]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gathered_apply and its backward equal the references and dense formulas",
+                        "[gathered]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     const Index n = 11, in = GENERATE(3, 130), out = GENERATE(5, 70), w = GENERATE(1, 7);
@@ -313,8 +313,8 @@ TEMPLATE_TEST_CASE("gathered_apply and its backward equal the references and den
     require_within(dx_r.value(), dx_want, dx_bound, "dX reference");
 }
 
-TEMPLATE_TEST_CASE("bgmv and sgmv equal each row run with its own adapter", "[gathered]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("bgmv and sgmv equal each row run with its own adapter", "[gathered]",
+                        KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     const Index n = GENERATE(1, 17), in = 45, out = 38;

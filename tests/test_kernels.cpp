@@ -27,14 +27,14 @@ using lowrank::test::DoubleDefault;
 using lowrank::test::DoubleSse2;
 using lowrank::test::FloatDefault;
 using lowrank::test::FloatSse2;
+using lowrank::test::KernelCases;
 using lowrank::test::Strided;
 
 namespace {
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("gemm_bcast matches the scalar reference and the exact product",
-                   "[kernels]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_bcast matches the scalar reference and the exact product", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -79,8 +79,8 @@ TEMPLATE_TEST_CASE("gemm_bcast matches the scalar reference and the exact produc
     REQUIRE(c.border_intact());  // nothing written outside the destination block
 }
 
-TEMPLATE_TEST_CASE("gemm_bcast's one-row and outer-product paths match the exact product over several blocks",
-                   "[kernels]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_bcast's one-row and outer-product paths match the exact product over several blocks",
+                        "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -114,8 +114,7 @@ TEMPLATE_TEST_CASE("gemm_bcast's one-row and outer-product paths match the exact
     REQUIRE(c.border_intact());
 }
 
-TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product", "[kernels]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_dot matches the scalar reference and the exact product", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -147,8 +146,7 @@ TEMPLATE_TEST_CASE("gemm_dot matches the scalar reference and the exact product"
     require_within(c_ref.value(), want, bound, "scalar reference vs exact");
 }
 
-TEMPLATE_TEST_CASE("the block transpose is exact, tails included", "[kernels]", FloatSse2, DoubleSse2,
-                   FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("the block transpose is exact, tails included", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -183,8 +181,7 @@ std::pair<Matrix<double>, Matrix<double>> expected_abt(const Matrix<double>& a, 
     return {want, bound};
 }
 
-TEMPLATE_TEST_CASE("gemm_dot_narrow matches the exact product, strided and contiguous", "[kernels]", FloatSse2,
-                   DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_dot_narrow matches the exact product, strided and contiguous", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     // k = 8 in float on AVX-512 is the two-rows-per-vector kernel (blocks of 16 rows of B, the rest
@@ -246,8 +243,7 @@ TEMPLATE_TEST_CASE("load_first reads t values, zeros the other lanes and reads n
 #endif
 }
 
-TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", FloatSse2, DoubleSse2, FloatDefault,
-                   DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -279,8 +275,8 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]", Fl
     REQUIRE(c.border_intact());  // nothing written around C
 }
 
-TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product on a large B whose rows share L1 sets", "[kernels]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B whose rows share L1 sets",
+                        "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -308,19 +304,21 @@ TEMPLATE_TEST_CASE("gemm_stream_rows matches the exact product on a large B whos
     REQUIRE(c.border_intact());
 }
 
-TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths", "[kernels][ops]", FloatSse2,
-                   DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("base_product matches the exact product on each of its paths", "[kernels][ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range on 256-bit vectors (from
-    // 3W/2 + 1 rows in float and W in double to blocking::stream_batch_vectors · W = 4W rows on
-    // AVX2, in passes of 2W rows with a 1-row pass last at 4W + 1; every batch on AVX-512, in
-    // passes of up to 4W rows: 8W + 1 takes three passes of 3, 3 and 3 vectors) and of gemm_dot's
+    // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range (blocking::stream_min_rows,
+    // stream_max_rows: on AVX2 3W/2 + 1 rows in float and W in double to 4W, in passes of 2W rows
+    // with a 1-row pass last at 4W + 1; every batch from 2 rows on AVX-512, in passes of up to 4W
+    // rows: 8W + 1 takes three passes of 3, 3 and 3 vectors) and of gemm_dot's
     // (stream_weight_rows: 32, 33), then gemm_packed where it remains (past one block of
     // gemm_mc<T> rows at 150).
-    const std::set<Index> rows{1,         2,     3,         W / 4 + 1, W - 1, W,     3 * W / 2, 3 * W / 2 + 1, 2 * W,
-                               2 * W + 1, 4 * W, 4 * W + 1, 8 * W,     8 * W + 1, 32, 33,        150};
+    constexpr Index first = core::blocking::stream_min_rows<T, Arch>;
+    constexpr Index last = std::min(core::blocking::stream_max_rows<T, Arch>, Index(150));
+    const std::set<Index> rows{1,     2,     3,     W / 4 + 1,   W - 1,     W,         3 * W / 2, 3 * W / 2 + 1,
+                               2 * W, 2 * W + 1, 4 * W, 4 * W + 1, 8 * W, 8 * W + 1, 32, 33, 150,
+                               first - 1, first, last, last + 1};
     const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index out = GENERATE(13, 37);
     const Index in = GENERATE(7, 77);
@@ -334,8 +332,7 @@ TEMPLATE_TEST_CASE("base_product matches the exact product on each of its paths"
     REQUIRE(y.border_intact());
 }
 
-TEMPLATE_TEST_CASE("shrink matches the exact product on each of its paths", "[kernels][ops]", FloatSse2, DoubleSse2,
-                   FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("shrink matches the exact product on each of its paths", "[kernels][ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     // n and w at the ends of blocking::stream_shrink's range (8–16 rows, a rank from 32; on
@@ -354,8 +351,8 @@ TEMPLATE_TEST_CASE("shrink matches the exact product on each of its paths", "[ke
     REQUIRE(t.border_intact());
 }
 
-TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact product", "[kernels][packed]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_packed matches the scalar reference and the exact product",
+                        "[kernels][packed]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -394,8 +391,7 @@ TEMPLATE_TEST_CASE("gemm_packed matches the scalar reference and the exact produ
     REQUIRE(c2.border_intact());
 }
 
-TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatSse2, DoubleSse2,
-                   FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("core operations equal their dense formulas", "[ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -458,8 +454,8 @@ TEMPLATE_TEST_CASE("core operations equal their dense formulas", "[ops]", FloatS
     }
 }
 
-TEMPLATE_TEST_CASE("shrink equals its dense formula on each side of blocking::packed_shrink", "[ops]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("shrink equals its dense formula on each side of blocking::packed_shrink",
+                        "[ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -480,8 +476,8 @@ TEMPLATE_TEST_CASE("shrink equals its dense formula on each side of blocking::pa
     REQUIRE(t.border_intact());  // nothing written around T
 }
 
-TEMPLATE_TEST_CASE("grad_shrink with wide factors (Gᵀ and X in strips) equals its dense formula", "[ops]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("grad_shrink with wide factors (Gᵀ and X in strips) equals its dense formula",
+                        "[ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -524,8 +520,8 @@ TEMPLATE_TEST_CASE("expand handles widths beyond one packing pass", "[ops]", flo
                    "wide expand");
 }
 
-TEMPLATE_TEST_CASE("narrow project_back and grad_expand equal their dense formulas over several blocks", "[ops]",
-                   FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("narrow project_back and grad_expand equal their dense formulas over several blocks",
+                        "[ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -611,8 +607,7 @@ TEST_CASE("kernels are no-ops on empty shapes", "[kernels]") {
     REQUIRE((c.array() == 0.f).all());  // k = 0 without accumulate: C = 0 · (empty sum)
 }
 
-TEMPLATE_TEST_CASE("shrink_row_backward equals its dense formulas", "[ops]", FloatSse2, DoubleSse2, FloatDefault,
-                   DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("shrink_row_backward equals its dense formulas", "[ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -646,8 +641,8 @@ TEMPLATE_TEST_CASE("shrink_row_backward equals its dense formulas", "[ops]", Flo
     REQUIRE(dv2.value() == dv.value());
 }
 
-TEMPLATE_TEST_CASE("gemm_bcast with rows of a quarter or half a vector, contiguous, equals its dense formula",
-                   "[kernels]", FloatSse2, DoubleSse2, FloatDefault, DoubleDefault) {
+TEMPLATE_LIST_TEST_CASE("gemm_bcast with rows of a quarter or half a vector, contiguous, equals its dense formula",
+                        "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;

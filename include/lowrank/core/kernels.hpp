@@ -304,6 +304,16 @@ namespace lowrank::core {
 ///   it up to `stream_batch_vectors` = 4 vectors (32 rows), gemm_packed beyond: at 64 rows the Zen
 ///   4 VM ran the stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long
 ///   per row as 128 by gemm_packed.
+/// - `stream_min_rows<T, Arch>`, `stream_max_rows<T, Arch>`: the batches (rows of X) for which
+///   base_product streams W through gemm_stream_rows. 32 registers: 2 rows and more. 16 registers:
+///   up to stream_batch_vectors · W (see above), and none with 128-bit vectors. With
+///   16 the tiles hold one row of X per lane (G = 1), so a batch short of a vector leaves lanes
+///   empty while gemm_dot does fewer FMAs: 3W/2 + 1 rows in float (13), W in double (4). AVX2
+///   build (-march=x86-64-v3), X Wᵀ alone, 1024², both in one process, gemm_dot / stream time:
+///   float m = 3 / 4 / 6 / 8 / 10 / 12 / 16 0.34 / 0.55 / 0.63 / 0.89–0.91 / 0.77 / 0.94 / 1.17,
+///   m = 4 at 4096² 0.91; double m = 2 / 3 / 4 / 6 / 8 0.64 / 0.66 / 1.13 / 1.01 / 1.21. SSE (4
+///   float lanes): n = 16 takes two passes of 8 rows, 21.8–22.2 ms against gemm_dot's 13.9–14.4
+///   at 4096².
 /// - `row_backward_rows`: rows of V per block of shrink_row_backward (the one-row LoRA backward's
 ///   sweep over A: t = A x, dA = α g xᵀ, dx += α Aᵀ g), each block reading and writing dx once.
 ///   bench_lora's backward, n = 1, float, this Zen 5 VM, 4 rows against 1, 2 and 8 in 3
@@ -367,6 +377,15 @@ struct blocking {
     static constexpr Index dot_kc = 1024;
     static constexpr Index stream_weight_rows = 32;
     static constexpr Index stream_batch_vectors = 4;
+    template <class T, class Arch>
+    static constexpr Index stream_min_rows = wide_register_file<Arch> ? 2
+                                             : sizeof(T) == 4           ? 3 * xsimd::batch<T, Arch>::size / 2 + 1
+                                                                        : xsimd::batch<T, Arch>::size;
+    template <class T, class Arch>
+    static constexpr Index stream_max_rows = wide_register_file<Arch> ? std::numeric_limits<Index>::max()
+                                             : sizeof(xsimd::batch<T, Arch>) >= 32
+                                                 ? stream_batch_vectors * xsimd::batch<T, Arch>::size
+                                                 : 0;
     static constexpr Index packed_shrink_rows_one_vector = 192;
     static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;

@@ -56,7 +56,8 @@ private:
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: gemm_stream_rows streams
 /// W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows
 /// or more on AVX-512, and from 3W/2 + 1 rows in float (W in double) up to
-/// `blocking::stream_batch_vectors` · W rows with 256-bit vectors; otherwise from 2 to
+/// `blocking::stream_batch_vectors` · W rows with 256-bit vectors (`blocking::stream_min_rows`,
+/// `stream_max_rows`); otherwise from 2 to
 /// stream_weight_rows rows the dot kernel streams it once;
 /// one row is Eigen's GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel
 /// at 4096², bench_lora); beyond (16 registers only), gemm_packed (packing both operands into
@@ -72,26 +73,15 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
         return;
     }
     const MatrixView<const T> w = weight.dense;
-    constexpr Index W = xsimd::batch<T, Arch>::size;
     // The transposed product, the batch along the vectors (no reductions over k, W never copied,
     // read once per pass of blocking::stream_block_vectors vectors of rows of X). m × 4096², float,
     // kernel alone, ms: AVX-512 with the tiles of blocking::stream_tile, m = 2 / 4 / 8 / 16: 2.3 /
     // 2.5 / 3.0 / 3.6 against gemm_dot's 3.9 / 4.2 / 4.1–4.3 (m = 2, 4) and the former
     // one-row-per-lane tiles (m = 8, 16: 4.1–4.3); one row stays on Eigen's GEMV (1.96 vs 2.28). An
     // AVX2 build on the same machine (bench_core's forward, r = 16): n = 16 5.8–7.0 vs gemm_dot's
-    // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8. Not on SSE (4 float lanes: n =
-    // 16 takes two passes of 8 rows, 21.8–22.2 vs 13.9–14.4 ms). With 16 registers the tiles hold
-    // one row of X per lane (G = 1): below 3W/2 + 1 rows in float (W in double) the dot kernel does
-    // fewer FMAs and ran faster. AVX2 build (-march=x86-64-v3), X Wᵀ alone, 1024², both in one
-    // process, dot / stream time: float m = 3 / 4 / 6 / 8 / 10 / 12 / 16 0.34 / 0.55 / 0.63 /
-    // 0.89–0.91 / 0.77 / 0.94 / 1.17, m = 4 at 4096² 0.91; double m = 2 / 3 / 4 / 6 / 8 0.64 / 0.66
-    // / 1.13 / 1.01 / 1.21.
-    const bool stream_rows = blocking::wide_register_file<Arch>
-                                 ? x.rows >= 2
-                                 : sizeof(xsimd::batch<T, Arch>) >= 32 &&
-                                       (sizeof(T) == 4 ? 2 * x.rows > 3 * W : x.rows >= W) &&
-                                       x.rows <= blocking::stream_batch_vectors * W;
-    if (stream_rows) {
+    // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8. The batches it takes, and the
+    // measurements that set them: blocking::stream_min_rows, stream_max_rows.
+    if (x.rows >= blocking::stream_min_rows<T, Arch> && x.rows <= blocking::stream_max_rows<T, Arch>) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
     }
