@@ -260,12 +260,14 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
         if (m > 3 * W) return f(typename tiles::four());
         if (m > 2 * W) return f(typename tiles::three());
-        // Three vectors, or one of W/8 rows, where the range's tile below would leave lanes empty.
+        // Three vectors, or one of W/8 rows, where the range's tile below would leave lanes empty;
+        // two of W/8 rows (float), where it would broadcast once per FMA (blocking::stream_tile).
         if (m > W && 2 * m <= 3 * W) return f(typename tiles::three_halves());
         if (2 * m > W && 4 * m <= 3 * W) return f(typename tiles::three_quarters());
         if constexpr (sizeof(T) == 4) {  // groups of 8 steps: 32 bytes of float (64 of double)
             if (4 * m > W && 8 * m <= 3 * W) return f(typename tiles::three_eighths());
             if (8 * m <= W) return f(typename tiles::eighth());
+            if (4 * m <= W) return f(typename tiles::two_eighths());
         }
     }
     if (m <= W / 4)

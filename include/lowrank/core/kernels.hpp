@@ -223,8 +223,22 @@ namespace lowrank::core {
 ///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
 ///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
 ///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1 or 6 × 2, G =
-///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1; G = 2, 8 × 1; G = 2, 8 ×
-///   2 (the three with AHEAD = 8); G = 1, 12 × 2. Up to W/2 rows (8 in float) the tiles were G = 4
+///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1 (double; float: G = 8, 8 ×
+///   2, below); G = 4, 8 × 2; G = 2, 8 × 2 (the three with AHEAD = 8); G = 1, 12 × 2. W/4 + 1 to
+///   W/2 rows (7–8 in float, 3–4 in double) took G = 2, 8 × 1 until a Zen 4 VM (probe 132
+///   GFLOP/s: AVX-512 on 256-bit units) ran its 8 broadcasts per 8 FMAs well below the peak; G =
+///   4, 8 × 2 does the same FMAs with 8 broadcasts per 16. X Wᵀ alone, both tiles in one process,
+///   9 alternating rounds, each order once (the slot a tile sits in moved the ratio up to 0.94),
+///   new / former time: float m = 8 at 256² / 1024² / 4096² 0.82 and 0.81 / 0.76 and 0.76 / 0.94
+///   and 0.94, m = 7 at 1024² 0.77 / 0.76; double m = 3 / 4 at 256² 0.79 / 0.79, 1024² 0.78 /
+///   0.78, 4096² 0.97 / 0.98; shrink X Vᵀ, n = 8, w = 32 / 64, in = 1024 and 4096: 0.74–0.76. In
+///   float, 3–4 rows likewise take G = 8, 8 × 2 (`two_eighths`, 8 broadcasts per 16 FMAs) before
+///   quarter's G = 4, 8 × 1 (per 8), same harness: m = 3 / 4 at 256² 0.87 and 0.87 / 0.89 and
+///   0.89, 1024² 0.81 and 0.80 / 0.81 and 0.81, 4096² 1.02 and 0.95 / 1.01 and 0.97 (there W's
+///   stream from memory sets the time). On the Zen 5 VM (full-width AVX-512, probe 233 GFLOP/s)
+///   G = 8, 8 × 2 for m = 3, 4 had been 0.96 / 1.02 (below). G = 4, 6 × 4 for 13–16 rows, this
+///   Zen 4 VM, same harness: m = 16, 256² 1.05 / 0.95, 1024² 1.01 / 0.99, 4096² 0.98 / 0.96, no
+///   change. Up to W/2 rows (8 in float) the tiles were G = 4
 ///   and G = 2, 12 × 1 without prefetch (measurements below); 8 rows of W with it instead, X Wᵀ
 ///   alone, float, 5–9 rounds, one shape per process, time over 12 × 1: m = 4 / 6 / 8 at 1024²
 ///   0.85–0.88 / 0.86 / 0.86, 4096² 0.88–0.89 / 0.85 / 0.87, 2048² 1.02 / — / 1.04–1.06; m = 2
@@ -398,16 +412,18 @@ struct blocking {
     };
     /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
     /// X (W: Arch's lanes of T; the last two with 32 registers only), and with 32 registers for W/8
-    /// (float), 3W/8 (float), 3W/4 and 3W/2 rows: the last four fill three vectors, or one of
-    /// W/8 rows, where the tile of the next range up would leave lanes empty.
+    /// (float), W/4 (float: two_eighths, ahead of quarter), 3W/8 (float), 3W/4 and 3W/2 rows: the
+    /// eighths, three_quarters and three_halves fill one, two or three vectors where the tile of
+    /// the next range up would leave lanes empty.
     template <class Arch>
     struct stream_tiles {
         using eighth = stream_tile<8, 1, 8, 8>;  // G = 8: float only (32-byte groups)
+        using two_eighths = stream_tile<8, 2, 8, 8>;
         using three_eighths = stream_tile<8, 3, 8, 8>;
         using three_quarters = stream_tile<8, 3, 4, 8>;
         using three_halves = stream_tile<8, 3, 2, 8>;
         using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 4, 8>, stream_tile<6, 1, 1>>;
-        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 2, 8>, stream_tile<6, 1, 1>>;
+        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 4, 8>, stream_tile<6, 1, 1>>;
         using one = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 2, 8>, stream_tile<6, 1, 1>>;
         using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1>, stream_tile<6, 2, 1>>;
         using two_aliased = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 1, 8>, two>;
