@@ -400,17 +400,17 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// after row, and there are no horizontal reductions over k. A is copied once per block (into
 /// ws.a, zero-padded) and re-read from L1/L2 by every tile.
 ///
-/// On AVX-512 a vector holds R = W / G rows of A × G consecutive steps of k (G = 4, 2 or 1, by the
-/// block's rows): each group of G values of a row of B is one broadcast load that serves NV
+/// On AVX-512 a vector holds R = W / G rows of A × G consecutive steps of k (G = 8, 4, 2 or 1, by
+/// the block's rows): each group of G values of a row of B is one broadcast load that serves NV
 /// vectors, i.e. NV·R rows of A, with all lanes in use from R rows; the G partial sums of a lane
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
-/// m ≤ 2: G = 8, 8 × 1; m ≤ 4: G = 4, 8 × 1; m ≤ 6: G = 8, 8 × 3; m ≤ 8: G = 2, 8 × 1; m ≤ 12:
+/// m ≤ 2: G = 8, 8 × 1; m ≤ 4: G = 8, 8 × 2; m ≤ 6: G = 8, 8 × 3; m ≤ 8: G = 4, 8 × 2; m ≤ 12:
 /// G = 4, 8 × 3; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against 13 per 12 with one row of A
 /// per lane); m ≤ 24: G = 2, 8 × 3, each row of B in these seven prefetching 8 lines ahead of its
 /// reads; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows
 /// share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
 /// (see blocking::stream_block_vectors). Double: the same by fractions of W (8 lanes), but no
-/// groups of 8. Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as gemm_packed.
+/// groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

@@ -236,7 +236,10 @@ namespace lowrank::core {
 ///   quarter's G = 4, 8 × 1 (per 8), same harness: m = 3 / 4 at 256² 0.87 and 0.87 / 0.89 and
 ///   0.89, 1024² 0.81 and 0.80 / 0.81 and 0.81, 4096² 1.02 and 0.95 / 1.01 and 0.97 (there W's
 ///   stream from memory sets the time). On the Zen 5 VM (full-width AVX-512, probe 233 GFLOP/s)
-///   G = 8, 8 × 2 for m = 3, 4 had been 0.96 / 1.02 (below). G = 4, 6 × 4 for 13–16 rows, this
+///   G = 8, 8 × 2 for m = 3, 4 had been 0.96 / 1.02 (below). One row of X per vector (G = W, no
+///   broadcasts: W's values are a plain load), 8 × 2, for m ≤ 2, this Zen 4 VM, same harness:
+///   float at 256² / 1024² 1.32 and 1.32 / 1.25 and 1.17, double 1.57 and 1.41 / 1.36 and 1.15
+///   (the lane sums, a whole vector per output, cost more than the broadcasts saved). G = 4, 6 × 4 for 13–16 rows, this
 ///   Zen 4 VM, same harness: m = 16, 256² 1.05 / 0.95, 1024² 1.01 / 0.99, 4096² 0.98 / 0.96, no
 ///   change. Up to W/2 rows (8 in float) the tiles were G = 4
 ///   and G = 2, 12 × 1 without prefetch (measurements below); 8 rows of W with it instead, X Wᵀ
