@@ -410,7 +410,8 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// reads; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows
 /// share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
 /// (see blocking::stream_block_vectors). Double: the same by fractions of W (8 lanes), but no
-/// groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments as gemm_packed.
+/// groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments
+/// as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

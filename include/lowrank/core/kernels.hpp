@@ -239,9 +239,9 @@ namespace lowrank::core {
 ///   G = 8, 8 × 2 for m = 3, 4 had been 0.96 / 1.02 (below). One row of X per vector (G = W, no
 ///   broadcasts: W's values are a plain load), 8 × 2, for m ≤ 2, this Zen 4 VM, same harness:
 ///   float at 256² / 1024² 1.32 and 1.32 / 1.25 and 1.17, double 1.57 and 1.41 / 1.36 and 1.15
-///   (the lane sums, a whole vector per output, cost more than the broadcasts saved). G = 4, 6 × 4 for 13–16 rows, this
-///   Zen 4 VM, same harness: m = 16, 256² 1.05 / 0.95, 1024² 1.01 / 0.99, 4096² 0.98 / 0.96, no
-///   change. Up to W/2 rows (8 in float) the tiles were G = 4
+///   (the lane sums, a whole vector per output, cost more than the broadcasts saved). G = 4,
+///   6 × 4 for 13–16 rows, this Zen 4 VM, same harness: m = 16, 256² 1.05 / 0.95, 1024² 1.01 /
+///   0.99, 4096² 0.98 / 0.96, no change. Up to W/2 rows (8 in float) the tiles were G = 4
 ///   and G = 2, 12 × 1 without prefetch (measurements below); 8 rows of W with it instead, X Wᵀ
 ///   alone, float, 5–9 rounds, one shape per process, time over 12 × 1: m = 4 / 6 / 8 at 1024²
 ///   0.85–0.88 / 0.86 / 0.86, 4096² 0.88–0.89 / 0.85 / 0.87, 2048² 1.02 / — / 1.04–1.06; m = 2
@@ -415,9 +415,10 @@ struct blocking {
     };
     /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
     /// X (W: Arch's lanes of T; the last two with 32 registers only), and with 32 registers for W/8
-    /// (float), W/4 (float: two_eighths, ahead of quarter), 3W/8 (float), 3W/4 and 3W/2 rows: the
-    /// eighths, three_quarters and three_halves fill one, two or three vectors where the tile of
-    /// the next range up would leave lanes empty.
+    /// (float), W/4 (float: two_eighths, ahead of quarter), 3W/8 (float), 3W/4 and 3W/2 rows:
+    /// eighth, three_eighths, three_quarters and three_halves fill one or three vectors where the
+    /// tile of the next range up would leave lanes empty; two_eighths does quarter's FMAs with half
+    /// its broadcasts.
     template <class Arch>
     struct stream_tiles {
         using eighth = stream_tile<8, 1, 8, 8>;  // G = 8: float only (32-byte groups)
