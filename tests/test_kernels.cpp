@@ -23,10 +23,6 @@ using lowrank::test::random_matrix;
 using lowrank::test::require_within;
 using lowrank::test::to_double;
 
-using lowrank::test::DoubleDefault;
-using lowrank::test::DoubleSse2;
-using lowrank::test::FloatDefault;
-using lowrank::test::FloatSse2;
 using lowrank::test::KernelCases;
 using lowrank::test::Strided;
 

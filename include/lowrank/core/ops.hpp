@@ -57,8 +57,7 @@ private:
 /// W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows
 /// or more on AVX-512, and from 3W/2 + 1 rows in float (W in double) up to
 /// `blocking::stream_batch_vectors` · W rows with 256-bit vectors (`blocking::stream_min_rows`,
-/// `stream_max_rows`); otherwise from 2 to
-/// stream_weight_rows rows the dot kernel streams it once;
+/// `stream_max_rows`); otherwise from 2 to stream_weight_rows rows the dot kernel streams it once;
 /// one row is Eigen's GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel
 /// at 4096², bench_lora); beyond (16 registers only), gemm_packed (packing both operands into
 /// (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W packed ahead: gemm_strips at every batch
