@@ -26,10 +26,6 @@ using lowrank::test::to_double;
 using lowrank::test::KernelCases;
 using lowrank::test::Strided;
 
-namespace {
-
-}  // namespace
-
 TEMPLATE_LIST_TEST_CASE("gemm_bcast matches the scalar reference and the exact product", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
@@ -502,13 +498,14 @@ TEMPLATE_LIST_TEST_CASE("grad_shrink with wide factors (Gᵀ and X in strips) eq
     }
 }
 
-TEMPLATE_TEST_CASE("expand handles widths beyond one packing pass", "[ops]", float, double) {
-    using T = TestType;
+TEMPLATE_LIST_TEST_CASE("expand handles widths beyond one packing pass", "[ops]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
     const Index n = 5, out = 37, w = 1500;  // w > 32 KiB / sizeof(T) / W: several passes over w
     const Matrix<T> t = random_matrix<T>(n, w, 1), U = random_matrix<T>(out, w, 2);
     Matrix<T> y = random_matrix<T>(n, out, 3);
     const Matrix<double> Y0 = to_double(y);
-    core::expand<T>(view(t), view(U), view_mut(y));
+    core::expand<T, Arch>(view(t), view(U), view_mut(y));
     Matrix<double> bound =
         product_bound(to_double(t).cwiseAbs(), to_double(U).transpose().cwiseAbs(), eps<T>());
     bound += 2 * eps<T>() * Y0.cwiseAbs();
@@ -545,9 +542,10 @@ TEMPLATE_LIST_TEST_CASE("narrow project_back and grad_expand equal their dense f
     require_within(du.value(), want, bound, "grad_expand");
 }
 
-TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |ΔW|)", "[ops]",
-                   float, double) {
-    using T = TestType;
+TEMPLATE_LIST_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |ΔW|)", "[ops]",
+                        KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
     // in = 13, 17, 130: strips of 64 bytes with a 1-vector tile and scalar columns left over;
     // r = 130 > blocking::short_k takes the blocked broadcast kernel instead of the strips; in =
     // 300 gives rows of more than update_prefetch_tiles + 1 full tiles (prefetching W ahead).
@@ -557,13 +555,13 @@ TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |�
     const Matrix<T> w0 = w;
     const Matrix<T> U = random_matrix<T>(out, r, 6), V = random_matrix<T>(r, in, 7);
     const T s = T(1.7);
-    core::rank_update<T>(view_mut(w), view(U), view(V), s);
+    core::rank_update<T, Arch>(view_mut(w), view(U), view(V), s);
     const Matrix<double> dW = s * naive_product(to_double(U), to_double(V));
     require_within(w, to_double(w0) + dW,
                    product_bound(to_double(U).cwiseAbs(), to_double(V).cwiseAbs(), eps<T>(), s) +
                        2 * eps<T>() * to_double(w0).cwiseAbs(),
                    "merged");
-    core::rank_update<T>(view_mut(w), view(U), view(V), -s);
+    core::rank_update<T, Arch>(view_mut(w), view(U), view(V), -s);
     // The documented round-trip bound (first order in u; the factor 1.01 covers the O(u²) term).
     // |ΔW| is the rounded ΔW's magnitude: bounded by the exact one plus its product error.
     const Matrix<double> dW_abs =
@@ -575,8 +573,9 @@ TEMPLATE_TEST_CASE("rank_update: merge then unmerge returns W within u(2|W| + |�
     require_within(w, to_double(w0), bound, "round trip");
 }
 
-TEMPLATE_TEST_CASE("rank_update at every row count of a band and its tail", "[ops]", float, double) {
-    using T = TestType;
+TEMPLATE_LIST_TEST_CASE("rank_update at every row count of a band and its tail", "[ops]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
     // The band sweep takes blocking::sweep_mr rows at a time (6, or 8 on AVX-512) and the rows
     // left as one tile of their count: 1 to 17 rows cover every tail after zero, one and two bands.
     const Index out = GENERATE(range(1, 18));
@@ -585,7 +584,7 @@ TEMPLATE_TEST_CASE("rank_update at every row count of a band and its tail", "[op
     Matrix<T> w = random_matrix<T>(out, in, 8);
     const Matrix<T> w0 = w;
     const Matrix<T> U = random_matrix<T>(out, r, 9), V = random_matrix<T>(r, in, 10);
-    core::rank_update<T>(view_mut(w), view(U), view(V), T(-0.6));
+    core::rank_update<T, Arch>(view_mut(w), view(U), view(V), T(-0.6));
     require_within(w, to_double(w0) - 0.6 * naive_product(to_double(U), to_double(V)),
                    product_bound(to_double(U).cwiseAbs(), to_double(V).cwiseAbs(), eps<T>(), 0.6) +
                        2 * eps<T>() * to_double(w0).cwiseAbs(),
