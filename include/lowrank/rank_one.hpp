@@ -53,6 +53,7 @@
 #include <initializer_list>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/args.hpp"
@@ -857,6 +858,26 @@ void gated_backward(GatedRef<T> ref, MatrixView<const T> x, MatrixView<const T> 
     }
 }
 
+/// E, W and dY of `backward` as views, each checked against the edit, and the options against W
+/// (both overloads; throws `lowrank::error` naming `fn`).
+template <class DE, class DW, class Edit, class DdY>
+[[nodiscard]] auto backward_inputs(const char* fn, const Eigen::MatrixBase<DE>& E,
+                                   const Eigen::MatrixBase<DW>& W, const Edit& edit,
+                                   const Eigen::MatrixBase<DdY>& dY,
+                                   const KeyLockedBackwardOptions<typename Edit::scalar>& opts) {
+    const auto x = input_view(fn, "E", E, -1, edit.in_features());
+    const auto w = input_view(fn, "W", W, edit.out_features(), edit.in_features());
+    const auto dy = input_view(fn, "dY", dY, x.rows, edit.out_features());
+    edit.validate(fn, x.rows, w.cols, w.rows);
+    if (opts.target_input && !opts.statistics)
+        fail(fn, ": the gradient with respect to i* needs the statistics C "
+                 "(KeyLockedBackwardOptions::statistics)");
+    if (opts.target_input && opts.statistics->in_features() != w.cols)
+        fail(fn, ": the statistics C are ", opts.statistics->in_features(), " x ",
+             opts.statistics->in_features(), " but W is ", shape_of(W));
+    return std::tuple{x, w, dy};
+}
+
 }  // namespace detail
 
 /// H = E Wᵀ + the gated edit's contribution (a `KeyLockedEdit`, `KeyLockedEditSet` or a view with
@@ -895,16 +916,7 @@ void backward(const Eigen::MatrixBase<DE>& E, const Eigen::MatrixBase<DW>& W, co
               const Eigen::MatrixBase<DdY>& dY, KeyLockedGrad<typename Edit::scalar>& grad,
               DdE&& dE, const KeyLockedBackwardOptions<typename Edit::scalar>& opts = {}) {
     const char* fn = "lowrank::backward";
-    const auto x = detail::input_view(fn, "E", E, -1, edit.in_features());
-    const auto w = detail::input_view(fn, "W", W, edit.out_features(), edit.in_features());
-    const auto dy = detail::input_view(fn, "dY", dY, x.rows, edit.out_features());
-    edit.validate(fn, x.rows, w.cols, w.rows);
-    if (opts.target_input && !opts.statistics)
-        detail::fail(fn, ": the gradient with respect to i* needs the statistics C "
-                         "(KeyLockedBackwardOptions::statistics)");
-    if (opts.target_input && opts.statistics->in_features() != w.cols)
-        detail::fail(fn, ": the statistics C are ", opts.statistics->in_features(), " x ",
-                     opts.statistics->in_features(), " but W is ", detail::shape_of(W));
+    const auto [x, w, dy] = detail::backward_inputs(fn, E, W, edit, dY, opts);
     auto dx = detail::output_view(fn, "dE", std::forward<DdE>(dE), x.rows, w.cols, true);
     detail::check_no_overlap(fn, "dE", dx, "E", x);
     detail::check_no_overlap(fn, "dE", dx, "dY", dy);
@@ -919,16 +931,7 @@ void backward(const Eigen::MatrixBase<DE>& E, const Eigen::MatrixBase<DW>& W, co
               const Eigen::MatrixBase<DdY>& dY, KeyLockedGrad<typename Edit::scalar>& grad,
               const KeyLockedBackwardOptions<typename Edit::scalar>& opts = {}) {
     const char* fn = "lowrank::backward";
-    const auto x = detail::input_view(fn, "E", E, -1, edit.in_features());
-    const auto w = detail::input_view(fn, "W", W, edit.out_features(), edit.in_features());
-    const auto dy = detail::input_view(fn, "dY", dY, x.rows, edit.out_features());
-    edit.validate(fn, x.rows, w.cols, w.rows);
-    if (opts.target_input && !opts.statistics)
-        detail::fail(fn, ": the gradient with respect to i* needs the statistics C "
-                         "(KeyLockedBackwardOptions::statistics)");
-    if (opts.target_input && opts.statistics->in_features() != w.cols)
-        detail::fail(fn, ": the statistics C are ", opts.statistics->in_features(), " x ",
-                     opts.statistics->in_features(), " but W is ", detail::shape_of(W));
+    const auto [x, w, dy] = detail::backward_inputs(fn, E, W, edit, dY, opts);
     detail::gated_backward<typename Edit::scalar>(edit.gated(), x, w, dy, grad, nullptr, opts);
 }
 
