@@ -94,6 +94,16 @@ namespace lowrank::core {
 ///   12.1–12.8 → 11.9–12.3, 11.9–12.5, 12.0–12.5. A read prefetch (prefetcht0) 4 tiles ahead
 ///   3.8–5.3, into L2 (prefetcht1) 4.5–5.0: the write intent matters. The tiles alone, with W hot
 ///   in L2, run at 180 GFLOP/s (73% of the FMA peak; a 6 × 2 loop from L1 with nothing else 205).
+///   A Zen 4 VM (AVX-512 on 256-bit units, probe 133.7 GFLOP/s with 8 chains, 125 with 16), r =
+///   16, float, both variants in one process, 7–21 alternating rounds, each order once: 8, 16
+///   tiles ahead 0.97–1.03× the time of 4, 32 1.05–1.09×, none 1.1×; streaming stores for W
+///   1.4–2.1×. Tiles 4 × 4 1.18–1.21×, 12 × 2 1.47–1.66×, 6 × 4 0.92–0.95× with W in L2 but
+///   1.15–1.20× at 4096²; a first step that multiplies (no zeroed accumulators) and a step loop
+///   unrolled 4 times: within ±4% (the slot bias); depth 16 unrolled in full: GCC spilled, slower.
+///   The sweep's tiles ran at ~97 GFLOP/s with W in L2 (64 × 1024, the copy of V taken out), as
+///   an isolated 8 × 2 loop of depth 16 with C read and written from L2 did (97.6; 106 with the
+///   depth fixed at compile time): 73–80% of the 8-chain peak, so merge at 4096² (7.1–7.3 ms, W
+///   from memory at ~19 GB/s) stays under 80% of its compute bound on that VM.
 /// - `band_rows`: from this many rows of G on, input_grad (dX = α G V) copies V into strips and
 ///   runs the band product (see ops.hpp: the copy is amortised from about 32 rows at in = 4096).
 /// - `band_width`, `band_depth`, `band_cols`: grad_shrink (dV = α Gᵀ X) copies X into strips, in
