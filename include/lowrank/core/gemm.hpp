@@ -406,9 +406,9 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
 /// m ≤ 2: G = 8, 8 × 1; m ≤ 4: G = 8, 8 × 2; m ≤ 6: G = 8, 8 × 3; m ≤ 8: G = 4, 8 × 2; m ≤ 12:
 /// G = 4, 8 × 3; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against 13 per 12 with one row of A
-/// per lane); m ≤ 24: G = 2, 8 × 3, each row of B in these seven prefetching 8 lines ahead of its
-/// reads; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like the last when B is large and its rows
-/// share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
+/// per lane; each row of B prefetching 8 lines ahead of its reads); m ≤ 24: G = 2, 8 × 3; m ≤ 32:
+/// G = 1, 12 × 2 (8 × 2 prefetching like m ≤ 16 when B is large and its rows share L1 sets:
+/// blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
 /// (see blocking::stream_block_vectors). Double: the same by fractions of W (8 lanes), but no
 /// groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments
 /// as gemm_packed.

@@ -234,7 +234,7 @@ namespace lowrank::core {
 ///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
 ///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1 or 6 × 2, G =
 ///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1 (double; float: G = 8, 8 ×
-///   2, below); G = 4, 8 × 2; G = 2, 8 × 2 (the three with AHEAD = 8); G = 1, 12 × 2. W/4 + 1 to
+///   2, below); G = 4, 8 × 2; G = 2, 8 × 2 (AHEAD = 8, the others none); G = 1, 12 × 2. W/4 + 1 to
 ///   W/2 rows (7–8 in float, 3–4 in double) took G = 2, 8 × 1 until a Zen 4 VM (probe 132
 ///   GFLOP/s: AVX-512 on 256-bit units) ran its 8 broadcasts per 8 FMAs well below the peak; G =
 ///   4, 8 × 2 does the same FMAs with 8 broadcasts per 16. X Wᵀ alone, both tiles in one process,
@@ -287,17 +287,29 @@ namespace lowrank::core {
 ///   tile empty takes a tile that fills them: `eighth` (float, m ≤ 2: G = 8, one vector, 1/8
 ///   against the quarter tile's 1/4), `three_eighths` (float, m ≤ 6: G = 8, 3 vectors, 3/8 against
 ///   1/2), `three_quarters` (m ≤ 3W/4: G = 4, 3 vectors, 3/4 against 1), `three_halves` (m ≤
-///   3W/2: G = 2, 3 vectors, 3/2 against 2); all 8 rows of W with AHEAD = 8. X Wᵀ alone, this
-///   Zen 5 VM, both builds in one process, 7–21 alternating bursts, medians, new / former time,
-///   float: m = 2 at 256² – 2048² 0.79–0.89 (the other link order 1.13–1.22 former / new); m = 5 /
-///   6 at 1024² 0.78 / 0.79; m = 9 / 10 / 12 at 1024² 0.81 / 0.82 / 0.82, m = 12 at 4096² 0.85;
-///   m = 17 / 20 / 24 at 1024² 0.77–0.78, 20 at 2048² 0.67, 24 at 4096² 0.75; double, m = 5 / 6 at
-///   1024² 0.90 / 0.84, 6 at 4096² 1.02. Shrink on it (n = 9–12, w = 32 / 64, in = 4096) 0.82–0.84,
-///   n = 12, in = 1024 0.87. Tiles that only trade loads for FMAs gained nothing: G = 8 for m = 3, 4
-///   (2 vectors) 0.96 / 1.02, for m = 7, 8 (6 × 4) 0.96–1.04. Past 2W rows the G = 1 tiles stay:
+///   3W/2: G = 2, 3 vectors, 3/2 against 2); all 8 rows of W (with AHEAD = 8 until the Zen 4
+///   runs at the end of this entry). X Wᵀ alone, this Zen 5 VM, both builds in one process, 7–21
+///   alternating bursts, medians, new / former time, float: m = 2 at 256² – 2048² 0.79–0.89 (the
+///   other link order 1.13–1.22 former / new); m = 5 / 6 at 1024² 0.78 / 0.79; m = 9 / 10 / 12 at
+///   1024² 0.81 / 0.82 / 0.82, m = 12 at 4096² 0.85; m = 17 / 20 / 24 at 1024² 0.77–0.78, 20 at
+///   2048² 0.67, 24 at 4096² 0.75; double, m = 5 / 6 at 1024² 0.90 / 0.84, 6 at 4096² 1.02.
+///   Shrink on it (n = 9–12, w = 32 / 64, in = 4096) 0.82–0.84, n = 12, in = 1024 0.87. Tiles
+///   that only trade loads for FMAs gained nothing: G = 8 for m = 3, 4 (2 vectors) 0.96 / 1.02,
+///   for m = 7, 8 (6 × 4) 0.96–1.04. Past 2W rows the G = 1 tiles stay:
 ///   G = 2 for 2W + 1 to 5W/2 rows (4 × 5) and 3W + 1 to 7W/2 (3 × 7), float, m = 36 / 40 / 52 / 56
 ///   at 1024², 40 at 4096², took 1.09 / 1.18 / 1.26 / 1.16, 1.18× as long; so did the 8-row tiles
 ///   as 4-row ones (m = 2 / 4: 1.06–1.18 / 1.16–1.32).
+///   No prefetch (AHEAD = 0, was 8) in the tiles of up to W/2 rows and the three-vector ones (up to
+///   3W/2 rows): a Zen 4 VM (probe 133.7 GFLOP/s), X Wᵀ alone, both in one process, 7–15
+///   alternating rounds, each link order once, new / former time: 4096², float m = 3 0.87–0.95, 4
+///   0.88–0.95, 6 0.84–0.91, 8 0.92–0.99, 12 0.91–0.93, 20 0.97–0.98, double m = 2 0.99–1.03, 4
+///   0.88–0.91; 11008 rows × 4096 m = 2 0.91–0.93, 3 0.90–0.94, 4 0.77–0.94, 8 0.87–0.95; 1024² m
+///   = 3 0.89–0.94, 4 0.93–0.94, 6 0.92–0.95, 8 0.97–0.98; shrink (V in L2), n = 8 / 12, w = 64
+///   0.98–1.01. bench_core's forward, r = 16, old and new binaries alternating in 7 rounds: n = 2 /
+///   4 / 8 at 1024² 0.89 / 0.93 / 0.98, at 4096² 0.90 / 0.86 / 0.87. The 8 × 2, G = 2 tile (9–16
+///   rows) keeps AHEAD = 8: without, 1024² 0.98–1.00, 4096² 0.95–1.03, 11008 × 4096 0.91–0.98 on
+///   this Zen 4, against 1.13× at 4096² on the Zen 5 VM (above). The small tiles without prefetch
+///   have not been timed on a Zen 5 VM.
 /// - `stream_tiles<Arch>::two_aliased`, `l1_set_span`, `stream_aliased_bytes`: the tile of W + 1
 ///   to 2W rows (17–32 in float) when W's rows are a multiple of l1_set_span bytes apart (the
 ///   span of one way of L1: 64 sets × 64 bytes; the 12 rows of the 12 × 2 tile then share one set
@@ -431,13 +443,13 @@ struct blocking {
     /// its broadcasts.
     template <class Arch>
     struct stream_tiles {
-        using eighth = stream_tile<8, 1, 8, 8>;  // G = 8: float only (32-byte groups)
-        using two_eighths = stream_tile<8, 2, 8, 8>;
-        using three_eighths = stream_tile<8, 3, 8, 8>;
-        using three_quarters = stream_tile<8, 3, 4, 8>;
-        using three_halves = stream_tile<8, 3, 2, 8>;
-        using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 4, 8>, stream_tile<6, 1, 1>>;
-        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 4, 8>, stream_tile<6, 1, 1>>;
+        using eighth = stream_tile<8, 1, 8>;  // G = 8: float only (32-byte groups)
+        using two_eighths = stream_tile<8, 2, 8>;
+        using three_eighths = stream_tile<8, 3, 8>;
+        using three_quarters = stream_tile<8, 3, 4>;
+        using three_halves = stream_tile<8, 3, 2>;
+        using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 4>, stream_tile<6, 1, 1>>;
+        using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 4>, stream_tile<6, 1, 1>>;
         using one = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 2, 8>, stream_tile<6, 1, 1>>;
         using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1>, stream_tile<6, 2, 1>>;
         using two_aliased = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 1, 8>, two>;
