@@ -353,6 +353,12 @@ namespace lowrank::core {
 ///   m = 4 at 4096² 0.91; double m = 2 / 3 / 4 / 6 / 8 0.64 / 0.66 / 1.13 / 1.01 / 1.21. SSE (4
 ///   float lanes): n = 16 takes two passes of 8 rows, 21.8–22.2 ms against gemm_dot's 13.9–14.4
 ///   at 4096².
+/// - `stream_min_rows_large<T, Arch>`: stream_min_rows for a W of more than stream_aliased_bytes
+///   (read from memory between calls): 4 rows in float with 16 registers. AVX2 build on a Zen 4
+///   VM, X Wᵀ alone, both in one process, each link order once, gemm_dot / stream time: 4096², m =
+///   2 / 4 / 8 / 12 0.93–0.98 / 1.35–1.38 / 1.68 / 1.62–1.64, against 1024² m = 3 / 4 / 8 / 12
+///   0.39 / 0.57–0.59 / 0.94–0.97 / 0.89–0.90: the dot kernel keeps pace with a W in L3, not with
+///   one from memory. The m = 4 ratio at 4096² on an earlier VM (above) was 0.91.
 /// - `row_backward_rows`: rows of V per block of shrink_row_backward (the one-row LoRA backward's
 ///   sweep over A: t = A x, dA = α g xᵀ, dx += α Aᵀ g), each block reading and writing dx once.
 ///   bench_lora's backward, n = 1, float, this Zen 5 VM, 4 rows against 1, 2 and 8 in 3
@@ -420,6 +426,10 @@ struct blocking {
     static constexpr Index stream_min_rows = wide_register_file<Arch> ? 2
                                              : sizeof(T) == 4           ? 3 * xsimd::batch<T, Arch>::size / 2 + 1
                                                                         : xsimd::batch<T, Arch>::size;
+    template <class T, class Arch>
+    static constexpr Index stream_min_rows_large = sizeof(T) == 4 && !wide_register_file<Arch>
+                                                       ? 4
+                                                       : stream_min_rows<T, Arch>;
     template <class T, class Arch>
     static constexpr Index stream_max_rows = wide_register_file<Arch> ? std::numeric_limits<Index>::max()
                                              : sizeof(xsimd::batch<T, Arch>) >= 32
