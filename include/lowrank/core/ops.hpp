@@ -53,19 +53,19 @@ private:
     bool packed_ = false;
 };
 
-/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: gemm_stream_rows streams
-/// W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows
-/// or more on AVX-512, and from 3W/2 + 1 rows in float (W in double) up to
-/// `blocking::stream_batch_vectors` · W rows with 256-bit vectors (`blocking::stream_min_rows`,
-/// `stream_max_rows`); otherwise from 2 to stream_weight_rows rows the dot kernel streams it once;
-/// one row is Eigen's GEMV (already at the memory roofline: 3.68 ms vs 4.30 ms for the dot kernel
-/// at 4096², bench_lora; a Zen 4 VM, the GEMV alone, 15 alternating rounds, time over Eigen's: 4
-/// rows of W per tile, as gemm_dot takes one row, 0.90 at 1024² (W in L3), 1.08 at 2048², 1.12 at
-/// 4096², 1.03–1.05 at 11008 × 4096 and its transpose; 8 rows 0.98 / 1.05 / 1.00 / 0.94–0.98:
-/// neither ahead at every size); beyond (16 registers only), gemm_packed (packing both operands
-/// into (gemm_mc + gemm_nc) × gemm_kc blocks, BLIS-style). W packed ahead: gemm_strips at every batch
-/// size. The copies and packed blocks live in `ws`, which grows as needed (no allocation once it
-/// has grown to the shape).
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major: gemm_stream_rows streams W
+/// (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows or
+/// more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of more than 16 MiB; W in double)
+/// up to `blocking::stream_batch_vectors` · W rows with 256-bit vectors
+/// (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise from 2 to
+/// stream_weight_rows rows the dot kernel streams it once; one row is Eigen's GEMV (already at the
+/// memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora; a Zen 4 VM, the
+/// GEMV alone, 15 alternating rounds, time over Eigen's: 4 rows of W per tile, as gemm_dot takes
+/// one row, 0.90 at 1024² (W in L3), 1.08 at 2048², 1.12 at 4096², 1.03–1.05 at 11008 × 4096 and
+/// its transpose; 8 rows 0.98 / 1.05 / 1.00 / 0.94–0.98: neither ahead at every size); beyond (16
+/// registers only), gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
+/// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
+/// in `ws`, which grows as needed (no allocation once it has grown to the shape).
 template <class T, class Arch = xsimd::default_arch>
 void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(x.cols == weight.cols() && y.rows == x.rows && y.cols == weight.rows());
