@@ -243,12 +243,18 @@ template <class Tile, class T, class Arch>
     return (k + Tile::g - 1) / Tile::g * Tile::nv * Index(xsimd::batch<T, Arch>::size);
 }
 
+/// Whether n rows of B, ldb values apart, span more than blocking::stream_aliased_bytes, so that
+/// they are read from memory, not L3, between calls.
+template <class T>
+[[nodiscard]] constexpr bool rows_from_memory(Index n, Index ldb) noexcept {
+    return n * ldb * Index(sizeof(T)) > blocking::stream_aliased_bytes;
+}
+
 /// Whether the n rows of B, ldb values apart, stream from memory into L1 sets they share
 /// (blocking::stream_tiles::two_aliased).
 template <class T>
 [[nodiscard]] constexpr bool aliased_rows(Index n, Index ldb) noexcept {
-    const Index stride = ldb * Index(sizeof(T));
-    return stride % blocking::l1_set_span == 0 && n * stride > blocking::stream_aliased_bytes;
+    return ldb * Index(sizeof(T)) % blocking::l1_set_span == 0 && rows_from_memory<T>(n, ldb);
 }
 
 /// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A (2W with 16

@@ -84,8 +84,8 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // 8.1–10.1, n = 32 (two passes over W) 11.1–12.4 vs 15.2–17.8. The batches it takes, and the
     // measurements that set them: blocking::stream_min_rows (stream_min_rows_large for a W read
     // from memory), stream_max_rows.
-    const bool large = w.rows * w.cols * Index(sizeof(T)) > blocking::stream_aliased_bytes;
-    const Index stream_from = large ? blocking::stream_min_rows_large<T, Arch> : blocking::stream_min_rows<T, Arch>;
+    const Index stream_from = detail::rows_from_memory<T>(w.rows, w.cols) ? blocking::stream_min_rows_large<T, Arch>
+                                                                        : blocking::stream_min_rows<T, Arch>;
     if (x.rows >= stream_from && x.rows <= blocking::stream_max_rows<T, Arch>) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
