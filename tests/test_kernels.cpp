@@ -200,6 +200,26 @@ TEMPLATE_LIST_TEST_CASE("gemm_dot_narrow matches the exact product, strided and 
     require_within(c.value(), want, bound, "simd vs exact");
 }
 
+TEMPLATE_LIST_TEST_CASE("gemv_rows matches the exact product, tails included", "[kernels]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // k: below one vector, around one and four (the unrolled step), and long with a tail; B's rows
+    // are strided (Strided pads them), y is one row of C.
+    const Index n = GENERATE(0, 1, 2, 7);
+    const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W, W + 1, 4 * W - 1, 4 * W, 4 * W + 1, Index(1003));
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(n, k, accumulate);
+
+    Strided<T> a(1, k, 24), b(n, k, 25), c(1, n, 26);
+    const T alpha = T(-0.75);
+    const auto [want, bound] = expected_abt<T>(a.value(), b.value(), c.value(), alpha, accumulate);
+    auto av = a.view(), bv = b.view(), cv = c.view();
+    core::gemv_rows<T, Arch>(n, k, alpha, av.data, bv.data, bv.ld, cv.data, accumulate);
+    require_within(c.value(), want, bound, "gemv_rows vs exact");
+    REQUIRE(c.border_intact());
+}
+
 TEMPLATE_TEST_CASE("load_first reads t values, zeros the other lanes and reads nothing past them", "[kernels]", float,
                    double) {
     using T = TestType;
@@ -341,6 +361,25 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     core::GemmWorkspace<T> ws;
     core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
     require_within(y.value(), want, bound, "base_product, large W");
+    REQUIRE(y.border_intact());
+}
+
+TEMPLATE_LIST_TEST_CASE("base_product of one row matches the exact product on both GEMV paths",
+                        "[kernels][ops]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    // W of blocking::gemv_weight_bytes_min and a little more (rows of 1001 values: gemv_rows, a
+    // masked tail), and one row short of it (Eigen's GEMV).
+    const Index in = 1001;
+    const Index first = core::blocking::gemv_weight_bytes_min / (in * Index(sizeof(T))) + 1;
+    const Index out = GENERATE_COPY(first - 1, first, first + 3);
+    CAPTURE(out, in, core::blocking::gemv_one_stream(out, in, Index(sizeof(T))));
+    REQUIRE(core::blocking::gemv_one_stream(out, in, Index(sizeof(T))) == (out >= first));
+    Strided<T> x(1, in, 74), w(out, in, 75), y(1, out, 76);
+    const auto [want, bound] = expected_abt<T>(x.value(), w.value(), y.value(), T(1), false);
+    core::GemmWorkspace<T> ws;
+    core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
+    require_within(y.value(), want, bound, "base_product, one row");
     REQUIRE(y.border_intact());
 }
 

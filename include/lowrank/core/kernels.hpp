@@ -225,6 +225,17 @@ namespace lowrank::core {
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
 ///   and 32 within 2% of each other, n = 48 33.3 vs 29.6 (1.95 vs 1.75).
+/// - `gemv_row_bytes_min/max`, `gemv_weight_bytes_min/max`: one row of X against a row-major W
+///   of rows from 1 to 8 KiB, 2 to 8 MiB in all (more than L2, within what this VM's L3 returns
+///   fastest), runs gemv_rows: W row after row, one sequential stream. Eigen's GEMV reads 8 rows
+///   side by side, 8 streams. The probe's best stream count for a hot read is 1 at 4 and 8 MiB,
+///   4 at 16 MiB and more. GEMV alone, float, a Zen 4 VM (AVX-512 on 256-bit units), 9
+///   alternating rounds, Eigen's time over gemv_rows' (AVX-512 build / AVX2 build): out × in =
+///   1024² 1.15–1.16 / 1.04–1.09, 1000² 1.18 / 0.98, 1024 × 2048 1.15 / 0.98, 2048 × 512 1.08 /
+///   1.09, 4096 × 512 1.12 / 1.05, 4096 × 256 1.26 / 1.20, 768² 1.05 / 0.98. Outside the ranges:
+///   W in L2 (512²) 0.98 / 0.84; 16 MiB (2048², 4096 × 1024, 1536² at 9 MiB) 0.96–1.01 / 1.01–1.24;
+///   from memory (32 to 256 MiB) 0.77–0.93 / 0.68–1.16; rows of 16 KiB 0.78 / 0.68 (1024 × 4096);
+///   rows of 64 values 0.88 / 0.79 (the reduction per row dominates).
 /// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
 ///   256 KiB in float, an L2-sized share; a block of dot_nr rows 32 KiB, within L1). Shrink alone,
 ///   n = 16, w = 8 and 16, in = 1024 and 4096, this Zen 5 VM: 512 1.13–1.19× and 2048 0.99–1.24×
@@ -420,6 +431,16 @@ struct blocking {
     template <class Arch>
     static constexpr Index dot_nr = wide_register_file<Arch> ? 8 : 4;
     static constexpr Index dot_kc = 1024;
+    static constexpr Index gemv_row_bytes_min = 1024;
+    static constexpr Index gemv_row_bytes_max = 8192;
+    static constexpr Index gemv_weight_bytes_min = Index(2) << 20;
+    static constexpr Index gemv_weight_bytes_max = Index(8) << 20;
+    /// Whether one row against a row-major W of rows × cols values of `size` bytes runs gemv_rows.
+    [[nodiscard]] static constexpr bool gemv_one_stream(Index rows, Index cols, Index size) noexcept {
+        const Index row = cols * size, all = rows * row;
+        return row >= gemv_row_bytes_min && row <= gemv_row_bytes_max && all >= gemv_weight_bytes_min &&
+               all <= gemv_weight_bytes_max;
+    }
     static constexpr Index stream_weight_rows = 32;
     static constexpr Index stream_batch_vectors = 4;
     template <class T, class Arch>
@@ -1534,6 +1555,38 @@ void gemm_dot_narrow(Index m, Index n, Index k, T alpha, const T* a, Index lda, 
     if (n_full < n)
         gemm_dot<T, Arch>(m, n - n_full, k, alpha, a, lda, b + n_full * ldb, ldb, c + n_full, ldc,
                           accumulate);
+}
+
+/// `y[j] (+)= alpha · Σ_p a[p] B[j, p]` for j < n: one row a (k values) against the n rows of B
+/// (row-major, ldb), a GEMV. Row after row of B, each swept over all of k with four independent
+/// sums and reduced once, so a contiguous B is read as one sequential stream and a stays in L1
+/// (see blocking::gemv_one_stream for where that beats Eigen's eight rows side by side). The last
+/// k mod W values by a masked load (a scalar loop on SSE). With `accumulate == false` y is
+/// overwritten.
+template <class T, class Arch = xsimd::default_arch>
+void gemv_rows(Index n, Index k, T alpha, const T* a, const T* b, Index ldb, T* y, bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    const Index k4 = k / (4 * W) * (4 * W), kv = k / W * W;
+    for (Index j = 0; j < n; ++j) {
+        const T* bj = b + j * ldb;
+        batch s[4] = {batch(T(0)), batch(T(0)), batch(T(0)), batch(T(0))};
+        Index p = 0;
+        for (; p < k4; p += 4 * W)
+            LOWRANK_UNROLL for (int u = 0; u < 4; ++u)
+                s[u] = xsimd::fma(batch::load_unaligned(bj + p + u * W), batch::load_unaligned(a + p + u * W), s[u]);
+        for (; p < kv; p += W) s[0] = xsimd::fma(batch::load_unaligned(bj + p), batch::load_unaligned(a + p), s[0]);
+        T tail = T(0);
+        if constexpr (detail::has_masked_load<Arch>) {
+            if (p < k)
+                s[1] = xsimd::fma(detail::load_first<T, Arch>(bj + p, k - p), detail::load_first<T, Arch>(a + p, k - p),
+                                  s[1]);
+        } else {
+            for (Index q = p; q < k; ++q) tail += bj[q] * a[q];
+        }
+        const T dot = alpha * (xsimd::hadd((s[0] + s[1]) + (s[2] + s[3])) + tail);
+        y[j] = accumulate ? y[j] + dot : dot;
+    }
 }
 
 namespace detail {

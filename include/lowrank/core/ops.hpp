@@ -58,11 +58,13 @@ private:
 /// more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of more than 16 MiB; W in double)
 /// up to `blocking::stream_batch_vectors` · W rows with 256-bit vectors
 /// (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise from 2 to
-/// stream_weight_rows rows the dot kernel streams it once; one row is Eigen's GEMV (already at the
-/// memory roofline: 3.68 ms vs 4.30 ms for the dot kernel at 4096², bench_lora; a Zen 4 VM, the
-/// GEMV alone, 15 alternating rounds, time over Eigen's: 4 rows of W per tile, as gemm_dot takes
-/// one row, 0.90 at 1024² (W in L3), 1.08 at 2048², 1.12 at 4096², 1.03–1.05 at 11008 × 4096 and
-/// its transpose; 8 rows 0.98 / 1.05 / 1.00 / 0.94–0.98: neither ahead at every size); beyond (16
+/// stream_weight_rows rows the dot kernel streams it once. One row: gemv_rows (W row after row, one
+/// sequential stream) for a W of rows of 1–8 KiB and 2–8 MiB in all (blocking::gemv_one_stream),
+/// otherwise Eigen's GEMV (at the memory roofline from memory: 3.68 ms vs 4.30 ms for the dot
+/// kernel at 4096², bench_lora; a Zen 4 VM, the GEMV alone, 15 alternating rounds, time over
+/// Eigen's: 4 rows of W per tile, as gemm_dot takes one row, 0.90 at 1024² (W in L3), 1.08 at
+/// 2048², 1.12 at 4096², 1.03–1.05 at 11008 × 4096 and its transpose; 8 rows 0.98 / 1.05 / 1.00 /
+/// 0.94–0.98: neither ahead at every size). Beyond stream_weight_rows rows (16
 /// registers only), gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
 /// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
 /// in `ws`, which grows as needed (no allocation once it has grown to the shape).
@@ -107,7 +109,10 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
         return;
     }
     if (x.rows == 1) {
-        eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
+        if (blocking::gemv_one_stream(w.rows, w.cols, Index(sizeof(T))))
+            gemv_rows<T, Arch>(w.rows, w.cols, T(1), x.data, w.data, w.ld, y.data, false);
+        else
+            eigen_map(y).noalias() = eigen_map(x) * eigen_map(w).transpose();
         return;
     }
     gemm_packed<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
