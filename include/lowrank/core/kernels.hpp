@@ -229,13 +229,14 @@ namespace lowrank::core {
 ///   of rows from 1 to 8 KiB, 2 to 8 MiB in all (more than L2, within what this VM's L3 returns
 ///   fastest), runs gemv_rows: W row after row, one sequential stream. Eigen's GEMV reads 8 rows
 ///   side by side, 8 streams. The probe's best stream count for a hot read is 1 at 4 and 8 MiB,
-///   4 at 16 MiB and more. GEMV alone, float, a Zen 4 VM (AVX-512 on 256-bit units), 9
-///   alternating rounds, Eigen's time over gemv_rows' (AVX-512 build / AVX2 build): out × in =
-///   1024² 1.15–1.16 / 1.04–1.09, 1000² 1.18 / 0.98, 1024 × 2048 1.15 / 0.98, 2048 × 512 1.08 /
-///   1.09, 4096 × 512 1.12 / 1.05, 4096 × 256 1.26 / 1.20, 768² 1.05 / 0.98. Outside the ranges:
-///   W in L2 (512²) 0.98 / 0.84; 16 MiB (2048², 4096 × 1024, 1536² at 9 MiB) 0.96–1.01 / 1.01–1.24;
-///   from memory (32 to 256 MiB) 0.77–0.93 / 0.68–1.16; rows of 16 KiB 0.78 / 0.68 (1024 × 4096);
-///   rows of 64 values 0.88 / 0.79 (the reduction per row dominates).
+///   4 at 16 MiB and more. GEMV alone, a Zen 4 VM (AVX-512 on 256-bit units), 9 alternating
+///   rounds, Eigen's time over gemv_rows' (AVX-512 build / AVX2 build), out × in: float 1024²
+///   1.15–1.16 / 1.04–1.09, 1000² 1.18 / 0.98, 1024 × 2048 1.15 / 0.98, 2048 × 512 1.08 / 1.09,
+///   4096 × 512 1.12 / 1.05, 4096 × 256 1.26 / 1.20, 768² 1.05 / 0.98; double 1024² 1.16 / 1.04,
+///   512 × 1024 1.13 / 1.01, 1024 × 512 1.16 / 1.02, 4096 × 128 1.21 / 1.25. Outside the ranges:
+///   W in L2 (512² float) 0.98 / 0.84, (1024 × 128 double) 1.00 / 0.90; 9–16 MiB (1536², 2048²,
+///   4096 × 1024) 0.96–1.01 / 1.01–1.24; from memory (32 to 256 MiB) 0.77–0.93 / 0.68–1.16; rows
+///   of 16 KiB (1024 × 4096) 0.78 / 0.68; rows of 64 values 0.88 / 0.79 (a reduction per row).
 /// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
 ///   256 KiB in float, an L2-sized share; a block of dot_nr rows 32 KiB, within L1). Shrink alone,
 ///   n = 16, w = 8 and 16, in = 1024 and 4096, this Zen 5 VM: 512 1.13–1.19× and 2048 0.99–1.24×
