@@ -34,14 +34,16 @@ TEMPLATE_LIST_TEST_CASE("gemm_bcast matches the scalar reference and the exact p
     // rows below the last full band in wider tiles of their own) and the column tiles of 4, 3, 2
     // and 1 vectors before the zero-padded tail. k = 8 (m = 7, 8 on 16 registers) and 24 (m = 13,
     // 17) sweep B in column blocks of blocking::band_block_tiles tiles, each by every band (a
-    // short k with m ≤ k), n = 300 over more than one block.
+    // short k with m ≤ k), n = 300 over more than one block. k = 8 and 16 run the full bands at
+    // a depth fixed at compile time; with alpha = 1 and accumulating, their whole tiles start from C.
     const Index m = GENERATE(0, 1, 3, 5, 6, 7, 8, 10, 13, 17, 100);  // leaving 1–7 rows below the full bands
     const Index n = GENERATE_COPY(Index(1), W - 1, W, W + 1, 2 * W + 3, 4 * W, 5 * W + 1, Index(300));
-    const Index k = GENERATE(0, 1, 3, 8, 24, 300);
+    const Index k = GENERATE(0, 1, 3, 8, 16, 24, 300);
     const bool transposed_a = GENERATE(false, true);
     const bool accumulate = GENERATE(false, true);
+    const T alpha = GENERATE(T(-0.75), T(1));
     if (n <= 0) return;
-    CAPTURE(m, n, k, transposed_a, accumulate);
+    CAPTURE(m, n, k, transposed_a, accumulate, alpha);
 
     // A is m × k logically; stored either as m × k or as k × m (read transposed).
     Strided<T> a_store(transposed_a ? k : m, transposed_a ? m : k, 11);
@@ -50,7 +52,6 @@ TEMPLATE_LIST_TEST_CASE("gemm_bcast matches the scalar reference and the exact p
     Strided<T> c_ref(m, n, 13);
     const auto av = a_store.view();
     const Index rsa = transposed_a ? 1 : av.ld, csa = transposed_a ? av.ld : 1;
-    const T alpha = T(-0.75);
 
     const Matrix<double> a = transposed_a ? Matrix<double>(a_store.value().transpose())
                                           : a_store.value();

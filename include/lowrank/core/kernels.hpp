@@ -727,10 +727,13 @@ inline void row_tiles(Index m, F&& f) {
 /// (latency 4 × 2 pipes), and are summed at the end. Given a `prefetch` pointer (P = const T*;
 /// null: none), step p also prefetches the line at prefetch + p·ldp (+ jump for each further run)
 /// into L2 (a panel streamed from memory: the next one, read meanwhile). Without (P = nullptr_t,
-/// every other caller) the loop has no trace of it.
-template <int MR, int NV, int RV, class T, class Arch, class A, class P = std::nullptr_t>
+/// every other caller) the loop has no trace of it. K > 0: the depth is K, fixed at compile time
+/// (`steps` ignored). FromSum: the sums start from the values in `sum` instead of zero.
+template <int MR, int NV, int RV, class T, class Arch, int K = 0, bool FromSum = false, class A,
+          class P = std::nullptr_t>
 inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Index jump,
                              xsimd::batch<T, Arch> (&sum)[MR][NV], P prefetch = nullptr) noexcept {
+    if constexpr (K > 0) steps = K;
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     constexpr int U = MR * NV >= 8 ? 1 : (MR * NV >= 4 ? 2 : 4);
@@ -745,7 +748,7 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Inde
     batch acc[U][MR][NV];
     LOWRANK_UNROLL for (int u = 0; u < U; ++u)
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = batch(T(0));
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = FromSum && u == 0 ? sum[i][v] : batch(T(0));
     auto step = [&](Index p, auto& s) {
         if constexpr (!std::is_same_v<P, std::nullptr_t>)
             if (prefetch)
@@ -814,13 +817,27 @@ LOWRANK_TILE_INLINE void store_tile(const xsimd::batch<T, Arch> (&sum)[MR][NV], 
         }
 }
 
-/// One micro-tile of gemm_bcast: rows [0, MR) of C, NV vectors of columns, over kc steps of k.
-/// Stores only the first `ncols` columns.
-template <int MR, int NV, class T, class Arch>
+/// One micro-tile of gemm_bcast: rows [0, MR) of C, NV vectors of columns, over kc steps of k
+/// (K > 0: K steps, fixed at compile time). Stores only the first `ncols` columns. At a fixed depth,
+/// a whole tile added to C with alpha = 1 starts its sums from C and stores them as they are.
+template <int MR, int NV, class T, class Arch, int K = 0>
 LOWRANK_TILE_INLINE void bcast_tile(Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b, Index ldb,
                                     T* c, Index ldc, bool accumulate, Index ncols) noexcept {
-    xsimd::batch<T, Arch> acc[MR][NV];
-    bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return a[i * rsa + p * csa]; }, b, ldb, 0, acc);
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    batch acc[MR][NV];
+    const auto a_ip = [&](int i, Index p) { return a[i * rsa + p * csa]; };
+    if constexpr (K > 0) {
+        if (accumulate && alpha == T(1) && ncols == NV * W) {
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+                LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = batch::load_unaligned(c + i * ldc + v * W);
+            bcast_accumulate<MR, NV, NV, T, Arch, K, true>(kc, a_ip, b, ldb, 0, acc);
+            LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+                LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[i][v].store_unaligned(c + i * ldc + v * W);
+            return;
+        }
+    }
+    bcast_accumulate<MR, NV, NV, T, Arch, K>(kc, a_ip, b, ldb, 0, acc);
     store_tile<MR, NV, T, Arch>(acc, [&](int i) { return c + i * ldc; }, alpha, accumulate, ncols);
 }
 
@@ -928,20 +945,20 @@ inline void bcast_rows(Index m, Index kc, T alpha, const T* a, Index rsa, Index 
 
 /// Rows [0, R) of C over its whole vectors [j, jend): tiles of NV vectors (NV + 1 vectors as
 /// 2 + 2 ... rather than NV + 1), then of 2, then of 1.
-template <int R, int NV, class T, class Arch>
+template <int R, int NV, class T, class Arch, int K = 0>
 inline void bcast_band(Index j, Index jend, Index kc, T alpha, const T* a, Index rsa, Index csa, const T* b,
                        Index ldb, T* c, Index ldc, bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index vectors = (jend - j) / W;
     const Index wide = NV > 2 && vectors == NV + 1 ? 0 : vectors / NV;
     for (Index t = 0; t < wide; ++t, j += NV * W)
-        bcast_tile<R, NV, T, Arch>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, NV * W);
+        bcast_tile<R, NV, T, Arch, K>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, NV * W);
     if constexpr (NV > 2)
         for (; j + 2 * W <= jend; j += 2 * W)
-            bcast_tile<R, 2, T, Arch>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, 2 * W);
+            bcast_tile<R, 2, T, Arch, K>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, 2 * W);
     if constexpr (NV > 1)
         for (; j < jend; j += W)
-            bcast_tile<R, 1, T, Arch>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, W);
+            bcast_tile<R, 1, T, Arch, K>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, W);
 }
 
 /// Vectors per tile of a band of R < band_mr rows (the rows left below the last full band of a
@@ -1140,8 +1157,28 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                     detail::dispatch_rows<BR>(mb, [&](auto mr) {
                         constexpr int R = decltype(mr)::value;
                         constexpr int NV = R == BR ? BV : detail::partial_band_nv<Arch, R>;
-                        detail::bcast_band<R, NV, T, Arch>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i, ldc,
-                                                           acc);
+                        // Full bands at a depth of 8 or 16 (rank 8 / 16: the expand; a batch of 8 / 16
+                        // rows: the factor gradients) run at a depth fixed at compile time, their
+                        // tiles from C when alpha = 1 (the expand of apply_terms; no final
+                        // multiply-add). Expand alone, float, this Zen 4 VM, two alternating runs
+                        // of 15 (µs): n = 16, 1024, r = 8 5.02–5.04 → 3.91–3.92 (the fixed depth
+                        // alone 4.06–4.14), r = 16 7.88–7.94 → 7.23–7.32; n = 128, 4096, r = 8
+                        // 112–113 → 98–99, r = 16 190–193 → 180–185; r = 64 (a depth of 64 fixed
+                        // too, and tiles from C at a runtime depth: 0.97–1.02, left out) unchanged.
+                        // bench_lora, 5 alternating rounds, new / old: add_delta r = 8 0.94–0.95, r
+                        // = 16 0.97–0.99, r = 64 0.99–1.01; backward 0.95–1.03 (its noise). AVX-512
+                        // only: the AVX2 build's backward at r = 16 took 1.02–1.06× as long, in
+                        // both orders of the two binaries.
+                        constexpr bool fixed_depth = R == BR && blocking::wide_register_file<Arch>;
+                        if (fixed_depth && kc == 8)
+                            detail::bcast_band<R, NV, T, Arch, 8>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i,
+                                                                  ldc, acc);
+                        else if (fixed_depth && kc == 16)
+                            detail::bcast_band<R, NV, T, Arch, 16>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i,
+                                                                   ldc, acc);
+                        else
+                            detail::bcast_band<R, NV, T, Arch>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i, ldc,
+                                                               acc);
                     });
                     continue;
                 }
