@@ -317,6 +317,18 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B
     REQUIRE(c.border_intact());
 }
 
+/// base_product of an n × in X against a row-major out × in W (both strided), into a strided Y,
+/// against the exact product; seeds seed, seed + 1, seed + 2.
+template <class T, class Arch>
+void check_base_product(Index n, Index out, Index in, std::uint64_t seed, const char* what) {
+    Strided<T> x(n, in, seed), w(out, in, seed + 1), y(n, out, seed + 2);
+    const auto [want, bound] = expected_abt<T>(x.value(), w.value(), y.value(), T(1), false);
+    core::GemmWorkspace<T> ws;
+    core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
+    require_within(y.value(), want, bound, what);
+    REQUIRE(y.border_intact());
+}
+
 TEMPLATE_LIST_TEST_CASE("base_product matches the exact product on each of its paths", "[kernels][ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
@@ -337,12 +349,7 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product on each of its p
     const Index in = GENERATE(7, 77);
     CAPTURE(n, out, in);
 
-    Strided<T> x(n, in, 61), w(out, in, 62), y(n, out, 63);
-    const auto [want, bound] = expected_abt<T>(x.value(), w.value(), y.value(), T(1), false);
-    core::GemmWorkspace<T> ws;
-    core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
-    require_within(y.value(), want, bound, "base_product vs exact");
-    REQUIRE(y.border_intact());
+    check_base_product<T, Arch>(n, out, in, 61, "base_product vs exact");
 }
 
 TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read from memory",
@@ -357,12 +364,7 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     const Index out = core::blocking::stream_aliased_bytes / (in * Index(sizeof(T))) + 5;
     const Index n = GENERATE_COPY(first - 1, first, first + 1);
     CAPTURE(n, out, in);
-    Strided<T> x(n, in, 71), w(out, in, 72), y(n, out, 73);
-    const auto [want, bound] = expected_abt<T>(x.value(), w.value(), y.value(), T(1), false);
-    core::GemmWorkspace<T> ws;
-    core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
-    require_within(y.value(), want, bound, "base_product, large W");
-    REQUIRE(y.border_intact());
+    check_base_product<T, Arch>(n, out, in, 71, "base_product, large W");
 }
 
 TEMPLATE_LIST_TEST_CASE("base_product of one row matches the exact product on both GEMV paths",
@@ -376,12 +378,7 @@ TEMPLATE_LIST_TEST_CASE("base_product of one row matches the exact product on bo
     const Index out = GENERATE_COPY(first - 1, first, first + 3);
     CAPTURE(out, in, core::blocking::gemv_one_stream(out, in, Index(sizeof(T))));
     REQUIRE(core::blocking::gemv_one_stream(out, in, Index(sizeof(T))) == (out >= first));
-    Strided<T> x(1, in, 74), w(out, in, 75), y(1, out, 76);
-    const auto [want, bound] = expected_abt<T>(x.value(), w.value(), y.value(), T(1), false);
-    core::GemmWorkspace<T> ws;
-    core::base_product<T, Arch>(x.view(), core::WeightRef<T>(MatrixView<const T>(w.view())), y.view(), ws);
-    require_within(y.value(), want, bound, "base_product, one row");
-    REQUIRE(y.border_intact());
+    check_base_product<T, Arch>(1, out, in, 74, "base_product, one row");
 }
 
 TEMPLATE_LIST_TEST_CASE("shrink matches the exact product on each of its paths", "[kernels][ops]", KernelCases) {
