@@ -1170,15 +1170,16 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                         // only: the AVX2 build's backward at r = 16 took 1.02–1.06× as long, in
                         // both orders of the two binaries.
                         constexpr bool fixed_depth = R == BR && blocking::wide_register_file<Arch>;
+                        const auto band = [&](auto depth) {  // depth 0: kc at run time
+                            detail::bcast_band<R, NV, T, Arch, decltype(depth)::value>(j, jend, kc, alpha, a_i, rsa,
+                                                                                       csa, b_p, ldb, c_i, ldc, acc);
+                        };
                         if (fixed_depth && kc == 8)
-                            detail::bcast_band<R, NV, T, Arch, 8>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i,
-                                                                  ldc, acc);
+                            band(std::integral_constant<int, 8>());
                         else if (fixed_depth && kc == 16)
-                            detail::bcast_band<R, NV, T, Arch, 16>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i,
-                                                                   ldc, acc);
+                            band(std::integral_constant<int, 16>());
                         else
-                            detail::bcast_band<R, NV, T, Arch>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i, ldc,
-                                                               acc);
+                            band(std::integral_constant<int, 0>());
                     });
                     continue;
                 }
