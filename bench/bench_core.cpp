@@ -10,7 +10,10 @@
 //   process's CPU time there, so cpu / real tells whether the threads really ran at once);
 //   OpenBLAS with 1 and 2 threads at n = 128 for comparison;
 // - double vs float forward at a compute-bound shape (n = 128, r = 16, d ∈ {1024, 4096}); the float
-//   rows are those of the forward grid.
+//   rows are those of the forward grid;
+// - the forward from a `PackedWeight` (whose storage is advised for transparent huge pages), and
+//   from a copy of the row-major W in advised memory (`forward_huge`, lowrank and OpenBLAS): the
+//   other rows read W from Eigen's allocation, in 4 KiB pages where THP is in `madvise` mode.
 //
 // Single-thread rows are timed in thread CPU time (Google Benchmark's cpu_time; the machine is
 // shared). OpenBLAS is held to one thread except in the explicitly threaded rows. Every row carries
@@ -22,6 +25,7 @@
 //
 //   bench_core --benchmark_min_time=0.05 --benchmark_filter=forward
 
+#include <lowrank/core/memory.hpp>
 #include <lowrank/expr/expr.hpp>
 #include <lowrank/lora.hpp>
 
@@ -36,6 +40,7 @@
 #include <random>
 #include <set>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -71,6 +76,20 @@ const lowrank::Lora<T>& shared_lora(Index d, Index r) {
         slot->B() = random_matrix<T>(d, r, 3);  // PEFT initialises B to zero; a trained B is not
     }
     return *slot;
+}
+
+/// The same values as shared_matrix(rows, cols, seed), copied into memory advised for transparent
+/// huge pages before the copy writes it (core::HugePageAllocator).
+template <class T>
+Eigen::Map<const Matrix<T>> huge_page_matrix(Index rows, Index cols, unsigned seed) {
+    using Storage = std::vector<T, lowrank::core::HugePageAllocator<T>>;
+    static std::map<std::tuple<Index, Index, unsigned>, std::unique_ptr<Storage>> cache;
+    auto& slot = cache[{rows, cols, seed}];
+    if (!slot) {
+        const Matrix<T>& m = shared_matrix<T>(rows, cols, seed);
+        slot = std::make_unique<Storage>(m.data(), m.data() + m.size());
+    }
+    return {slot->data(), rows, cols};
 }
 
 enum : unsigned { seed_w = 1, seed_x = 2, seed_merge = 4 };
@@ -129,7 +148,7 @@ void gemv(Index m, Index k, double alpha, const double* a, const double* x, doub
 
 /// Y = X Wᵀ + s (X Aᵀ) Bᵀ in three BLAS calls (GEMV at one row), T: n × r scratch.
 template <class T>
-void openblas_forward(const Matrix<T>& X, const Matrix<T>& W, const lowrank::Lora<T>& lora,
+void openblas_forward(const Matrix<T>& X, const Eigen::Map<const Matrix<T>>& W, const lowrank::Lora<T>& lora,
                       Matrix<T>& Tm, Matrix<T>& Y) {
     const Index n = X.rows(), in = X.cols(), out = W.rows(), r = lora.rank();
     if (n == 1) {
@@ -146,16 +165,26 @@ void openblas_forward(const Matrix<T>& X, const Matrix<T>& W, const lowrank::Lor
 
 // ---- fused forward --------------------------------------------------------------------------------
 
+/// Where a forward row's W sits: Eigen's allocation, or a copy in memory advised for huge pages.
+enum class Pages { plain, huge };
+
 /// The data of one forward shape (state.range: n, d, r): W d × d, X n × d, a rank-r adapter.
 template <class T>
 struct ForwardCase {
     Index n, d, r;
-    const Matrix<T>& W;
+    Eigen::Map<const Matrix<T>> W;
     const Matrix<T>& X;
     const lowrank::Lora<T>& lora;
-    explicit ForwardCase(const benchmark::State& state)
-        : n(state.range(0)), d(state.range(1)), r(state.range(2)), W(shared_matrix<T>(d, d, seed_w)),
+    explicit ForwardCase(const benchmark::State& state, Pages pages = Pages::plain)
+        : n(state.range(0)), d(state.range(1)), r(state.range(2)), W(weight(d, pages)),
           X(shared_matrix<T>(n, d, seed_x)), lora(shared_lora<T>(d, r)) {}
+
+private:
+    static Eigen::Map<const Matrix<T>> weight(Index d, Pages pages) {
+        if (pages == Pages::huge) return huge_page_matrix<T>(d, d, seed_w);
+        const Matrix<T>& w = shared_matrix<T>(d, d, seed_w);
+        return {w.data(), d, d};
+    }
 };
 
 /// The timed loop of one forward shape: `body(Y)` computes Y (n × d) each iteration.
@@ -171,8 +200,8 @@ void run_forward(benchmark::State& state, const ForwardCase<T>& fc, int threads,
 }
 
 template <class T>
-void forward_lowrank(benchmark::State& state, int threads) {
-    const ForwardCase<T> fc(state);
+void forward_lowrank(benchmark::State& state, int threads, Pages pages = Pages::plain) {
+    const ForwardCase<T> fc(state, pages);
     lowrank::Workspace<T> ws;
     run_forward<T>(state, fc, threads,
                    [&](Matrix<T>& Y) { lowrank::forward(fc.X, fc.W, fc.lora, Y, ws, lowrank::Threads{threads}); });
@@ -199,8 +228,8 @@ void forward_eigen(benchmark::State& state) {
 
 #ifdef LOWRANK_BENCH_OPENBLAS
 template <class T>
-void forward_openblas(benchmark::State& state, int threads) {
-    const ForwardCase<T> fc(state);
+void forward_openblas(benchmark::State& state, int threads, Pages pages = Pages::plain) {
+    const ForwardCase<T> fc(state, pages);
     Matrix<T> Tm(fc.n, fc.r), Y(fc.n, fc.d);
     // The baseline's calls are checked once per shape against the Eigen expression (relative
     // Frobenius error; a length-d float dot product is good to ~d·2⁻²⁴ ≈ 2.4e-4 at d = 4096).
@@ -224,6 +253,7 @@ void forward_openblas(benchmark::State& state, int threads) {
 void BM_forward_lowrank(benchmark::State& state) { forward_lowrank<float>(state, 1); }
 void BM_forward_eigen(benchmark::State& state) { forward_eigen<float>(state); }
 void BM_forward_packed_lowrank(benchmark::State& state) { forward_packed<float>(state); }
+void BM_forward_huge_lowrank(benchmark::State& state) { forward_lowrank<float>(state, 1, Pages::huge); }
 
 void BM_forward_f64_lowrank(benchmark::State& state) { forward_lowrank<double>(state, 1); }
 void BM_forward_f64_eigen(benchmark::State& state) { forward_eigen<double>(state); }
@@ -266,6 +296,7 @@ void BM_merge_eigen(benchmark::State& state) {
 #ifdef LOWRANK_BENCH_OPENBLAS
 void BM_forward_openblas(benchmark::State& state) { forward_openblas<float>(state, 1); }
 void BM_forward_f64_openblas(benchmark::State& state) { forward_openblas<double>(state, 1); }
+void BM_forward_huge_openblas(benchmark::State& state) { forward_openblas<float>(state, 1, Pages::huge); }
 void BM_forward_threads_openblas(benchmark::State& state) {
     forward_openblas<float>(state, int(state.range(3)));
 }
@@ -338,6 +369,7 @@ void merge_threads_grid(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_forward_lowrank)->Apply(forward_grid);
 BENCHMARK(BM_forward_eigen)->Apply(forward_grid);
 BENCHMARK(BM_forward_packed_lowrank)->Apply(packed_grid);
+BENCHMARK(BM_forward_huge_lowrank)->Apply(packed_grid);
 BENCHMARK(BM_merge_lowrank)->Apply(merge_grid);
 BENCHMARK(BM_merge_eigen)->Apply(merge_grid);
 BENCHMARK(BM_forward_threads_lowrank)->Apply(forward_threads_grid);
@@ -349,4 +381,5 @@ BENCHMARK(BM_forward_openblas)->Apply(forward_grid);
 BENCHMARK(BM_merge_openblas)->Apply(merge_grid);
 BENCHMARK(BM_forward_threads_openblas)->Apply(openblas_threads_grid);
 BENCHMARK(BM_forward_f64_openblas)->Apply(f64_grid);
+BENCHMARK(BM_forward_huge_openblas)->Apply(packed_grid);
 #endif

@@ -216,7 +216,7 @@ class Roofline:
 
     def bandwidth(self, working_set, rmw):
         """Bytes/s at this working set: log-log interpolation of the probe's curve, clamped."""
-        curve = self.curves[rmw]  # [bytes, GB/s, streams] by increasing size
+        curve = self.curves[rmw]  # [bytes, GB/s, streams, page KiB] by increasing size
         sizes = [point[0] for point in curve]
         if working_set <= sizes[0]:
             return curve[0][1] * 1e9
@@ -325,20 +325,32 @@ def comparison_table(rf, ix, rows, op, keys, labels, impls=("lowrank", "eigen", 
 
 
 def packed_table(rf, ix, rows):
-    """Forward from a PackedWeight against the row-major W and OpenBLAS, same shapes."""
+    """Forward from a PackedWeight against the row-major W (in ordinary and in huge pages) and
+    OpenBLAS (likewise), same shapes; OpenBLAS's better time of the two is the baseline."""
     out = []
+
+    def time_of(row):
+        return row["time_s"] if row else None
+
     for (n, d, r) in shapes(rows, "forward_packed", ("n", "d", "r")):
         packed = get(ix, "forward_packed", "lowrank", n=n, d=d, r=r)
         plain = get(ix, "forward", "lowrank", n=n, d=d, r=r)
+        huge = get(ix, "forward_huge", "lowrank", n=n, d=d, r=r)
         blas = get(ix, "forward", "openblas", n=n, d=d, r=r)
+        blas_huge = get(ix, "forward_huge", "openblas", n=n, d=d, r=r)
+        blas_times = [time_of(b) for b in (blas, blas_huge) if b]
+        best_blas = min(blas_times) if blas_times else None
         t, kind, bw = rf.bound(packed)
-        out.append([str(n), str(d), str(r), fmt_time(packed["time_s"] if packed else None),
-                    fmt_time(plain["time_s"] if plain else None), fmt_time(blas["time_s"] if blas else None),
-                    fmt_ratio(plain["time_s"] if plain else None, packed["time_s"] if packed else None),
-                    fmt_ratio(blas["time_s"] if blas else None, packed["time_s"] if packed else None),
-                    f"{fmt_time(t)} ({kind}, {bw / 1e9:.0f})", fmt_pct(t / packed["time_s"]) if packed else "—"])
-    return table(["n", "d", "r", "packed", "row-major W", "OpenBLAS", "row-major / packed",
-                  "OpenBLAS / packed", "roofline (bound, GB/s used)", "packed % roofline"], out)
+        out.append([str(n), str(d), str(r), fmt_time(time_of(packed)), fmt_time(time_of(plain)),
+                    fmt_time(time_of(huge)), fmt_time(time_of(blas)), fmt_time(time_of(blas_huge)),
+                    fmt_ratio(time_of(plain), time_of(packed)), fmt_ratio(best_blas, time_of(packed)),
+                    f"{fmt_time(t)} ({kind}, {bw / 1e9:.0f})",
+                    fmt_pct(t / packed["time_s"]) if packed else "—",
+                    fmt_pct(t / huge["time_s"]) if huge else "—"])
+    return table(["n", "d", "r", "packed", "row-major W", "row-major W, huge pages", "OpenBLAS",
+                  "OpenBLAS, huge pages", "row-major / packed", "best OpenBLAS / packed",
+                  "roofline (bound, GB/s used)", "packed % roofline", "row-major W, huge pages, % roofline"],
+                 out)
 
 
 def threads_table(ix, rows):
@@ -415,6 +427,14 @@ def callgrind_table(rows):
                   "flops / instruction", "instructions vs Eigen"], out)
 
 
+def streams_pages(point):
+    """'2, 4K': the stream count and page size of one probe point ([bytes, GB/s, streams, page KiB];
+    probes before the page size was measured have three fields)."""
+    if len(point) < 4:
+        return str(point[2])
+    return f"{point[2]}, {'2M' if point[3] >= 2048 else '4K'}"
+
+
 def probe_section(probe):
     m, simd = probe["machine"], probe["simd"]
     f32, f64 = probe["fma_peak_fp32"], probe["fma_peak_fp64"]
@@ -432,12 +452,14 @@ def probe_section(probe):
         "",
         table(["working set"] + [fmt_bytes(p[0]) for p in probe["read_curve"]],
               [["read GB/s"] + [f"{p[1]:.1f}" for p in probe["read_curve"]],
-               ["(best of streams)"] + [str(p[2]) for p in probe["read_curve"]],
+               ["(best of streams, pages)"] + [streams_pages(p) for p in probe["read_curve"]],
                ["read-modify-write GB/s"] + [f"{p[1]:.1f}" for p in probe["rmw_curve"]],
-               ["(best of streams)"] + [str(p[2]) for p in probe["rmw_curve"]]]),
+               ["(best of streams, pages)"] + [streams_pages(p) for p in probe["rmw_curve"]]]),
         "",
         "Bandwidth: the best of 1, 2, 4 and 8 sequential streams read side by side, each the "
-        "median of its repetitions; FMA peak: the best chain count, likewise.",
+        "median of its repetitions, and from 2 MiB on the best of ordinary (4K) pages and memory "
+        "advised for transparent huge pages (2M, as a PackedWeight holds W); FMA peak: the best "
+        "chain count, likewise.",
     ]
     return "\n".join(lines)
 
@@ -503,7 +525,11 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
     if any(r["op"] == "forward_packed" for r in core):
         doc += ["## The same forward from a `PackedWeight` (W laid out once, fp32, one thread, r = 16)", "",
                 "Issue 7 asks for the small-batch forward both from W in its stored layout and "
-                "from a pre-packed weight type.", "",
+                "from a pre-packed weight type. A PackedWeight's storage is advised for transparent "
+                "huge pages (`core::HugePageAllocator`); the forward rows above read W from Eigen's "
+                "allocation, in 4 KiB pages on a kernel in THP's `madvise` mode. The huge-page "
+                "columns read a copy of the row-major W in advised memory (`advise_huge_pages`), "
+                "lowrank and OpenBLAS alike.", "",
                 packed_table(rf, ix, core), ""]
     if any(r["op"] == "merge" for r in core):
         doc += ["## Merge `W += s B A` (fp32, one thread)", "",
@@ -605,6 +631,7 @@ def write_plot(path, probe, rows):
             fontsize=8)
     markers = {"lowrank": "o", "eigen": "s", "openblas": "^"}
     colours = {"forward": "tab:blue", "merge": "tab:red", "forward_f64": "tab:purple",
+               "forward_packed": "tab:cyan", "forward_huge": "tab:olive",
                "add_delta": "tab:green", "backward_delta": "tab:orange"}
     seen = set()
     for r in single:

@@ -12,6 +12,7 @@
 #include "core/error.hpp"
 #include "core/gathered.hpp"
 #include "core/kernels.hpp"
+#include "core/memory.hpp"
 #include "core/ops.hpp"
 #include "core/parallel.hpp"
 #include "core/random.hpp"

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../core/args.hpp"
+#include "../core/memory.hpp"
 #include "../core/terms.hpp"
 
 namespace lowrank {
@@ -129,9 +130,12 @@ private:
 /// A base weight W (out × in, nn.Linear layout) laid out once for the forward product, as an
 /// inference engine does at load time: Wᵀ in strips one cache line wide (core::pack_weight), so
 /// every `linear(X, packed + terms…)` reads it as one sequential stream and packs nothing per
-/// call (n = 16, 4096², float: 9.77 ms vs 11.4 ms from the row-major W, bench/results). A copy
-/// of W's size; W itself is not referenced afterwards. `dense(packed + …)` is not available (merge
-/// into the row-major W instead).
+/// call. The copy (W's size; W itself is not referenced afterwards) sits in memory advised for
+/// transparent huge pages (core::HugePageAllocator, core/memory.hpp): a Zen 4 VM, n = 16, 4096²,
+/// r = 16, float, bench_core, two binaries alternating in 5 rounds, each order once: 5.38 → 5.14
+/// and 5.13 → 5.00 ms (4 KiB → huge pages; the row-major W in 4 KiB pages 5.8 ms); n = 1 0.91 /
+/// 0.94×, n = 32 and 128 0.98–0.99×. `dense(packed + …)` is not available (merge into the
+/// row-major W instead).
 template <Real T>
 class PackedWeight {
 public:
@@ -157,7 +161,7 @@ public:
 
 private:
     Index rows_ = 0, cols_ = 0;
-    std::vector<T, xsimd::aligned_allocator<T, 64>> data_;
+    std::vector<T, core::HugePageAllocator<T>> data_;  // 2 MiB pages where the OS gives them
 };
 
 // --- building expressions --------------------------------------------------------------------
