@@ -13,8 +13,11 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <tuple>
 
@@ -24,6 +27,39 @@ namespace lowrank::test {
 /// float and double instances of one template among them) in parallel processes.
 inline std::filesystem::path unique_temp_path(const std::string& name) {
     return std::filesystem::temp_directory_path() / ("lowrank_" + name + "_" + std::to_string(::getpid()));
+}
+
+/// Whether this kernel has transparent huge pages at all (otherwise madvise refuses the advice).
+inline bool kernel_has_thp() {
+#if defined(__linux__)
+    return std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled").good();
+#else
+    return false;
+#endif
+}
+
+/// Whether the mapping that contains p was advised for huge pages: the `hg` flag among its
+/// VmFlags in /proc/self/smaps (what the kernel recorded, not what the library meant to ask).
+inline bool advised_for_huge_pages(const void* p) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    std::ifstream smaps("/proc/self/smaps");
+    std::string line;
+    bool inside = false;
+    while (std::getline(smaps, line)) {
+        const auto dash = line.find('-'), space = line.find(' ');
+        if (dash != std::string::npos && space != std::string::npos && dash < space &&
+            line.find_first_not_of("0123456789abcdef") == dash) {  // "lo-hi perms offset ...": a mapping
+            const std::uintptr_t lo = std::stoull(line.substr(0, dash), nullptr, 16);
+            const std::uintptr_t hi = std::stoull(line.substr(dash + 1, space - dash - 1), nullptr, 16);
+            inside = lo <= a && a < hi;
+        } else if (inside && line.rfind("VmFlags:", 0) == 0) {
+            std::istringstream flags(line.substr(8));
+            for (std::string f; flags >> f;)
+                if (f == "hg") return true;
+            return false;
+        }
+    }
+    return false;
 }
 
 /// Uniform(-1, 1) entries from a seeded, platform-independent stream.

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 // Memory for large operands (core/memory.hpp): HugePageAllocator's alignment and advice,
 // advise_huge_pages' range arithmetic, and a PackedWeight large enough to sit in huge pages.
-// The advice is read back from the kernel (the `hg` flag of the mapping in /proc/self/smaps),
-// with an unadvised allocation of the same size as the control.
+// The advice is read back from the kernel (the `hg` flag of the mapping in /proc/self/smaps,
+// tests/support.hpp), with an unadvised allocation of the same size as the control.
 
 #include <lowrank/core/memory.hpp>
 #include <lowrank/expr/expr.hpp>
@@ -11,11 +11,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
-#include <fstream>
 #include <limits>
-#include <sstream>
-#include <string>
-#include <vector>
 
 #include "lora_support.hpp"
 
@@ -26,42 +22,6 @@ namespace {
 
 bool aligned_to(const void* p, std::size_t alignment) {
     return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
-}
-
-/// Whether this kernel has transparent huge pages at all (otherwise madvise refuses the advice).
-bool kernel_has_thp() {
-#if defined(__linux__)
-    return std::ifstream("/sys/kernel/mm/transparent_hugepage/enabled").good();
-#else
-    return false;
-#endif
-}
-
-/// The VmFlags of the mapping that contains p, from /proc/self/smaps ("" if not found).
-std::string mapping_flags(const void* p) {
-    const auto a = reinterpret_cast<std::uintptr_t>(p);
-    std::ifstream smaps("/proc/self/smaps");
-    std::string line;
-    bool inside = false;
-    while (std::getline(smaps, line)) {
-        const auto dash = line.find('-'), space = line.find(' ');
-        if (dash != std::string::npos && space != std::string::npos && dash < space &&
-            line.find_first_not_of("0123456789abcdef") == dash) {
-            const std::uintptr_t lo = std::stoull(line.substr(0, dash), nullptr, 16);
-            const std::uintptr_t hi = std::stoull(line.substr(dash + 1, space - dash - 1), nullptr, 16);
-            inside = lo <= a && a < hi;
-        } else if (inside && line.rfind("VmFlags:", 0) == 0) {
-            return line.substr(8);
-        }
-    }
-    return "";
-}
-
-bool advised(const void* p) {
-    std::istringstream flags(mapping_flags(p));
-    for (std::string f; flags >> f;)
-        if (f == "hg") return true;
-    return false;
 }
 
 }  // namespace
@@ -85,12 +45,12 @@ TEMPLATE_TEST_CASE("HugePageAllocator aligns large allocations to huge pages and
     small[99] = T(1);
 
     if (kernel_has_thp()) {
-        CHECK(advised(big));
-        CHECK(advised(big + large - 1));  // the whole allocation, its rounded tail included
+        CHECK(advised_for_huge_pages(big));
+        CHECK(advised_for_huge_pages(big + large - 1));  // the whole allocation, its rounded tail included
         // The control: an allocation of the same size that nobody advised has no flag.
         void* plain = std::aligned_alloc(core::huge_page_bytes, std::size_t(4) << 20);
         REQUIRE(plain != nullptr);
-        CHECK_FALSE(advised(plain));
+        CHECK_FALSE(advised_for_huge_pages(plain));
         std::free(plain);
     }
     alloc.deallocate(small, 100);
@@ -112,10 +72,10 @@ TEST_CASE("advise_huge_pages advises the whole huge pages of a range and nothing
     REQUIRE_FALSE(advise_huge_pages(room, 0));
     if (kernel_has_thp()) {
         REQUIRE(advise_huge_pages(begin, 4 * huge - 1024));  // pages 1, 2 and 3 of room
-        CHECK_FALSE(advised(room));                          // the partial first page: not advised
-        CHECK(advised(room + huge));
-        CHECK(advised(room + 4 * huge - 1));
-        CHECK_FALSE(advised(room + 4 * huge));  // past the range's last whole page
+        CHECK_FALSE(advised_for_huge_pages(room));                          // the partial first page: not advised
+        CHECK(advised_for_huge_pages(room + huge));
+        CHECK(advised_for_huge_pages(room + 4 * huge - 1));
+        CHECK_FALSE(advised_for_huge_pages(room + 4 * huge));  // past the range's last whole page
     } else {
         REQUIRE_FALSE(advise_huge_pages(begin, 4 * huge));
     }
@@ -131,7 +91,7 @@ TEMPLATE_TEST_CASE("a PackedWeight of more than a huge page sits in advised memo
     const Lora<T> lora = random_lora<T>(out, in, 4, 8, 33);
     const PackedWeight<T> packed(W);
     REQUIRE(aligned_to(packed.view().strips, core::huge_page_bytes));
-    if (kernel_has_thp()) CHECK(advised(packed.view().strips));
+    if (kernel_has_thp()) CHECK(advised_for_huge_pages(packed.view().strips));
     const Matrix<T> Y = linear(X, packed + lora);
     const Matrix<double> want = naive_product(to_double(X), to_double(W).transpose()) +
                                 double(lora.scale()) * naive_product(naive_product(to_double(X), to_double(lora.A()).transpose()),

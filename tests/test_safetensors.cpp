@@ -141,6 +141,24 @@ TEMPLATE_TEST_CASE("write then read returns the values, exactly or within half a
         }
 }
 
+TEST_CASE("a matrix of several huge pages is read into memory advised for them", "[safetensors][roundtrip]") {
+    // 2048 × 1024 floats, 8 MiB: at least three whole 2 MiB pages wherever the allocation starts.
+    const Matrix<float> m = test::random_matrix<float>(2048, 1024, 5);
+    Writer w;
+    w.add("w", m, Dtype::F32);
+    w.add("small", m.topRows(3), Dtype::F32);
+    const File f = File::parse(w.bytes());
+    const Matrix<float> got = f.matrix<float>("w"), small = f.matrix<float>("small");
+    REQUIRE(got == m);
+    REQUIRE(small == m.topRows(3));
+    const auto first_page = (reinterpret_cast<std::uintptr_t>(got.data()) + lowrank::core::huge_page_bytes - 1) &
+                            ~std::uintptr_t(lowrank::core::huge_page_bytes - 1);
+    if (test::kernel_has_thp()) {
+        CHECK(test::advised_for_huge_pages(reinterpret_cast<const void*>(first_page)));
+        CHECK_FALSE(test::advised_for_huge_pages(m.data() + (first_page - reinterpret_cast<std::uintptr_t>(got.data())) / sizeof(float)));
+    }
+}
+
 TEST_CASE("files on disk: buffered and memory-mapped reads agree", "[safetensors][roundtrip]") {
     const auto dir = test::unique_temp_path("test_safetensors");
     std::filesystem::create_directories(dir);

@@ -75,6 +75,7 @@
 #endif
 
 #include "../core/error.hpp"
+#include "../core/memory.hpp"
 #include "../core/view.hpp"
 
 namespace lowrank::safetensors {
@@ -580,6 +581,10 @@ public:
 
     /// A tensor as a row-major matrix converted to T: a 2-D tensor r × c as r × c, a 1-D tensor of
     /// n elements as 1 × n, a scalar as 1 × 1. Throws for other ranks and non-convertible dtypes.
+    /// The matrix's memory is advised for transparent huge pages before it is filled
+    /// (advise_huge_pages, core/memory.hpp): a base weight loaded here and streamed by every
+    /// forward then sits in 2 MiB pages where the kernel has them (whole pages only: a matrix
+    /// under 2 MiB is unaffected).
     template <Real T>
     [[nodiscard]] Matrix<T> matrix(std::string_view name) const {
         const TensorInfo& t = convertible_info(name);
@@ -594,6 +599,7 @@ public:
                                   " dimensions; a matrix needs at most 2");
         }
         Matrix<T> m(rows, cols);  // rows · cols = numel, whose bytes are inside the file
+        advise_huge_pages(m.data(), sizeof(T) * static_cast<std::size_t>(t.numel));  // before the first write
         detail::decode<T>(t.dtype, raw(name).data(), static_cast<std::size_t>(t.numel), m.data());
         return m;
     }
