@@ -156,7 +156,12 @@ struct Buffer {
         }
         for (std::size_t i = 0; i < count; ++i) data[i] = float(i % 7) * 0.25f;  // touch every page
     }
-    ~Buffer() { std::free(data); }  // HugePageAllocator's memory comes from aligned_alloc too
+    ~Buffer() {
+        if (huge)
+            lowrank::core::HugePageAllocator<float>().deallocate(data, count);
+        else
+            std::free(data);
+    }
     Buffer(const Buffer&) = delete;
     Buffer& operator=(const Buffer&) = delete;
 };

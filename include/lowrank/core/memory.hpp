@@ -37,6 +37,8 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#elif defined(_WIN32)
+#include <malloc.h>
 #endif
 
 namespace lowrank {
@@ -91,12 +93,22 @@ struct HugePageAllocator {
         const bool huge = bytes >= huge_page_bytes;
         const std::size_t align = huge ? huge_page_bytes : std::max(small_alignment, alignof(T));
         const std::size_t rounded = (bytes + align - 1) / align * align;  // aligned_alloc's contract
+#if defined(_WIN32)
+        void* p = _aligned_malloc(rounded, align);  // MSVC's C library has no aligned_alloc
+#else
         void* p = std::aligned_alloc(align, rounded);
+#endif
         if (p == nullptr) throw std::bad_alloc();
         if (huge) advise_huge_pages(p, rounded);
         return static_cast<T*>(p);
     }
-    void deallocate(T* p, std::size_t /*n*/) noexcept { std::free(p); }
+    void deallocate(T* p, std::size_t /*n*/) noexcept {
+#if defined(_WIN32)
+        _aligned_free(p);
+#else
+        std::free(p);
+#endif
+    }
 
     template <class U>
     friend bool operator==(const HugePageAllocator& /*a*/, const HugePageAllocator<U>& /*b*/) noexcept {
