@@ -101,6 +101,15 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             return Matrix<double>(c.template cast<double>());
         });
     }
+    SECTION("gemm_dot_streams: one row of A against the rows of Bᵀ") {
+        const Matrix<double> want_row = want.topRows(1), bound_row = bound.topRows(1);
+        check_all_paths(want_row, bound_row, [&](auto arch) {
+            using Arch = decltype(arch);
+            Matrix<T> c(1, n);
+            core::gemm_dot_streams<T, Arch>(1, n, k, alpha, a.data(), k, bt.data(), k, c.data(), n, false);
+            return Matrix<double>(c.template cast<double>());
+        });
+    }
     SECTION("gathered_shrink on scattered rows, gathered_expand into scattered rows") {
         // Rows m-1, …, 0 of a 2m-row batch at odd positions: T = X[ρ] (Bᵀ)ᵀ, then Y[ρ] = alpha T' U'ᵀ.
         Matrix<T> batch = random_matrix<T>(2 * m, k, 3);

@@ -200,8 +200,9 @@ LOWRANK_TILE_INLINE xsimd::batch<T, Arch> broadcast_group(const T* p) noexcept {
 /// sequentially; with AHEAD > 0, each cache line of them first prefetches the line AHEAD lines
 /// further along the same row into L1 (the G = 2, 8 × 2 tile at m = 16, 4096², whose MR rows are
 /// a power-of-two stride apart: 1.13× the former tile's time without it, 0.96–0.97× with it into
-/// L2, 0.94–0.95× of that into L1; see blocking::stream_tile).
-template <int MR, int NV, Index G, Index AHEAD, class T, class Arch>
+/// L2, 0.94–0.95× of that into L1; see blocking::stream_tile); with FAR > 0, into L2 the line FAR
+/// bytes further along (a B read from memory: blocking::stream_far_rows).
+template <int MR, int NV, Index G, Index AHEAD, class T, class Arch, Index FAR = 0>
 LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, Index ldb, const T* ag,
                                           xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
     using batch = xsimd::batch<T, Arch>;
@@ -217,10 +218,14 @@ LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, I
         }
     };
     Index q = 0;
-    if constexpr (AHEAD > 0) {
+    if constexpr (AHEAD > 0 || FAR > 0) {
         constexpr Index L = 64 / (G * Index(sizeof(T)));  // groups per cache line of a row
         for (; q + (AHEAD + 1) * L <= groups; q += L) {
-            LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L1(b + i * ldb + (q + AHEAD * L) * G);
+            if constexpr (AHEAD > 0)
+                LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L1(b + i * ldb + (q + AHEAD * L) * G);
+            if constexpr (FAR > 0)
+                LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
+                    LOWRANK_PREFETCH_L2(reinterpret_cast<const char*>(b + i * ldb + q * G) + FAR);
             LOWRANK_UNROLL for (Index l = 0; l < L; ++l) step(b + (q + l) * G, ldb, ag + (q + l) * NV * W);
         }
     }
@@ -366,8 +371,8 @@ void pack_groups(Index m, Index k, const T* a, Index lda, T* ag, Index ld) noexc
 }
 
 /// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B; A is
-/// packed into `ag` (stream_packed_size values, 64-byte aligned).
-template <int MR, int NV, Index G, Index AHEAD, class T, class Arch>
+/// packed into `ag` (stream_packed_size values, 64-byte aligned). FAR: see stream_rows_tile.
+template <int MR, int NV, Index G, Index AHEAD, class T, class Arch, Index FAR = 0>
 void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                        Index ldc, bool accumulate, T* ag) noexcept {
     using batch = xsimd::batch<T, Arch>;
@@ -382,7 +387,7 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
     row_tiles<MR>(n, [&](Index j0, auto mr) {
         constexpr int M = decltype(mr)::value;
         batch acc[M][NV];
-        stream_rows_tile<M, NV, G, AHEAD, T, Arch>(groups, rem, b + j0 * ldb, ldb, ag, acc);
+        stream_rows_tile<M, NV, G, AHEAD, T, Arch, FAR>(groups, rem, b + j0 * ldb, ldb, ag, acc);
         alignas(64) std::array<T, std::size_t(M * ld)> sum;
         LOWRANK_UNROLL for (int j = 0; j < M; ++j)
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + j * ld + v * W);
@@ -438,6 +443,14 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
     detail::with_stream_tile<T, Arch>(m, n, ldb, [&](auto tile) {
         using t = decltype(tile);
         T* ag = GemmWorkspace<T>::reserve(ws.a, detail::stream_packed_size<t, T, Arch>(k));
+        constexpr bool far_tile = t::nv * Index(xsimd::batch<T, Arch>::size) / t::g <= 2 * blocking::stream_far_rows;
+        if constexpr (far_tile) {  // instantiated only for tiles that can hold so few rows
+            if (m <= blocking::stream_far_rows && detail::rows_from_memory<T>(n, ldb)) {
+                detail::stream_rows_block<t::mr, t::nv, t::g, t::ahead, T, Arch, blocking::far_prefetch_bytes>(
+                    m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate, ag);
+                return;
+            }
+        }
         detail::stream_rows_block<t::mr, t::nv, t::g, t::ahead, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc,
                                                                       accumulate, ag);
     });

@@ -237,6 +237,35 @@ namespace lowrank::core {
 ///   W in L2 (512² float) 0.98 / 0.84, (1024 × 128 double) 1.00 / 0.90; 9–16 MiB (1536², 2048²,
 ///   4096 × 1024) 0.96–1.01 / 1.01–1.24; from memory (32 to 256 MiB) 0.77–0.93 / 0.68–1.16; rows
 ///   of 16 KiB (1024 × 4096) 0.78 / 0.68; rows of 64 values 0.88 / 0.79 (a reduction per row).
+/// - `dot_streams`, `dot_streams_rows<Arch>`, `far_prefetch_bytes`: up to dot_streams_rows rows of
+///   X (4 with 32 registers: 8 × 4 sums; 1 with 16) against a row-major W read from memory (more
+///   than stream_aliased_bytes) run gemm_dot_streams: dot_streams = 8 rows of W side by side, each
+///   prefetching into L2 the line 2 KiB ahead of the ones it reads. The hardware prefetcher stops
+///   at every 4 KiB page (8 rows × 2 KiB keeps 16 KiB in flight across them). GEMV alone, a Zen 4
+///   VM (AVX-512 on 256-bit units, THP in madvise mode), float, 15 alternating rounds, medians
+///   (ms), out × in, Eigen's GEMV (8 rows side by side, no software prefetch) / gemv_rows / 8 rows
+///   without prefetch / 8 rows with it 512 B, 1 KiB, 2 KiB ahead: 4096² 2.60 / 3.19 / 2.61 / 2.43,
+///   2.25, 2.14; 11008 × 4096 7.54 / 10.3 / 7.20 / 6.41, 6.28, 6.37; 4096 × 11008 8.30 / 10.5 /
+///   8.61 / 8.10, 7.49, 7.56; 2048 × 8192 2.61 / 2.45 / 2.70 / 2.51, 2.24, 2.28 (4 KiB ahead: 2.28
+///   at 4096², worse; 4 rows: 2.39–2.46, 16 rows: 2.61–2.85; prefetcht0 instead of L2: 3.40). W in
+///   L3 (1024², 2048²) loses by the prefetch (0.049 → 0.057–0.060 ms at 1024²): below
+///   stream_aliased_bytes nothing changes. W in advised (2 MiB) pages, 4096²: Eigen 2.23, 8 rows
+///   with 1 KiB ahead 1.86. One sum per row (8 chains) ran as fast as two (1.93 vs 1.92 ms). Two to
+///   four rows of X, same harness (ms), gemm_stream_rows' tiles with stream_far_rows' prefetch /
+///   these 8-row dots: 4096², m = 2 2.71–2.75 / 2.47–2.55, 3 2.98–3.07 / 2.58–2.65, 4 3.01–3.13 /
+///   2.83–2.89; 11008 × 4096: 7.30–7.48 / 6.99–7.14, 8.31–8.35 / 7.44–7.52, 8.24–8.35 / 7.70–7.94
+///   (4 rows of W × 4 rows of X: 3.44–3.56 at 4096²; one vector per step instead of two: within 2%).
+/// - `stream_far_rows`: gemm_stream_rows with at most this many rows of X against a W read from
+///   memory gives its tiles the same prefetch (into L2, far_prefetch_bytes ahead). With few rows
+///   a tile does few FMAs per line of W and waits on memory; from 13 rows on (float) it is
+///   compute-bound and the prefetches cost time. X Wᵀ alone, one process, with / without, 21
+///   alternating rounds, medians: 4096², AVX-512, float m = 2 / 3 / 4 / 6 / 8 / 10 / 12 0.93 / 0.94
+///   / 0.96 / 0.78 / 0.85 / 0.94 / 0.95, m = 13 / 14 / 16 1.06 / 1.05 / 1.06, 20 / 24 / 32 1.01 /
+///   1.02 / 1.03; double m = 2 / 4 / 6 / 8 / 10 / 12 0.92 / 0.95 / 0.79 / 0.80 / 0.94 / 0.94, 16 /
+///   24 1.05 / 1.02; 11008 × 4096 float m = 2 / 4 / 8 / 12 / 16 0.91 / 0.96 / 0.84 / 0.94 / 1.06;
+///   4096 × 11008 1.05 / 0.94 / 0.84 / 0.99 / 1.07. AVX2 build (-march=x86-64-v3), 4096²: float m
+///   = 4 / 6 / 8 0.90 / 0.90 / 0.89, 12 / 16 / 24 / 32 1.01 / 1.02 / 0.95 / 1.02; double m = 4 / 8
+///   / 12 / 16 0.85 / 0.83 / 0.80 / 0.88 (left at 12 rows for every type and build).
 /// - `dot_kc`: depth of one pass of gemm_dot over k (a dot_kc-long stripe of 64 rows of V is
 ///   256 KiB in float, an L2-sized share; a block of dot_nr rows 32 KiB, within L1). Shrink alone,
 ///   n = 16, w = 8 and 16, in = 1024 and 4096, this Zen 5 VM: 512 1.13–1.19× and 2048 0.99–1.24×
@@ -436,6 +465,11 @@ struct blocking {
     static constexpr Index gemv_row_bytes_max = 8192;
     static constexpr Index gemv_weight_bytes_min = Index(2) << 20;
     static constexpr Index gemv_weight_bytes_max = Index(8) << 20;
+    static constexpr Index dot_streams = 8;
+    template <class Arch>
+    static constexpr Index dot_streams_rows = wide_register_file<Arch> ? 4 : 1;
+    static constexpr Index far_prefetch_bytes = 2048;
+    static constexpr Index stream_far_rows = 12;
     /// Whether one row against a row-major W of rows × cols values of `size` bytes runs gemv_rows.
     [[nodiscard]] static constexpr bool gemv_one_stream(Index rows, Index cols, Index size) noexcept {
         const Index row = cols * size, all = rows * row;
@@ -1626,6 +1660,82 @@ void gemv_rows(Index n, Index k, T alpha, const T* a, const T* b, Index ldb, T* 
         const T dot = alpha * (xsimd::hadd((s[0] + s[1]) + (s[2] + s[3])) + tail);
         y[j] = accumulate ? y[j] + dot : dot;
     }
+}
+
+namespace detail {
+
+/// gemm_dot_streams for MA rows of A: tiles of up to blocking::dot_streams rows of B.
+template <int MA, class T, class Arch>
+void dot_streams_block(Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c, Index ldc,
+                      bool accumulate) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size;
+    constexpr int lines = int(std::max<Index>(1, 2 * W * Index(sizeof(T)) / 64));  // per row of B and step
+    constexpr Index ahead = blocking::far_prefetch_bytes;
+    const Index k2 = k / (2 * W) * (2 * W), kv = k / W * W;
+    row_tiles<int(blocking::dot_streams)>(n, [&](Index j, auto rows) {
+        constexpr int R = decltype(rows)::value;
+        const T* bj = b + j * ldb;
+        batch s[R][MA];
+        LOWRANK_UNROLL for (int r = 0; r < R; ++r)
+            LOWRANK_UNROLL for (int i = 0; i < MA; ++i) s[r][i] = batch(T(0));
+        for (Index p = 0; p < k2; p += 2 * W) {
+            batch a0[MA], a1[MA];
+            LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
+                a0[i] = batch::load_unaligned(a + i * lda + p);
+                a1[i] = batch::load_unaligned(a + i * lda + p + W);
+            }
+            LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
+                const T* br = bj + r * ldb + p;
+                LOWRANK_UNROLL for (int l = 0; l < lines; ++l)
+                    LOWRANK_PREFETCH_L2(reinterpret_cast<const char*>(br) + ahead + 64 * l);
+                const batch b0 = batch::load_unaligned(br), b1 = batch::load_unaligned(br + W);
+                LOWRANK_UNROLL for (int i = 0; i < MA; ++i) s[r][i] = xsimd::fma(b1, a1[i], xsimd::fma(b0, a0[i], s[r][i]));
+            }
+        }
+        if (k2 < kv)
+            LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
+                const batch b0 = batch::load_unaligned(bj + r * ldb + k2);
+                LOWRANK_UNROLL for (int i = 0; i < MA; ++i)
+                    s[r][i] = xsimd::fma(b0, batch::load_unaligned(a + i * lda + k2), s[r][i]);
+            }
+        LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
+            const T* br = bj + r * ldb;
+            LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
+                const T* ai = a + i * lda;
+                T tail = T(0);
+                if constexpr (has_masked_load<Arch>) {
+                    if (kv < k)
+                        s[r][i] = xsimd::fma(load_first<T, Arch>(br + kv, k - kv), load_first<T, Arch>(ai + kv, k - kv),
+                                             s[r][i]);
+                } else {
+                    for (Index q = kv; q < k; ++q) tail += br[q] * ai[q];
+                }
+                const T dot = alpha * (xsimd::hadd(s[r][i]) + tail);
+                T& dst = c[i * ldc + j + r];
+                dst = accumulate ? dst + dot : dot;
+            }
+        }
+    });
+}
+
+}  // namespace detail
+
+/// `C (+)= alpha · A · Bᵀ` for m ≤ blocking::dot_streams_rows<Arch> rows of A (a GEMV, or a batch
+/// of a few rows) against a row-major B read from memory: blocking::dot_streams rows of B side
+/// by side (that many sequential streams), each dotted with every row of A over all of k (two
+/// vectors per step, one sum per output, reduced once), and each prefetching into L2 the line
+/// blocking::far_prefetch_bytes ahead of the ones it reads: the hardware prefetcher stops at every
+/// 4 KiB page, the software prefetch runs on across them. The last k mod W values by a masked
+/// load (a scalar loop on SSE). Same arguments as gemm_dot.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_dot_streams(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                      Index ldc, bool accumulate) noexcept {
+    LOWRANK_ASSERT(m <= blocking::dot_streams_rows<Arch>);
+    if (m <= 0 || n <= 0) return;
+    detail::dispatch_rows<int(blocking::dot_streams_rows<Arch>)>(m, [&](auto ma) {
+        detail::dot_streams_block<decltype(ma)::value, T, Arch>(n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
+    });
 }
 
 namespace detail {
