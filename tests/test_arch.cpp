@@ -101,12 +101,12 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             return Matrix<double>(c.template cast<double>());
         });
     }
-    SECTION("gemm_dot_streams: one row of A against the rows of Bᵀ") {
+    SECTION("gemv_streams: one row of A against the rows of Bᵀ") {
         const Matrix<double> want_row = want.topRows(1), bound_row = bound.topRows(1);
         check_all_paths(want_row, bound_row, [&](auto arch) {
             using Arch = decltype(arch);
             Matrix<T> c(1, n);
-            core::gemm_dot_streams<T, Arch>(1, n, k, alpha, a.data(), k, bt.data(), k, c.data(), n, false);
+            core::gemv_streams<T, Arch>(n, k, alpha, a.data(), bt.data(), k, c.data(), false);
             return Matrix<double>(c.template cast<double>());
         });
     }

@@ -221,25 +221,24 @@ TEMPLATE_LIST_TEST_CASE("gemv_rows matches the exact product, tails included", "
     REQUIRE(c.border_intact());
 }
 
-TEMPLATE_LIST_TEST_CASE("gemm_dot_streams matches the exact product, tails included", "[kernels]", KernelCases) {
+TEMPLATE_LIST_TEST_CASE("gemv_streams matches the exact product, tails included", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index rows = core::blocking::dot_streams;
-    // m: every count of rows of A it takes; n: around one tile of rows of B and two; k: around one
-    // vector and one step of two, and long with a tail. All three operands strided.
-    const Index m = GENERATE(range(Index(1), core::blocking::dot_streams_rows<Arch> + 1));
+    // n: around one tile of rows of B and two; k: around one vector and one step of two, and long
+    // with a tail. B's rows are strided, y is one row of C.
     const Index n = GENERATE_COPY(Index(0), Index(1), rows - 1, rows, rows + 1, 2 * rows + 3);
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W, W + 1, 2 * W - 1, 2 * W, 2 * W + 1, 3 * W, Index(1003));
     const bool accumulate = GENERATE(false, true);
-    CAPTURE(m, n, k, accumulate);
+    CAPTURE(n, k, accumulate);
 
-    Strided<T> a(m, k, 27), b(n, k, 28), c(m, n, 29);
+    Strided<T> a(1, k, 27), b(n, k, 28), c(1, n, 29);
     const T alpha = T(-0.75);
     const auto [want, bound] = expected_abt<T>(a.value(), b.value(), c.value(), alpha, accumulate);
     auto av = a.view(), bv = b.view(), cv = c.view();
-    core::gemm_dot_streams<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate);
-    require_within(c.value(), want, bound, "gemm_dot_streams vs exact");
+    core::gemv_streams<T, Arch>(n, k, alpha, av.data, bv.data, bv.ld, cv.data, accumulate);
+    require_within(c.value(), want, bound, "gemv_streams vs exact");
     REQUIRE(c.border_intact());
 }
 
@@ -317,12 +316,13 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // B's rows a multiple of blocking::l1_set_span bytes apart (one span) and B past
     // blocking::stream_aliased_bytes: the rows 3W/2 + 1 to 2W of A take the two_aliased tile on
-    // AVX-512, W + 1 to 3W/2 the three_halves one (both 8 rows of B, the prefetching loop over all
-    // but the last lines of each row). k = ld − 5 ends each row in a partly used line; n = 4100
-    // leaves 4 rows of B to the tail tile.
+    // AVX-512, W + 1 to 3W/2 the three_halves one, 1 to 4 the few_far one (all 8 rows of B, the
+    // prefetching loop over all but the last lines of each row). k = ld − 5 ends each row in a
+    // partly used line (and, for few_far, in a partial group of steps); n = 4100 leaves 4 rows of
+    // B to the tail tile.
     const Index ld = core::blocking::l1_set_span / Index(sizeof(T));
     const Index n = core::blocking::stream_aliased_bytes / core::blocking::l1_set_span + 4;
-    const Index m = GENERATE(W + 1, 3 * W / 2, 3 * W / 2 + 1, 2 * W - 1, 2 * W);
+    const Index m = GENERATE(Index(1), Index(2), Index(3), Index(4), W + 1, 3 * W / 2, 3 * W / 2 + 1, 2 * W - 1, 2 * W);
     const bool accumulate = GENERATE(false, true);
     CAPTURE(m, accumulate);
     REQUIRE(core::detail::aliased_rows<T>(n, ld));
@@ -378,15 +378,15 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
                         "[kernels][ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
-    // W of more than blocking::stream_aliased_bytes: up to dot_streams_rows rows gemm_dot_streams;
-    // from stream_min_rows_large rows on (4 in float on AVX2) gemm_stream_rows, with its far
-    // prefetch up to stream_far_rows; below it gemm_dot; rows a little over 4 KiB apart (in float).
-    constexpr Index dots = core::blocking::dot_streams_rows<Arch>;
+    // W of more than blocking::stream_aliased_bytes: one row gemv_streams; from
+    // stream_min_rows_large rows on (2 on AVX-512, 4 in float on AVX2) gemm_stream_rows, with its
+    // few_far tile up to 4 rows (AVX-512) and its far prefetch up to stream_far_rows; below it
+    // gemm_dot; rows a little over 4 KiB apart (in float).
     constexpr Index first = core::blocking::stream_min_rows_large<T, Arch>;
     constexpr Index far = core::blocking::stream_far_rows;
     const Index in = 1024 + 3;
     const Index out = core::blocking::stream_aliased_bytes / (in * Index(sizeof(T))) + 5;
-    const std::set<Index> rows{1, dots, dots + 1, first - 1, first, first + 1, far, far + 1};
+    const std::set<Index> rows{1, 2, 3, 4, 5, first - 1, first, first + 1, far, far + 1};
     const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     CAPTURE(n, out, in);
     check_base_product<T, Arch>(n, out, in, 71, "base_product, large W");

@@ -263,12 +263,14 @@ template <class T>
 }
 
 /// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A (2W with 16
-/// registers) against B's n rows, ldb values apart.
+/// registers) against B's n rows, ldb values apart (up to 4 rows against a B read from memory:
+/// blocking::stream_tiles::few_far).
 template <class T, class Arch, class F>
 void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     using tiles = blocking::stream_tiles<Arch>;
     if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
+        if (m <= 4 && rows_from_memory<T>(n, ldb)) return f(typename tiles::template few_far<T>());
         if (m > 3 * W) return f(typename tiles::four());
         if (m > 2 * W) return f(typename tiles::three());
         // Three vectors, or one of W/8 rows, where the range's tile below would leave lanes empty;
@@ -420,9 +422,10 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// per lane; each row of B prefetching 8 lines ahead of its reads); m ≤ 24: G = 2, 8 × 3; m ≤ 32:
 /// G = 1, 12 × 2 (8 × 2 prefetching like m ≤ 16 when B is large and its rows share L1 sets:
 /// blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
-/// (see blocking::stream_block_vectors). Double: the same by fractions of W (8 lanes), but no
-/// groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2 tiles. Same arguments
-/// as gemm_packed.
+/// (see blocking::stream_block_vectors); m ≤ 4 against a B read from memory: groups of 16 bytes,
+/// 8 × 1 (blocking::stream_tiles::few_far), float and double. Double: the same by fractions of W
+/// (8 lanes), but no groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2
+/// tiles. Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

@@ -53,16 +53,15 @@ private:
     bool packed_ = false;
 };
 
-/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). W row-major, read from memory (more
-/// than blocking::stream_aliased_bytes), and at most blocking::dot_streams_rows rows of X (4 on
-/// AVX-512, 1 with 16 registers): gemm_dot_streams (8 rows of W side by side, each prefetching
-/// across the 4 KiB pages the hardware prefetcher stops at). Otherwise gemm_stream_rows streams W
-/// (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width) for every batch of 2 rows or
-/// more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of more than 16 MiB; W in double)
-/// up to `blocking::stream_batch_vectors` · W rows with 256-bit vectors
-/// (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise from 2 to
-/// stream_weight_rows rows the dot kernel streams it once. One row of a W in cache: gemv_rows (W
-/// row after row, one sequential stream) for a W of rows of 1–8 KiB and 2–8 MiB in all
+/// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). One row against a row-major W read
+/// from memory (more than blocking::stream_aliased_bytes): gemv_streams (8 rows of W side by side,
+/// each prefetching across the 4 KiB pages the hardware prefetcher stops at). Otherwise
+/// gemm_stream_rows streams W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width)
+/// for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of
+/// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors` · W rows with 256-bit
+/// vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
+/// from 2 to stream_weight_rows rows the dot kernel streams it once. One row of a W in cache:
+/// gemv_rows (W row after row, one sequential stream) for a W of rows of 1–8 KiB and 2–8 MiB in all
 /// (blocking::gemv_one_stream), otherwise Eigen's GEMV (a Zen 4 VM, the GEMV alone, 15
 /// alternating rounds, time over Eigen's: 4 rows of W per tile, as gemm_dot takes one row, 0.90
 /// at 1024² (W in L3), 1.08 at 2048²; 8 rows 0.98 / 1.05: neither ahead at every size; for W from
@@ -89,8 +88,8 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // measurements that set them: blocking::stream_min_rows (stream_min_rows_large for a W read
     // from memory), stream_max_rows.
     const bool from_memory = detail::rows_from_memory<T>(w.rows, w.cols);
-    if (from_memory && x.rows <= blocking::dot_streams_rows<Arch>) {
-        gemm_dot_streams<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false);
+    if (from_memory && x.rows == 1) {
+        gemv_streams<T, Arch>(w.rows, w.cols, T(1), x.data, w.data, w.ld, y.data, false);
         return;
     }
     const Index stream_from = from_memory ? blocking::stream_min_rows_large<T, Arch> : blocking::stream_min_rows<T, Arch>;
