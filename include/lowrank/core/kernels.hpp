@@ -363,22 +363,22 @@ namespace lowrank::core {
 ///   9–16 rows), 5 rounds: m = 9 / 12 / 16 at 2048² (32 MiB) 0.85 / 0.75 / 0.74, 4096² 0.82 /
 ///   0.96 / 0.99. bench_core's forward, n = 32, 4096², r = 8 / 16 / 64, 7 rounds: 0.90 / 0.90 /
 ///   0.93.
-/// - `stream_tiles<Arch>::few_far<T>`: 2–4 rows of X against a W read from memory (more than
-///   stream_aliased_bytes), on AVX-512: 8 rows of W × 1 vector, groups of 16 bytes (G = 4 in
-///   float, 2 in double: 4 rows of X per vector), with stream_far_rows' prefetch; 8 broadcasts per
-///   8 FMAs, but each row of W read 16 bytes per step. X Wᵀ alone, a Zen 4 VM, one harness, 7–15
-///   alternating rounds, medians (ms), float m = 2 / 3 / 4 against the former tiles (G = 8, 8 × 1
-///   for 2 rows, 8 × 2 for 3–4): 11008 × 4096 6.32 / 6.37 / 6.38 against 6.94 / 7.89 / 7.87,
-///   4096 × 11008 6.51 / 6.52 / 6.45 against 8.14 / 8.35 / 8.25; 4096², against gemv_streams'
-///   dots for 2–4 rows: see dot_streams. Double, 11008 × 4096, against G = 4, 8 × 2 (the former
-///   tile of 3–4 rows): 12.8 / 13.1 / 13.0 against 15.8 / 15.8 / 15.9. Other tiles at 4096², float,
-///   m = 4 (ms): 12 or 4 rows of W × 1 vector 3.00 / 2.99 against 2.30, without the prefetch
-///   2.92; G = 8, 8 × 3 2.58; m = 5–8 stay on their tiles (8 × 3 of G = 8 for 5–6 rows: 2.45;
-///   m = 7–8: G = 4, 8 × 2 3.01–3.06, G = 8, 6 × 4 3.03, 7 × 4 3.09, 8 × 4 3.48). bench_core's
-///   forward, 4096², r = 16, old and new binaries alternating in 9 rounds, each order once, new /
-///   old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4 changes from one process
-///   to the next (2.55–3.09 ms over four such runs; the new tile 2.52–2.69), so shorter runs gave
-///   0.92–1.01.
+/// - `stream_tiles<Arch>::few_far<T>`: up to 4 rows of X against a W read from memory (more than
+///   stream_aliased_bytes; base_product sends one row to gemv_streams), on AVX-512: 8 rows of W × 1
+///   vector, groups of 16 bytes (G = 4 in float, 2 in double: 4 rows of X per vector), with
+///   stream_far_rows' prefetch; 8 broadcasts per 8 FMAs, but each row of W read 16 bytes per step.
+///   X Wᵀ alone, a Zen 4 VM, one harness, 7–15 alternating rounds, medians (ms), float m = 2 / 3 /
+///   4 against the former tiles (G = 8, 8 × 1 for 2 rows, 8 × 2 for 3–4): 11008 × 4096 6.32 / 6.37
+///   / 6.38 against 6.94 / 7.89 / 7.87, 4096 × 11008 6.51 / 6.52 / 6.45 against 8.14 / 8.35 / 8.25;
+///   4096², against gemv_streams' dots for 2–4 rows: see dot_streams. Double, 11008 × 4096, against
+///   G = 4, 8 × 2 (the former tile of 3–4 rows): 12.8 / 13.1 / 13.0 against 15.8 / 15.8 / 15.9.
+///   Other tiles at 4096², float, m = 4 (ms): 12 or 4 rows of W × 1 vector 3.00 / 2.99 against
+///   2.30, without the prefetch 2.92; G = 8, 8 × 3 2.58; m = 5–8 stay on their tiles (8 × 3 of G =
+///   8 for 5–6 rows: 2.45; m = 7–8: G = 4, 8 × 2 3.01–3.06, G = 8, 6 × 4 3.03, 7 × 4 3.09, 8 × 4
+///   3.48). bench_core's forward, 4096², r = 16, old and new binaries alternating in 9 rounds, each
+///   order once, new / old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4 changes
+///   from one process to the next (2.55–3.09 ms over four such runs; the new tile 2.52–2.69), so
+///   shorter runs gave 0.92–1.01.
 /// - `stream_block_vectors<Arch>`, `stream_batch_vectors`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 2 with 16; a batch of more
