@@ -12,6 +12,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <array>
 #include <string>
 #include <vector>
@@ -101,12 +102,13 @@ TEMPLATE_TEST_CASE("every compiled architecture path of each kernel family agree
             return Matrix<double>(c.template cast<double>());
         });
     }
-    SECTION("gemv_streams: one row of A against the rows of Bᵀ") {
-        const Matrix<double> want_row = want.topRows(1), bound_row = bound.topRows(1);
-        check_all_paths(want_row, bound_row, [&](auto arch) {
+    SECTION("gemm_dot_streams: up to dot_streams_max_rows rows of A against the rows of Bᵀ") {
+        const Index rows = std::min(m, core::blocking::dot_streams_max_rows);
+        const Matrix<double> want_rows = want.topRows(rows), bound_rows = bound.topRows(rows);
+        check_all_paths(want_rows, bound_rows, [&](auto arch) {
             using Arch = decltype(arch);
-            Matrix<T> c(1, n);
-            core::gemv_streams<T, Arch>(n, k, alpha, a.data(), bt.data(), k, c.data(), false);
+            Matrix<T> c(rows, n);
+            core::gemm_dot_streams<T, Arch>(rows, n, k, alpha, a.data(), k, bt.data(), k, c.data(), n, false);
             return Matrix<double>(c.template cast<double>());
         });
     }

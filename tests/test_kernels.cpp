@@ -221,24 +221,25 @@ TEMPLATE_LIST_TEST_CASE("gemv_rows matches the exact product, tails included", "
     REQUIRE(c.border_intact());
 }
 
-TEMPLATE_LIST_TEST_CASE("gemv_streams matches the exact product, tails included", "[kernels]", KernelCases) {
+TEMPLATE_LIST_TEST_CASE("gemm_dot_streams matches the exact product, tails included", "[kernels]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    constexpr Index rows = core::blocking::dot_streams;
-    // n: around one tile of rows of B and two; k: around one vector and one step of two, and long
-    // with a tail. B's rows are strided, y is one row of C.
+    // m: every count of rows of A it takes; n: around one tile of rows of B and two; k: around one
+    // vector and one step of two, and long with a tail. All three operands strided.
+    const Index m = GENERATE(range(Index(1), core::blocking::dot_streams_max_rows + 1));
+    const Index rows = core::blocking::dot_streams_tile(m);
     const Index n = GENERATE_COPY(Index(0), Index(1), rows - 1, rows, rows + 1, 2 * rows + 3);
     const Index k = GENERATE_COPY(Index(0), Index(1), W - 1, W, W + 1, 2 * W - 1, 2 * W, 2 * W + 1, 3 * W, Index(1003));
     const bool accumulate = GENERATE(false, true);
-    CAPTURE(n, k, accumulate);
+    CAPTURE(m, n, k, accumulate);
 
-    Strided<T> a(1, k, 27), b(n, k, 28), c(1, n, 29);
+    Strided<T> a(m, k, 27), b(n, k, 28), c(m, n, 29);
     const T alpha = T(-0.75);
     const auto [want, bound] = expected_abt<T>(a.value(), b.value(), c.value(), alpha, accumulate);
     auto av = a.view(), bv = b.view(), cv = c.view();
-    core::gemv_streams<T, Arch>(n, k, alpha, av.data, bv.data, bv.ld, cv.data, accumulate);
-    require_within(c.value(), want, bound, "gemv_streams vs exact");
+    core::gemm_dot_streams<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate);
+    require_within(c.value(), want, bound, "gemm_dot_streams vs exact");
     REQUIRE(c.border_intact());
 }
 
@@ -378,10 +379,10 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
                         "[kernels][ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
-    // W of more than blocking::stream_aliased_bytes: one row gemv_streams; from
-    // stream_min_rows_large rows on (2 on AVX-512, 4 in float on AVX2) gemm_stream_rows, with its
-    // few_far tile up to 4 rows (AVX-512) and its far prefetch up to stream_far_rows; below it
-    // gemm_dot; rows a little over 4 KiB apart (in float).
+    // W of more than blocking::stream_aliased_bytes: one row gemm_dot_streams, and up to
+    // dot_streams_max_rows with 16 registers; then from stream_min_rows_large rows on (2 on
+    // AVX-512) gemm_stream_rows, with its few_far tile up to 4 rows (AVX-512) and its far prefetch
+    // up to stream_far_rows; below it gemm_dot; rows a little over 4 KiB apart (in float).
     constexpr Index first = core::blocking::stream_min_rows_large<T, Arch>;
     constexpr Index far = core::blocking::stream_far_rows;
     const Index in = 1024 + 3;

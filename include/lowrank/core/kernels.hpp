@@ -237,23 +237,34 @@ namespace lowrank::core {
 ///   W in L2 (512² float) 0.98 / 0.84, (1024 × 128 double) 1.00 / 0.90; 9–16 MiB (1536², 2048²,
 ///   4096 × 1024) 0.96–1.01 / 1.01–1.24; from memory (32 to 256 MiB) 0.77–0.93 / 0.68–1.16; rows
 ///   of 16 KiB (1024 × 4096) 0.78 / 0.68; rows of 64 values 0.88 / 0.79 (a reduction per row).
-/// - `dot_streams`, `far_prefetch_bytes`: one row of X against a row-major W read from memory
-///   (more than stream_aliased_bytes) runs gemv_streams: dot_streams = 8 rows of W side by side,
+/// - `dot_streams_tile(m)`, `dot_streams_max_rows`, `far_prefetch_bytes`: one row of X against a
+///   row-major W read from memory (more than stream_aliased_bytes), and up to dot_streams_max_rows
+///   rows with 16 registers, run gemm_dot_streams: dot_streams_tile(1) = 8 rows of W side by side,
 ///   each prefetching into L2 the line 2 KiB ahead of the ones it reads. The hardware prefetcher
 ///   stops at every 4 KiB page (8 rows × 2 KiB keeps 16 KiB in flight across them). GEMV alone, a
 ///   Zen 4 VM (AVX-512 on 256-bit units, THP in madvise mode), float, 15 alternating rounds,
 ///   medians (ms), out × in, Eigen's GEMV (8 rows side by side, no software prefetch) / gemv_rows /
-///   8 rows without prefetch / 8 rows with it 512 B, 1 KiB, 2 KiB ahead: 4096² 2.60 / 3.19 / 2.61
-///   / 2.43, 2.25, 2.14; 11008 × 4096 7.54 / 10.3 / 7.20 / 6.41, 6.28, 6.37; 4096 × 11008 8.30 /
-///   10.5 / 8.61 / 8.10, 7.49, 7.56; 2048 × 8192 2.61 / 2.45 / 2.70 / 2.51, 2.24, 2.28 (4 KiB
-///   ahead: 2.28 at 4096², worse; 4 rows: 2.39–2.46, 16 rows: 2.61–2.85; prefetcht0 instead of L2:
-///   3.40). W in L3 (1024², 2048²) loses by the prefetch (0.049 → 0.057–0.060 ms at 1024²): below
+///   8 rows without prefetch / 8 rows with it 512 B, 1 KiB, 2 KiB ahead: 4096² 2.60 / 3.19 / 2.61 /
+///   2.43, 2.25, 2.14; 11008 × 4096 7.54 / 10.3 / 7.20 / 6.41, 6.28, 6.37; 4096 × 11008 8.30 / 10.5
+///   / 8.61 / 8.10, 7.49, 7.56; 2048 × 8192 2.61 / 2.45 / 2.70 / 2.51, 2.24, 2.28 (4 KiB ahead:
+///   2.28 at 4096², worse; 4 rows: 2.39–2.46, 16 rows: 2.61–2.85; prefetcht0 instead of L2: 3.40).
+///   W in L3 (1024², 2048²) loses by the prefetch (0.049 → 0.057–0.060 ms at 1024²): below
 ///   stream_aliased_bytes nothing changes. W in advised (2 MiB) pages, 4096²: Eigen 2.23, 8 rows
-///   with 1 KiB ahead 1.86. One sum per row (8 chains) ran as fast as two (1.93 vs 1.92 ms). The
-///   same dots for 2–4 rows of X (8 × 4 sums) lost to gemm_stream_rows' `few_far` tile (below) on
-///   the same VM, one harness, 15 alternating rounds, medians (ms), 4096²: float m = 2 / 3 / 4
-///   2.26 / 2.56 / 3.00 against 2.27 / 2.25 / 2.30, double 5.13 / 5.37 / 6.09 against 4.79 /
-///   4.95 / 4.81 (X in place with its rows 16 KiB apart or 32 bytes off that: the same times).
+///   with 1 KiB ahead 1.86. One sum per row (8 chains) ran as fast as two (1.93 vs 1.92 ms); one
+///   row at 4096², same VM, later (ms): float 1.83 against Eigen's 2.36, double 4.35 against 5.25.
+///   With 2–4 rows of X a tile of 8 rows of W (8 × m sums) lost to gemm_stream_rows' `few_far` tile
+///   on AVX-512 (one harness, 15 alternating rounds, medians (ms), 4096²: float m = 2 / 3 / 4 2.26
+///   / 2.56 / 3.00 against 2.27 / 2.25 / 2.30, double 5.13 / 5.37 / 6.09 against 4.79 / 4.95 /
+///   4.81; X in place with its rows 16 KiB apart or 32 bytes off that: the same times), so
+///   base_product sends them there. With 16 registers (an AVX2 build, -march=x86-64-v3, same VM)
+///   the stream tiles have no groups, and these dots with fewer rows of W per tile won: 4096²,
+///   float, 9–11 rounds (ms), m = 2 / 3 / 4: the former paths (gemm_dot for 2–3 rows, the 6 × 1
+///   stream tile for 4) 3.87–3.93 / 4.87 / 3.92, the dots with 4, 5, 6, 8 rows of W: m = 2 2.69,
+///   2.55, 2.40, 2.51; m = 3 (3, 4, 5 rows) 4.01, 2.72, 2.37; m = 4 (3, 4, 5 rows) 3.28, 2.82–2.87,
+///   2.94; double, the former paths 8.26 / 9.88 / 5.48, dots 5.36 / 5.10 / 5.66 (left on the dots
+///   at m = 4 for one rule); m = 5–8 stay on the stream tiles (3 rows of W × 5 rows of X 3.51
+///   against 4.12; 6 and 8 rows of X slower than the stream tile). Hence dot_streams_tile(m) = 8,
+///   6, 5, 4 rows of W for m = 1–4 (up to 16 sums).
 /// - `stream_far_rows`: gemm_stream_rows with at most this many rows of X against a W read from
 ///   memory gives its tiles the same prefetch (into L2, far_prefetch_bytes ahead). With few rows
 ///   a tile does few FMAs per line of W and waits on memory; from 13 rows on (float) it is
@@ -364,21 +375,21 @@ namespace lowrank::core {
 ///   0.96 / 0.99. bench_core's forward, n = 32, 4096², r = 8 / 16 / 64, 7 rounds: 0.90 / 0.90 /
 ///   0.93.
 /// - `stream_tiles<Arch>::few_far<T>`: up to 4 rows of X against a W read from memory (more than
-///   stream_aliased_bytes; base_product sends one row to gemv_streams), on AVX-512: 8 rows of W × 1
-///   vector, groups of 16 bytes (G = 4 in float, 2 in double: 4 rows of X per vector), with
+///   stream_aliased_bytes; base_product sends one row to gemm_dot_streams), on AVX-512: 8 rows of W
+///   × 1 vector, groups of 16 bytes (G = 4 in float, 2 in double: 4 rows of X per vector), with
 ///   stream_far_rows' prefetch; 8 broadcasts per 8 FMAs, but each row of W read 16 bytes per step.
 ///   X Wᵀ alone, a Zen 4 VM, one harness, 7–15 alternating rounds, medians (ms), float m = 2 / 3 /
 ///   4 against the former tiles (G = 8, 8 × 1 for 2 rows, 8 × 2 for 3–4): 11008 × 4096 6.32 / 6.37
 ///   / 6.38 against 6.94 / 7.89 / 7.87, 4096 × 11008 6.51 / 6.52 / 6.45 against 8.14 / 8.35 / 8.25;
-///   4096², against gemv_streams' dots for 2–4 rows: see dot_streams. Double, 11008 × 4096, against
-///   G = 4, 8 × 2 (the former tile of 3–4 rows): 12.8 / 13.1 / 13.0 against 15.8 / 15.8 / 15.9.
-///   Other tiles at 4096², float, m = 4 (ms): 12 or 4 rows of W × 1 vector 3.00 / 2.99 against
-///   2.30, without the prefetch 2.92; G = 8, 8 × 3 2.58; m = 5–8 stay on their tiles (8 × 3 of G =
-///   8 for 5–6 rows: 2.45; m = 7–8: G = 4, 8 × 2 3.01–3.06, G = 8, 6 × 4 3.03, 7 × 4 3.09, 8 × 4
-///   3.48). bench_core's forward, 4096², r = 16, old and new binaries alternating in 9 rounds, each
-///   order once, new / old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4 changes
-///   from one process to the next (2.55–3.09 ms over four such runs; the new tile 2.52–2.69), so
-///   shorter runs gave 0.92–1.01.
+///   4096², against gemm_dot_streams for 2–4 rows: see dot_streams_tile. Double, 11008 × 4096,
+///   against G = 4, 8 × 2 (the former tile of 3–4 rows): 12.8 / 13.1 / 13.0 against 15.8 / 15.8 /
+///   15.9. Other tiles at 4096², float, m = 4 (ms): 12 or 4 rows of W × 1 vector 3.00 / 2.99
+///   against 2.30, without the prefetch 2.92; G = 8, 8 × 3 2.58; m = 5–8 stay on their tiles (8 × 3
+///   of G = 8 for 5–6 rows: 2.45; m = 7–8: G = 4, 8 × 2 3.01–3.06, G = 8, 6 × 4 3.03, 7 × 4 3.09, 8
+///   × 4 3.48). bench_core's forward, 4096², r = 16, old and new binaries alternating in 9 rounds,
+///   each order once, new / old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4
+///   changes from one process to the next (2.55–3.09 ms over four such runs; the new tile
+///   2.52–2.69), so shorter runs gave 0.92–1.01.
 /// - `stream_block_vectors<Arch>`, `stream_batch_vectors`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 2 with 16; a batch of more
@@ -480,7 +491,10 @@ struct blocking {
     static constexpr Index gemv_row_bytes_max = 8192;
     static constexpr Index gemv_weight_bytes_min = Index(2) << 20;
     static constexpr Index gemv_weight_bytes_max = Index(8) << 20;
-    static constexpr Index dot_streams = 8;
+    static constexpr Index dot_streams_max_rows = 4;
+    [[nodiscard]] static constexpr Index dot_streams_tile(Index rows) noexcept {
+        return rows <= 1 ? 8 : rows == 2 ? 6 : rows == 3 ? 5 : 4;
+    }
     static constexpr Index far_prefetch_bytes = 2048;
     static constexpr Index stream_far_rows = 12;
     /// Whether one row against a row-major W of rows × cols values of `size` bytes runs gemv_rows.
@@ -1677,51 +1691,78 @@ void gemv_rows(Index n, Index k, T alpha, const T* a, const T* b, Index ldb, T* 
     }
 }
 
-/// The GEMV of gemv_rows (`y[j] (+)= alpha · Σ_p a[p] B[j, p]` for j < n) for a B read from
-/// memory: blocking::dot_streams rows of B side by side (that many sequential streams), each
-/// dotted with a over all of k (two vectors per step, one sum per row, reduced once) and each
-/// prefetching into L2 the line blocking::far_prefetch_bytes ahead of the ones it reads: the
-/// hardware prefetcher stops at every 4 KiB page, the software prefetch runs on across them. The
-/// last k mod W values by a masked load (a scalar loop on SSE). Same arguments as gemv_rows.
-template <class T, class Arch = xsimd::default_arch>
-void gemv_streams(Index n, Index k, T alpha, const T* a, const T* b, Index ldb, T* y, bool accumulate) noexcept {
+namespace detail {
+
+/// gemm_dot_streams for MA rows of A: tiles of blocking::dot_streams_tile(MA) rows of B.
+template <int MA, class T, class Arch>
+void dot_streams_block(Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c, Index ldc,
+                       bool accumulate) noexcept {
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     constexpr int lines = int(std::max<Index>(1, 2 * W * Index(sizeof(T)) / 64));  // per row of B and step
     constexpr Index ahead = blocking::far_prefetch_bytes;
     const Index k2 = k / (2 * W) * (2 * W), kv = k / W * W;
-    detail::row_tiles<int(blocking::dot_streams)>(n, [&](Index j, auto rows) {
+    row_tiles<int(blocking::dot_streams_tile(MA))>(n, [&](Index j, auto rows) {
         constexpr int R = decltype(rows)::value;
         const T* bj = b + j * ldb;
-        batch s[R];
-        LOWRANK_UNROLL for (int r = 0; r < R; ++r) s[r] = batch(T(0));
+        batch s[R][MA];
+        LOWRANK_UNROLL for (int r = 0; r < R; ++r)
+            LOWRANK_UNROLL for (int i = 0; i < MA; ++i) s[r][i] = batch(T(0));
         for (Index p = 0; p < k2; p += 2 * W) {
-            const batch a0 = batch::load_unaligned(a + p), a1 = batch::load_unaligned(a + p + W);
             LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
                 const T* br = bj + r * ldb + p;
                 LOWRANK_UNROLL for (int l = 0; l < lines; ++l)
                     LOWRANK_PREFETCH_L2(reinterpret_cast<const char*>(br) + ahead + 64 * l);
-                s[r] = xsimd::fma(batch::load_unaligned(br + W), a1, xsimd::fma(batch::load_unaligned(br), a0, s[r]));
+                const batch b0 = batch::load_unaligned(br), b1 = batch::load_unaligned(br + W);
+                LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
+                    const T* ai = a + i * lda + p;
+                    s[r][i] = xsimd::fma(b1, batch::load_unaligned(ai + W),
+                                         xsimd::fma(b0, batch::load_unaligned(ai), s[r][i]));
+                }
             }
         }
-        if (k2 < kv) {
-            const batch a0 = batch::load_unaligned(a + k2);
-            LOWRANK_UNROLL for (int r = 0; r < R; ++r)
-                s[r] = xsimd::fma(batch::load_unaligned(bj + r * ldb + k2), a0, s[r]);
-        }
+        if (k2 < kv)
+            LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
+                const batch b0 = batch::load_unaligned(bj + r * ldb + k2);
+                LOWRANK_UNROLL for (int i = 0; i < MA; ++i)
+                    s[r][i] = xsimd::fma(b0, batch::load_unaligned(a + i * lda + k2), s[r][i]);
+            }
         LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
             const T* br = bj + r * ldb;
-            T tail = T(0);
-            if constexpr (detail::has_masked_load<Arch>) {
-                if (kv < k)
-                    s[r] = xsimd::fma(detail::load_first<T, Arch>(br + kv, k - kv),
-                                      detail::load_first<T, Arch>(a + kv, k - kv), s[r]);
-            } else {
-                for (Index q = kv; q < k; ++q) tail += br[q] * a[q];
+            LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
+                const T* ai = a + i * lda;
+                T tail = T(0);
+                if constexpr (has_masked_load<Arch>) {
+                    if (kv < k)
+                        s[r][i] = xsimd::fma(load_first<T, Arch>(br + kv, k - kv), load_first<T, Arch>(ai + kv, k - kv),
+                                             s[r][i]);
+                } else {
+                    for (Index q = kv; q < k; ++q) tail += br[q] * ai[q];
+                }
+                const T dot = alpha * (xsimd::hadd(s[r][i]) + tail);
+                T& dst = c[i * ldc + j + r];
+                dst = accumulate ? dst + dot : dot;
             }
-            const T dot = alpha * (xsimd::hadd(s[r]) + tail);
-            y[j + r] = accumulate ? y[j + r] + dot : dot;
         }
+    });
+}
+
+}  // namespace detail
+
+/// `C (+)= alpha · A · Bᵀ` for m ≤ blocking::dot_streams_max_rows rows of A (a GEMV, or a batch
+/// of a few rows) against a row-major B read from memory: blocking::dot_streams_tile(m) rows of B
+/// side by side (that many sequential streams), each dotted with every row of A over all of k
+/// (two vectors per step, one sum per output, reduced once), and each prefetching into L2 the
+/// line blocking::far_prefetch_bytes ahead of the ones it reads: the hardware prefetcher stops at
+/// every 4 KiB page, the software prefetch runs on across them. The last k mod W values by a
+/// masked load (a scalar loop on SSE). Same arguments as gemm_dot.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_dot_streams(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                      Index ldc, bool accumulate) noexcept {
+    LOWRANK_ASSERT(m <= blocking::dot_streams_max_rows);
+    if (m <= 0 || n <= 0) return;
+    detail::dispatch_rows<int(blocking::dot_streams_max_rows)>(m, [&](auto ma) {
+        detail::dot_streams_block<decltype(ma)::value, T, Arch>(n, k, alpha, a, lda, b, ldb, c, ldc, accumulate);
     });
 }
 

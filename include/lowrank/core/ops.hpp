@@ -54,8 +54,9 @@ private:
 };
 
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). One row against a row-major W read
-/// from memory (more than blocking::stream_aliased_bytes): gemv_streams (8 rows of W side by side,
-/// each prefetching across the 4 KiB pages the hardware prefetcher stops at). Otherwise
+/// from memory (more than blocking::stream_aliased_bytes), and up to 4 such rows with 16
+/// registers: gemm_dot_streams (4–8 rows of W side by side, each prefetching across the 4 KiB
+/// pages the hardware prefetcher stops at; blocking::dot_streams_tile). Otherwise
 /// gemm_stream_rows streams W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width)
 /// for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of
 /// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors` · W rows with 256-bit
@@ -65,7 +66,7 @@ private:
 /// (blocking::gemv_one_stream), otherwise Eigen's GEMV (a Zen 4 VM, the GEMV alone, 15
 /// alternating rounds, time over Eigen's: 4 rows of W per tile, as gemm_dot takes one row, 0.90
 /// at 1024² (W in L3), 1.08 at 2048²; 8 rows 0.98 / 1.05: neither ahead at every size; for W from
-/// memory see blocking::dot_streams). Beyond stream_weight_rows rows (16
+/// memory see blocking::dot_streams_tile). Beyond stream_weight_rows rows (16
 /// registers only), gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
 /// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
 /// in `ws`, which grows as needed (no allocation once it has grown to the shape).
@@ -88,8 +89,9 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // measurements that set them: blocking::stream_min_rows (stream_min_rows_large for a W read
     // from memory), stream_max_rows.
     const bool from_memory = detail::rows_from_memory<T>(w.rows, w.cols);
-    if (from_memory && x.rows == 1) {
-        gemv_streams<T, Arch>(w.rows, w.cols, T(1), x.data, w.data, w.ld, y.data, false);
+    if (from_memory && (x.rows == 1 || (!blocking::wide_register_file<Arch> &&
+                                        x.rows <= blocking::dot_streams_max_rows))) {
+        gemm_dot_streams<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false);
         return;
     }
     const Index stream_from = from_memory ? blocking::stream_min_rows_large<T, Arch> : blocking::stream_min_rows<T, Arch>;
