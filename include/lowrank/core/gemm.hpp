@@ -270,7 +270,8 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     using tiles = blocking::stream_tiles<Arch>;
     if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
-        if (m <= 4 && rows_from_memory<T>(n, ldb)) return f(typename tiles::template few_far<T>());
+        using few = typename tiles::template few_far<T>;
+        if (m <= few::nv * W / few::g && rows_from_memory<T>(n, ldb)) return f(few());
         if (m > 3 * W) return f(typename tiles::four());
         if (m > 2 * W) return f(typename tiles::three());
         // Three vectors, or one of W/8 rows, where the range's tile below would leave lanes empty;

@@ -89,8 +89,8 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
     // measurements that set them: blocking::stream_min_rows (stream_min_rows_large for a W read
     // from memory), stream_max_rows.
     const bool from_memory = detail::rows_from_memory<T>(w.rows, w.cols);
-    if (from_memory && (x.rows == 1 || (!blocking::wide_register_file<Arch> &&
-                                        x.rows <= blocking::dot_streams_max_rows))) {
+    constexpr Index dot_rows = blocking::wide_register_file<Arch> ? 1 : blocking::dot_streams_max_rows;
+    if (from_memory && x.rows <= dot_rows) {
         gemm_dot_streams<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false);
         return;
     }
