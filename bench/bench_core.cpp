@@ -324,8 +324,9 @@ void forward_grid(benchmark::internal::Benchmark* b) {
     for (int d : {1024, 4096})
         for (int r : {8, 16, 64}) {
             for (int n : {1, 16, 32, 128}) b->Args({n, d, r});
-            if (r == 16)  // the batches of a few decoding sequences, at one rank
-                for (int n : {2, 4, 8}) b->Args({n, d, r});
+            if (r == 16)  // the batches of a few decoding sequences, and batches between the
+                          // stream tiles' powers of two (gemm_stream_rows' 5 × 5 tiles), at one rank
+                for (int n : {2, 4, 8, 10, 20, 40}) b->Args({n, d, r});
         }
 }
 

@@ -282,16 +282,17 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
-    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/8 and 3W/8 in float,
-    // W/4, W/2, 3W/4, W, 3W/2, 2W, 3W and 4W rows), partly filled vectors, several passes (2W + 3
-    // on 16 registers; 4W + 1 = 3 + 2 vectors and 9W + 5 = 4 + 3 + 3 on AVX-512); n around the 6-,
-    // 8- and 12-row tiles of B (tails of every size 1..11 come from n = 13, 23, 37); k with no
-    // full vector and a long one, and every remainder modulo the groups of 2, 4 and 8 steps (6, 7,
-    // 515).
+    // m: both ends of each tile shape's range of rows (on AVX-512: up to W/8, 3W/8 and 5W/8 in
+    // float, W/4, W/2, 3W/4, W, 5W/4, 3W/2, 2W, 5W/2, 3W and 4W rows), partly filled vectors,
+    // several passes (2W + 3 on 16 registers; 4W + 1 = 3 + 2 vectors and 9W + 5 = 4 + 3 + 3 on
+    // AVX-512); n around the 5-, 6-, 8- and 12-row tiles of B (tails of every size 1..11 come from
+    // n = 13, 23, 37); k with no full vector and a long one, and every remainder modulo the groups
+    // of 2, 4 and 8 steps (6, 7, 515).
     const std::set<Index> rows{1,         2,         3,         W / 4,     W / 4 + 1, 3 * W / 8, 3 * W / 8 + 1,
-                               W / 2,     W / 2 + 1, 3 * W / 4, 3 * W / 4 + 1, W - 1, W,     W + 1,
-                               3 * W / 2, 3 * W / 2 + 1, 2 * W, 2 * W + 3, 3 * W, 3 * W + 1, 4 * W,
-                               4 * W + 1, 9 * W + 5};
+                               W / 2,     W / 2 + 1, 5 * W / 8, 5 * W / 8 + 1, 3 * W / 4, 3 * W / 4 + 1,
+                               W - 1,     W,         W + 1,     5 * W / 4, 5 * W / 4 + 1, 3 * W / 2,
+                               3 * W / 2 + 1, 2 * W, 2 * W + 3, 5 * W / 2, 5 * W / 2 + 1, 3 * W,
+                               3 * W + 1, 4 * W, 4 * W + 1, 9 * W + 5};
     const Index m = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     const Index n = GENERATE(1, 11, 12, 13, 23, 37, 300);
     const Index k = GENERATE(0, 1, 6, 7, 77, 515);
@@ -382,12 +383,15 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     // W of more than blocking::stream_aliased_bytes: one row gemm_dot_streams, and up to
     // dot_streams_max_rows with 16 registers; then from stream_min_rows_large rows on (2 on
     // AVX-512) gemm_stream_rows, with its few_far tile up to 4 rows (AVX-512) and its far prefetch
-    // up to stream_far_rows; below it gemm_dot; rows a little over 4 KiB apart (in float).
+    // up to stream_far_rows (on AVX-512 also in the 5 × 5 tiles of 5W/8 rows in float and 5W/4 in
+    // double); below it gemm_dot; rows a little over 4 KiB apart (in float).
+    constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index first = core::blocking::stream_min_rows_large<T, Arch>;
     constexpr Index far = core::blocking::stream_far_rows;
     const Index in = 1024 + 3;
     const Index out = core::blocking::stream_aliased_bytes / (in * Index(sizeof(T))) + 5;
-    const std::set<Index> rows{1, 2, 3, 4, 5, first - 1, first, first + 1, far, far + 1};
+    const std::set<Index> rows{1,     2,   3,       4, 5, first - 1, first, first + 1, 5 * W / 8, 5 * W / 4,
+                               far, far + 1};
     const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     CAPTURE(n, out, in);
     check_base_product<T, Arch>(n, out, in, 71, "base_product, large W");

@@ -269,16 +269,21 @@ template <class T, class Arch, class F>
 void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     using tiles = blocking::stream_tiles<Arch>;
-    if constexpr (blocking::wide_register_file<Arch>) {  // 24 accumulators: not instantiated below
+    if constexpr (blocking::wide_register_file<Arch>) {  // 24–25 accumulators: not instantiated below
         using few = typename tiles::template few_far<T>;
         if (m <= few::nv * W / few::g && rows_from_memory<T>(n, ldb)) return f(few());
         if (m > 3 * W) return f(typename tiles::four());
+        if (m > 2 * W && 2 * m <= 5 * W) return f(typename tiles::five_halves());
         if (m > 2 * W) return f(typename tiles::three());
-        // Three vectors, or one of W/8 rows, where the range's tile below would leave lanes empty;
-        // two of W/8 rows (float), where it would broadcast once per FMA (blocking::stream_tile).
+        // Five or three vectors, or one of W/8 rows, where the range's tile below would leave
+        // lanes empty; two of W/8 rows (float), where it would broadcast once per FMA
+        // (blocking::stream_tile).
+        if (m > W && 4 * m <= 5 * W) return f(typename tiles::five_quarters());
         if (m > W && 2 * m <= 3 * W) return f(typename tiles::three_halves());
+        if constexpr (sizeof(T) == 4)  // groups of 8 steps: 32 bytes of float (64 of double)
+            if (2 * m > W && 8 * m <= 5 * W) return f(typename tiles::five_eighths());
         if (2 * m > W && 4 * m <= 3 * W) return f(typename tiles::three_quarters());
-        if constexpr (sizeof(T) == 4) {  // groups of 8 steps: 32 bytes of float (64 of double)
+        if constexpr (sizeof(T) == 4) {
             if (4 * m > W && 8 * m <= 3 * W) return f(typename tiles::three_eighths());
             if (8 * m <= W) return f(typename tiles::eighth());
             if (4 * m <= W) return f(typename tiles::two_eighths());
@@ -418,14 +423,15 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// the block's rows): each group of G values of a row of B is one broadcast load that serves NV
 /// vectors, i.e. NV·R rows of A, with all lanes in use from R rows; the G partial sums of a lane
 /// group are added once, at the end of a tile. Tiles (MR rows of B × NV vectors), float, m rows:
-/// m ≤ 2: G = 8, 8 × 1; m ≤ 4: G = 8, 8 × 2; m ≤ 6: G = 8, 8 × 3; m ≤ 8: G = 4, 8 × 2; m ≤ 12:
-/// G = 4, 8 × 3; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against 13 per 12 with one row of A
-/// per lane; each row of B prefetching 8 lines ahead of its reads); m ≤ 24: G = 2, 8 × 3; m ≤ 32:
-/// G = 1, 12 × 2 (8 × 2 prefetching like m ≤ 16 when B is large and its rows share L1 sets:
-/// blocking::stream_tiles::two_aliased); m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4
-/// (see blocking::stream_block_vectors); m ≤ 4 against a B read from memory: groups of 16 bytes,
-/// 8 × 1 (blocking::stream_tiles::few_far), float and double. Double: the same by fractions of W
-/// (8 lanes), but no groups of 8 (m ≤ 2: G = 4, 8 × 1). Elsewhere G = 1 with 6 × 1 or 6 × 2
+/// m ≤ 2: G = 8, 8 × 1; m ≤ 4: G = 8, 8 × 2; m ≤ 6: G = 8, 8 × 3; m ≤ 8: G = 4, 8 × 2; m ≤ 10:
+/// G = 8, 5 × 5; m ≤ 12: G = 4, 8 × 3; m ≤ 16: G = 2, 8 × 2 (10 loads per 16 FMAs, against 13
+/// per 12 with one row of A per lane; each row of B prefetching 8 lines ahead of its reads); m ≤
+/// 20: G = 4, 5 × 5; m ≤ 24: G = 2, 8 × 3; m ≤ 32: G = 1, 12 × 2 (8 × 2 prefetching like m ≤ 16
+/// when B is large and its rows share L1 sets: blocking::stream_tiles::two_aliased); m ≤ 40: G =
+/// 2, 5 × 5; m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see blocking::stream_block_vectors); m ≤
+/// 4 against a B read from memory: groups of 16 bytes, 8 × 1 (blocking::stream_tiles::few_far),
+/// float and double. Double: the same by fractions of W (8 lanes), but no groups of 8 (m ≤ 2: G =
+/// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere G = 1 with 6 × 1 or 6 × 2
 /// tiles. Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,

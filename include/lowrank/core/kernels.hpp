@@ -346,10 +346,24 @@ namespace lowrank::core {
 ///   2048² 0.67, 24 at 4096² 0.75; double, m = 5 / 6 at 1024² 0.90 / 0.84, 6 at 4096² 1.02.
 ///   Shrink on it (n = 9–12, w = 32 / 64, in = 4096) 0.82–0.84, n = 12, in = 1024 0.87. Tiles
 ///   that only trade loads for FMAs gained nothing: G = 8 for m = 3, 4 (2 vectors) 0.96 / 1.02,
-///   for m = 7, 8 (6 × 4) 0.96–1.04. Past 2W rows the G = 1 tiles stay:
-///   G = 2 for 2W + 1 to 5W/2 rows (4 × 5) and 3W + 1 to 7W/2 (3 × 7), float, m = 36 / 40 / 52 / 56
-///   at 1024², 40 at 4096², took 1.09 / 1.18 / 1.26 / 1.16, 1.18× as long; so did the 8-row tiles
-///   as 4-row ones (m = 2 / 4: 1.06–1.18 / 1.16–1.32).
+///   for m = 7, 8 (6 × 4) 0.96–1.04. On the Zen 5 VM, G = 2 for 2W + 1 to 5W/2 rows (4 × 5) and
+///   3W + 1 to 7W/2 (3 × 7), float, m = 36 / 40 / 52 / 56 at 1024², 40 at 4096², took 1.09 / 1.18
+///   / 1.26 / 1.16, 1.18× as long as the G = 1 tiles; so did the 8-row tiles as 4-row ones (m = 2 /
+///   4: 1.06–1.18 / 1.16–1.32). With 5 rows of W, five vectors win on a Zen 4 VM (probe 134
+///   GFLOP/s): `five_eighths` (float, W/2 + 1 to 5W/8 rows: G = 8, 5 × 5, against three_quarters'
+///   3/4 per value of W, 5/8), `five_quarters` (W + 1 to 5W/4: G = 4, against three_halves' 3/2,
+///   5/4) and `five_halves` (2W + 1 to 5W/2: G = 2, against three's 3, 5/2); 25 accumulators, 5
+///   loads and 5 broadcasts per 25 FMAs; no L1 prefetch (the far one up to stream_far_rows). X Wᵀ
+///   alone (base_product), old and new binaries alternating in 5–7 rounds, medians, new / old time
+///   (each order once at 4096²): float 4096², m = 9 / 10 0.90–0.91, 17 / 18 / 20 0.86–0.88, 33 /
+///   36 / 40 0.85; 1024² m = 9 / 10 0.87, 17 / 20 0.85, 33 / 40 0.84; 11008 × 4096 m = 10 / 18 / 36
+///   0.90 / 0.87 / 0.86; 4096 × 11008 0.95 / 0.88 / 0.84; double 4096² m = 9 / 10 0.86, 17 / 20
+///   0.87, 1024² 0.84–0.85; the rows next to these ranges 0.98–1.01. Shrink (gemm_stream_rows_passes,
+///   n = 9 / 10, in = 4096, w = 32 and 64) 0.90–0.91, in = 1024, w = 64 0.86–0.90. Other tiles at
+///   those rows, X Wᵀ alone, one process, 9 rounds (ms), float 4096²: m = 10, the former 8 × 3
+///   4.18, G = 8, 5 × 5 3.75, 4 × 5 4.66, 4 × 6 5.24 (with the far prefetch; without it 4.32 / 5.21
+///   for 5 × 5 / 4 × 5); m = 20: G = 2, 8 × 3 8.01, G = 4, 5 × 5 7.20, 4 × 5 9.09, 4 × 6 9.86; m =
+///   36: G = 1, 8 × 3 14.5, G = 2, 5 × 5 12.2, 6 × 5 12.8. Not timed on a Zen 5 VM.
 ///   No prefetch (AHEAD = 0, was 8) in the tiles of up to W/2 rows and the three-vector ones (up to
 ///   3W/2 rows): a Zen 4 VM (probe 133.7 GFLOP/s), X Wᵀ alone, both in one process, 7–15
 ///   alternating rounds, each link order once, new / former time: 4096², float m = 3 0.87–0.95, 4
@@ -530,10 +544,10 @@ struct blocking {
     };
     /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
     /// X (W: Arch's lanes of T; the last two with 32 registers only), and with 32 registers for W/8
-    /// (float), W/4 (float: two_eighths, ahead of quarter), 3W/8 (float), 3W/4 and 3W/2 rows:
-    /// eighth, three_eighths, three_quarters and three_halves fill one or three vectors where the
-    /// tile of the next range up would leave lanes empty; two_eighths does quarter's FMAs with half
-    /// its broadcasts.
+    /// (float), W/4 (float: two_eighths, ahead of quarter), 3W/8 (float), 5W/8 (float), 3W/4, 5W/4,
+    /// 3W/2 and 5W/2 rows: eighth, three_eighths, the five_ and three_ tiles fill one, three or
+    /// five vectors where the tile of the next range up would leave lanes empty; two_eighths does
+    /// quarter's FMAs with half its broadcasts.
     template <class Arch>
     struct stream_tiles {
         using eighth = stream_tile<8, 1, 8>;  // G = 8: float only (32-byte groups)
@@ -548,6 +562,9 @@ struct blocking {
         using two_aliased = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 1, 8>, two>;
         using three = stream_tile<8, 3, 1>;  // 32 registers only (24 accumulators)
         using four = stream_tile<6, 4, 1>;
+        using five_eighths = stream_tile<5, 5, 8>;  // 32 registers only (25 accumulators); float
+        using five_quarters = stream_tile<5, 5, 4>;
+        using five_halves = stream_tile<5, 5, 2>;
         template <class T>
         using few_far = stream_tile<8, 1, 16 / Index(sizeof(T))>;
     };
