@@ -358,8 +358,8 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product on each of its p
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range (blocking::stream_min_rows,
-    // stream_max_rows: on AVX2 3W/2 + 1 rows in float and W in double to 4W, in passes of 2W rows
-    // with a 1-row pass last at 4W + 1; every batch from 2 rows on AVX-512, in passes of up to 4W
+    // stream_max_rows: on AVX2 3W/2 + 1 rows in float to 8W and W in double to 4W, in passes of 2W
+    // rows with a 1-row pass last at 4W + 1 and 8W + 1; every batch from 2 rows on AVX-512, in passes of up to 4W
     // rows: 8W + 1 takes three passes of 3, 3 and 3 vectors) and of gemm_dot's
     // (stream_weight_rows: 32, 33), then gemm_packed where it remains (past one block of
     // gemm_mc<T> rows at 150).

@@ -421,12 +421,21 @@ namespace lowrank::core {
 ///   5.37 / 5.48; d = 4096: m = 64 15.7 / 14.0 / 18.5, 128 30.9 / 26.7 / 26.2, 256 56.0 / 54.5 /
 ///   50.3 (gemm_packed 8% ahead there, 14% behind on Zen 4); double, 1024: m = 256 5.51 / 5.11 /
 ///   5.59. With 16 registers (AVX2) the stream kernel keeps 2-vector passes and base_product takes
-///   it up to `stream_batch_vectors` = 4 vectors (32 rows), gemm_packed beyond: at 64 rows the Zen
-///   4 VM ran the stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long
-///   per row as 128 by gemm_packed.
+///   it up to `stream_batch_vectors<T>` vectors, gemm_packed beyond: 4 (32 rows of float, 16 of
+///   double) until a 2-core Sapphire Rapids VM (probe 262 GFLOP/s fp32 with AVX-512, 30 GB/s from
+///   L3), where an AVX2 build ran float batches past 32 rows by the stream kernel faster: X Wᵀ
+///   alone, two binaries alternating twice, medians of 15 × 10 calls, stream / gemm_packed time:
+///   4096², m = 33 / 40 / 48 / 64 / 96 / 128 0.85–0.89 / 0.73–0.78 / 0.71–0.72 / 0.73–0.78 /
+///   0.79–0.88 / 0.82–0.95; 1024², m = 33 / 40 / 64 / 128 / 256 0.97 / 0.84–0.85 / 0.86–0.88 /
+///   0.96–0.97 / 1.02. Float now takes 8 vectors (64 rows): at 64 rows the Zen 4 VM also ran the
+///   stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long per row as
+///   128 by gemm_packed (not measured since at 65–128). Double stays at 4: there, with its W read from
+///   memory once per pass of 2 vectors (8 rows), the stream kernel lost to gemm_dot (m = 17:
+///   1.10–1.29) and gemm_packed (m = 33 / 64 / 128: 1.01–1.17 / 1.09 / 1.30) at 4096², though not
+///   at 1024², where W stays in L2 (m = 33 / 64: 0.87 / 0.87).
 /// - `stream_min_rows<T, Arch>`, `stream_max_rows<T, Arch>`: the batches (rows of X) for which
 ///   base_product streams W through gemm_stream_rows. 32 registers: 2 rows and more. 16 registers:
-///   up to stream_batch_vectors · W (see above), and none with 128-bit vectors. With
+///   up to stream_batch_vectors<T> · W (see above), and none with 128-bit vectors. With
 ///   16 the tiles hold one row of X per lane (G = 1), so a batch short of a vector leaves lanes
 ///   empty while gemm_dot does fewer FMAs: 3W/2 + 1 rows in float (13), W in double (4). AVX2
 ///   build (-march=x86-64-v3), X Wᵀ alone, 1024², both in one process, gemm_dot / stream time:
@@ -518,7 +527,8 @@ struct blocking {
                all <= gemv_weight_bytes_max;
     }
     static constexpr Index stream_weight_rows = 32;
-    static constexpr Index stream_batch_vectors = 4;
+    template <class T>
+    static constexpr Index stream_batch_vectors = sizeof(T) == 4 ? 8 : 4;
     template <class T, class Arch>
     static constexpr Index stream_min_rows = wide_register_file<Arch> ? 2
                                              : sizeof(T) == 4           ? 3 * xsimd::batch<T, Arch>::size / 2 + 1
@@ -530,7 +540,7 @@ struct blocking {
     template <class T, class Arch>
     static constexpr Index stream_max_rows = wide_register_file<Arch> ? std::numeric_limits<Index>::max()
                                              : sizeof(xsimd::batch<T, Arch>) >= 32
-                                                 ? stream_batch_vectors * xsimd::batch<T, Arch>::size
+                                                 ? stream_batch_vectors<T> * xsimd::batch<T, Arch>::size
                                                  : 0;
     static constexpr Index packed_shrink_rows_one_vector = 192;
     static constexpr Index packed_shrink_rows_part_vector = 64;

@@ -59,7 +59,7 @@ private:
 /// pages the hardware prefetcher stops at; blocking::dot_streams_tile). Otherwise
 /// gemm_stream_rows streams W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width)
 /// for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of
-/// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors` · W rows with 256-bit
+/// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors<T>` · W rows with 256-bit
 /// vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
 /// from 2 to stream_weight_rows rows the dot kernel streams it once. One row of a W in cache:
 /// gemv_rows (W row after row, one sequential stream) for a W of rows of 1–8 KiB and 2–8 MiB in all
