@@ -284,8 +284,8 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // m: both ends of each tile shape's range of rows (on AVX-512: up to W/8, 3W/8 and 5W/8 in
     // float, W/4, W/2, 3W/4, W, 5W/4, 3W/2, 2W, 5W/2, 3W and 4W rows), partly filled vectors,
-    // several passes (2W + 3 on 16 registers; 4W + 1 = 3 + 2 vectors and 9W + 5 = 4 + 3 + 3 on
-    // AVX-512); n around the 5-, 6-, 8- and 12-row tiles of B (tails of every size 1..11 come from
+    // several passes (16 registers: 2W + 3 and 3W one pass of the 3-vector tile, 3W + 1 = 2 + 2
+    // vectors, 4W + 1 = 3 + 2; AVX-512: 4W + 1 = 3 + 2 and 9W + 5 = 4 + 3 + 3); n around the 5-, 6-, 8- and 12-row tiles of B (tails of every size 1..11 come from
     // n = 13, 23, 37); k with no full vector and a long one, and every remainder modulo the groups
     // of 2, 4 and 8 steps (6, 7, 515).
     const std::set<Index> rows{1,         2,         3,         W / 4,     W / 4 + 1, 3 * W / 8, 3 * W / 8 + 1,

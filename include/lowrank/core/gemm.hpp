@@ -289,7 +289,9 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
             if (4 * m <= W) return f(typename tiles::two_eighths());
         }
     }
-    if (m <= W / 4)
+    if (m > 2 * W)  // 16 registers: 12 accumulators, 3 loads and 4 broadcasts per step
+        f(typename tiles::three());
+    else if (m <= W / 4)
         f(typename tiles::quarter());
     else if (m <= W / 2)
         f(typename tiles::half());
@@ -431,8 +433,8 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// 2, 5 × 5; m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see blocking::stream_block_vectors); m ≤
 /// 4 against a B read from memory: groups of 16 bytes, 8 × 1 (blocking::stream_tiles::few_far),
 /// float and double. Double: the same by fractions of W (8 lanes), but no groups of 8 (m ≤ 2: G =
-/// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere G = 1 with 6 × 1 or 6 × 2
-/// tiles. Same arguments as gemm_packed.
+/// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere (16 registers) G = 1 with 6 × 1, 6 × 2 or,
+/// past 2W rows, 4 × 3 tiles. Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

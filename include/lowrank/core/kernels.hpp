@@ -283,8 +283,8 @@ namespace lowrank::core {
 /// - `stream_tile<MR, NV, G, AHEAD>`: a tile of gemm_stream_rows (the small-batch X Wᵀ, the batch
 ///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
 ///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
-///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1 or 6 × 2, G =
-///   1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1 (double; float: G = 8, 8 ×
+///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1, 6 × 2 or (2W
+///   + 1 to 3W rows) 4 × 3, G = 1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1 (double; float: G = 8, 8 ×
 ///   2, below); G = 4, 8 × 2; G = 2, 8 × 2 (AHEAD = 8, the others none); G = 1, 12 × 2. W/4 + 1 to
 ///   W/2 rows (7–8 in float, 3–4 in double) took G = 2, 8 × 1 until a Zen 4 VM (probe 132
 ///   GFLOP/s: AVX-512 on 256-bit units) ran its 8 broadcasts per 8 FMAs well below the peak; G =
@@ -406,7 +406,13 @@ namespace lowrank::core {
 ///   2.52–2.69), so shorter runs gave 0.92–1.01.
 /// - `stream_block_vectors<Arch>`, `stream_batch_vectors`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
-///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 2 with 16; a batch of more
+///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 3 with 16 (4 × 3: 12
+///   accumulators, 3 loads and 4 broadcasts per step; 2 vectors, 6 × 2 tiles, until the Sapphire
+///   Rapids VM below: AVX2 build, X Wᵀ alone, old and new binaries alternating twice, medians of
+///   15 × 10 calls, new / old time, float 4096²: m = 17 / 20 / 24 (one pass instead of two) 0.80–
+///   0.86, 40 (3 + 2 vectors, not 2 + 2 + 1) 0.87–0.90, 56 0.92–0.93, 32 / 48 / 64 0.98–1.02;
+///   1024²: m = 17–24 0.83–0.85, 40 0.92–0.94, 48 / 64 0.96–0.99; double, m = 9 / 12: 4096²
+///   0.61–0.65, 1024² 0.73–0.75, m = 16 equal); a batch of more
 ///   vectors goes in as few passes as that allows, its vectors shared evenly. With 32 registers
 ///   base_product streams W for every batch of 2 rows or more: X Wᵀ alone, float, this 2-core
 ///   Zen 4 VM (probe 121–134 GFLOP/s), medians of 9, ms, former stream kernel (2-vector passes) /
@@ -420,7 +426,7 @@ namespace lowrank::core {
 ///   d = 1024: m = 48 0.73 / 0.60 / 1.31, 96 1.79 / 1.21 / 1.35, 128 1.36 / 1.35 / 1.46, 512 5.50 /
 ///   5.37 / 5.48; d = 4096: m = 64 15.7 / 14.0 / 18.5, 128 30.9 / 26.7 / 26.2, 256 56.0 / 54.5 /
 ///   50.3 (gemm_packed 8% ahead there, 14% behind on Zen 4); double, 1024: m = 256 5.51 / 5.11 /
-///   5.59. With 16 registers (AVX2) the stream kernel keeps 2-vector passes and base_product takes
+///   5.59. With 16 registers (AVX2) the stream kernel keeps shorter passes and base_product takes
 ///   it up to `stream_batch_vectors<T>` vectors, gemm_packed beyond: 4 (32 rows of float, 16 of
 ///   double) until a 2-core Sapphire Rapids VM (probe 262 GFLOP/s fp32 with AVX-512, 30 GB/s from
 ///   L3), where an AVX2 build ran float batches past 32 rows by the stream kernel faster: X Wᵀ
@@ -570,7 +576,7 @@ struct blocking {
         using one = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 2, 8>, stream_tile<6, 1, 1>>;
         using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1>, stream_tile<6, 2, 1>>;
         using two_aliased = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 1, 8>, two>;
-        using three = stream_tile<8, 3, 1>;  // 32 registers only (24 accumulators)
+        using three = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 3, 1>, stream_tile<4, 3, 1>>;
         using four = stream_tile<6, 4, 1>;
         using five_eighths = stream_tile<5, 5, 8>;  // 32 registers only (25 accumulators); float
         using five_quarters = stream_tile<5, 5, 4>;
@@ -579,7 +585,7 @@ struct blocking {
         using few_far = stream_tile<8, 1, 16 / Index(sizeof(T))>;
     };
     template <class Arch>
-    static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 2;
+    static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 3;
     static constexpr Index l1_set_span = 4096;
     static constexpr Index stream_aliased_bytes = Index(16) << 20;
     static constexpr int row_backward_rows = 4;
