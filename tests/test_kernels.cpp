@@ -285,7 +285,8 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product", "[kernels]
     // m: both ends of each tile shape's range of rows (on AVX-512: up to W/8, 3W/8 and 5W/8 in
     // float, W/4, W/2, 3W/4, W, 5W/4, 3W/2, 2W, 5W/2, 3W and 4W rows), partly filled vectors,
     // several passes (16 registers: 2W + 3 and 3W one pass of the 3-vector tile, 3W + 1 = 2 + 2
-    // vectors, 4W + 1 = 3 + 2; AVX-512: 4W + 1 = 3 + 2 and 9W + 5 = 4 + 3 + 3); n around the 5-, 6-, 8- and 12-row tiles of B (tails of every size 1..11 come from
+    // vectors, 4W + 1 = 3 + 2; AVX-512: 4W + 1 = 3 + 2 and 9W + 5 = 4 + 3 + 3); n around the 5-,
+    // 6-, 8- and 12-row tiles of B (tails of every size 1..11 come from
     // n = 13, 23, 37); k with no full vector and a long one, and every remainder modulo the groups
     // of 2, 4 and 8 steps (6, 7, 515).
     const std::set<Index> rows{1,         2,         3,         W / 4,     W / 4 + 1, 3 * W / 8, 3 * W / 8 + 1,
@@ -358,8 +359,8 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product on each of its p
     using Arch = typename TestType::arch;
     constexpr Index W = xsimd::batch<T, Arch>::size;
     // n: one row (Eigen's GEMV), the ends of gemm_stream_rows' range (blocking::stream_min_rows,
-    // stream_max_rows: on AVX2 3W/2 + 1 rows in float to 8W and W in double to 4W, in passes of 2W
-    // rows with a 1-row pass last at 4W + 1 and 8W + 1; every batch from 2 rows on AVX-512, in passes of up to 4W
+    // stream_max_rows: on AVX2 3W/2 + 1 rows in float to 8W and W in double to 4W, in passes of up
+    // to 3W rows (4W + 1 = 3 + 2 vectors); every batch from 2 rows on AVX-512, in passes of up to 4W
     // rows: 8W + 1 takes three passes of 3, 3 and 3 vectors) and of gemm_dot's
     // (stream_weight_rows: 32, 33), then gemm_packed where it remains (past one block of
     // gemm_mc<T> rows at 150).
