@@ -284,12 +284,13 @@ namespace lowrank::core {
 ///   along the vectors): MR rows of W × NV vectors, each vector R = W / G rows of X × G steps of k;
 ///   AHEAD > 0: each row of W prefetches (into L1) the line AHEAD lines ahead of the one it reads.
 ///   `stream_tiles<Arch>` holds the one for each range of rows. 16 registers: 6 × 1, 6 × 2 or (2W
-///   + 1 to 3W rows) 4 × 3, G = 1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 × 1 (double; float: G = 8, 8 ×
-///   2, below); G = 4, 8 × 2; G = 2, 8 × 2 (AHEAD = 8, the others none); G = 1, 12 × 2. W/4 + 1 to
-///   W/2 rows (7–8 in float, 3–4 in double) took G = 2, 8 × 1 until a Zen 4 VM (probe 132
-///   GFLOP/s: AVX-512 on 256-bit units) ran its 8 broadcasts per 8 FMAs well below the peak; G =
-///   4, 8 × 2 does the same FMAs with 8 broadcasts per 16. X Wᵀ alone, both tiles in one process,
-///   9 alternating rounds, each order once (the slot a tile sits in moved the ratio up to 0.94),
+///   + 1 to 3W rows) 4 × 3, G = 1. 32 registers (AVX-512), up to W/4, W/2, W, 2W rows: G = 4, 8 ×
+///   1 (double; float: G = 8, 8 × 2, below); G = 4, 8 × 2; G = 2, 8 × 2 (AHEAD = 8, the others
+///   none); G = 1, 12 × 2. W/4 + 1 to W/2 rows (7–8 in float, 3–4 in double) took G = 2, 8 × 1
+///   until a Zen 4 VM (probe 132 GFLOP/s: AVX-512 on 256-bit units) ran its 8 broadcasts per 8
+///   FMAs well below the peak; G = 4, 8 × 2 does the same FMAs with 8 broadcasts per 16. X Wᵀ
+///   alone, both tiles in one process, 9 alternating rounds, each order once (the slot a tile
+///   sits in moved the ratio up to 0.94),
 ///   new / former time: float m = 8 at 256² / 1024² / 4096² 0.82 and 0.81 / 0.76 and 0.76 / 0.94
 ///   and 0.94, m = 7 at 1024² 0.77 / 0.76; double m = 3 / 4 at 256² 0.79 / 0.79, 1024² 0.78 /
 ///   0.78, 4096² 0.97 / 0.98; shrink X Vᵀ, n = 8, w = 32 / 64, in = 1024 and 4096: 0.74–0.76. In
@@ -404,7 +405,7 @@ namespace lowrank::core {
 ///   each order once, new / old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4
 ///   changes from one process to the next (2.55–3.09 ms over four such runs; the new tile
 ///   2.52–2.69), so shorter runs gave 0.92–1.01.
-/// - `stream_block_vectors<Arch>`, `stream_batch_vectors`: gemm_stream_rows takes up to 4 vectors
+/// - `stream_block_vectors<Arch>`, `stream_batch_vectors<T>`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 3 with 16 (4 × 3: 12
 ///   accumulators, 3 loads and 4 broadcasts per step; 2 vectors, 6 × 2 tiles, until the Sapphire
@@ -435,8 +436,8 @@ namespace lowrank::core {
 ///   0.79–0.88 / 0.82–0.95; 1024², m = 33 / 40 / 64 / 128 / 256 0.97 / 0.84–0.85 / 0.86–0.88 /
 ///   0.96–0.97 / 1.02. Float now takes 8 vectors (64 rows): at 64 rows the Zen 4 VM also ran the
 ///   stream kernel 15–23% faster, but the Zen 5 one ran 32 rows by it 1.19× as long per row as
-///   128 by gemm_packed (not measured since at 65–128). Double stays at 4: there, with its W read from
-///   memory once per pass of 2 vectors (8 rows), the stream kernel lost to gemm_dot (m = 17:
+///   128 by gemm_packed (not measured since at 65–128). Double stays at 4: there, with its W read
+///   from memory once per pass of 2 vectors (8 rows), the stream kernel lost to gemm_dot (m = 17:
 ///   1.10–1.29) and gemm_packed (m = 33 / 64 / 128: 1.01–1.17 / 1.09 / 1.30) at 4096², though not
 ///   at 1024², where W stays in L2 (m = 33 / 64: 0.87 / 0.87).
 /// - `stream_min_rows<T, Arch>`, `stream_max_rows<T, Arch>`: the batches (rows of X) for which

@@ -57,7 +57,7 @@ private:
 /// from memory (more than blocking::stream_aliased_bytes), and up to 4 such rows with 16
 /// registers: gemm_dot_streams (4–8 rows of W side by side, each prefetching across the 4 KiB
 /// pages the hardware prefetcher stops at; blocking::dot_streams_tile). Otherwise
-/// gemm_stream_rows streams W (once per 4W rows on AVX-512, 2W with 16 registers; W: SIMD width)
+/// gemm_stream_rows streams W (once per 4W rows on AVX-512, 3W with 16 registers; W: SIMD width)
 /// for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of
 /// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors<T>` · W rows with 256-bit
 /// vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
