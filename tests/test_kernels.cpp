@@ -342,6 +342,43 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B
     REQUIRE(c.border_intact());
 }
 
+TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B read once for groups of blocks",
+                        "[kernels]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    using blk = core::blocking;
+    // B past blocking::stream_aliased_bytes (few long rows, k values used of each), and more rows
+    // of A than one block of the stream tiles holds: where blocking::stream_grouped (double on
+    // AVX-512), detail::stream_rows_grouped. 4W + 1 rows: two blocks of 3 + 2 vectors and k in two
+    // blocks of stream_group_kc (1024 and the rest); 9W + 5: four blocks of 3, 3, 2, 2 vectors;
+    // stream_group_rows + W + 3: two groups of rows (33 + 33 vectors, each 11 blocks of 3) and k
+    // in four blocks of 496 and a tail, so that partial sums are stored, reloaded and stored again.
+    // n = 37 leaves 5 rows of B to the tail tile. Elsewhere the passes of one block each.
+    const Index n = 37, k = 2041;
+    const Index ldb = blk::stream_aliased_bytes / (n * Index(sizeof(T))) + 64;
+    constexpr bool grouped = blk::stream_grouped<T, Arch>;
+    const Index m = grouped ? GENERATE(4 * W + 1, 9 * W + 5, blk::stream_group_rows<T> + W + 3) : 4 * W + 1;
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate);
+    REQUIRE(core::detail::rows_from_memory<T>(n, ldb));
+    if (grouped && m > blk::stream_group_rows<T>)
+        REQUIRE(3 * blk::stream_group_kc<T>(blk::stream_group_rows<T> / 2 + W) < k);
+
+    const Matrix<T> wide = random_matrix<T>(n, ldb, 82);  // B: its first k columns
+    const MatrixView<const T> bv = view(wide).block(0, 0, n, k);
+    Strided<T> a(m, k, 81), c(m, n, 83);
+    const T alpha = T(0.625);
+    const Matrix<double> b = wide.leftCols(k).template cast<double>();
+    const auto [want, bound] = expected_abt<T>(a.value(), b, c.value(), alpha, accumulate);
+    auto av = a.view(), cv = c.view();
+    core::GemmWorkspace<T> ws;
+    ws.b.assign(std::size_t(n * (m + W)), std::numeric_limits<T>::quiet_NaN());  // stale partial sums
+    core::gemm_stream_rows<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate, ws);
+    require_within(c.value(), want, bound, "stream rows (grouped) vs exact");
+    REQUIRE(c.border_intact());
+}
+
 /// base_product of an n × in X against a row-major out × in W (both strided), into a strided Y,
 /// against the exact product; seeds seed, seed + 1, seed + 2.
 template <class T, class Arch>

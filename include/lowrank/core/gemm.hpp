@@ -201,10 +201,13 @@ LOWRANK_TILE_INLINE xsimd::batch<T, Arch> broadcast_group(const T* p) noexcept {
 /// further along the same row into L1 (the G = 2, 8 × 2 tile at m = 16, 4096², whose MR rows are
 /// a power-of-two stride apart: 1.13× the former tile's time without it, 0.96–0.97× with it into
 /// L2, 0.94–0.95× of that into L1; see blocking::stream_tile); with FAR > 0, into L2 the line FAR
-/// bytes further along (a B read from memory: blocking::stream_far_rows).
-template <int MR, int NV, Index G, Index AHEAD, class T, class Arch, Index FAR = 0>
+/// bytes further along (a B read from memory: blocking::stream_far_rows); given `next` (P = const
+/// T*), into L2 the line at the same place of row i of `next` (ldb apart: the next tile's rows, in
+/// stream_rows_grouped: X Wᵀ alone, m = 128, 4096², double, 6 × 4 tiles, 0.95× the time without).
+template <int MR, int NV, Index G, Index AHEAD, class T, class Arch, Index FAR = 0, class P = std::nullptr_t>
 LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, Index ldb, const T* ag,
-                                          xsimd::batch<T, Arch> (&acc)[MR][NV]) noexcept {
+                                          xsimd::batch<T, Arch> (&acc)[MR][NV], P next = nullptr) noexcept {
+    constexpr bool NEXT = !std::is_same_v<P, std::nullptr_t>;
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
@@ -218,9 +221,11 @@ LOWRANK_TILE_INLINE void stream_rows_tile(Index groups, Index rem, const T* b, I
         }
     };
     Index q = 0;
-    if constexpr (AHEAD > 0 || FAR > 0) {
+    if constexpr (AHEAD > 0 || FAR > 0 || NEXT) {
         constexpr Index L = 64 / (G * Index(sizeof(T)));  // groups per cache line of a row
         for (; q + (AHEAD + 1) * L <= groups; q += L) {
+            if constexpr (NEXT)
+                LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L2(next + i * ldb + q * G);
             if constexpr (AHEAD > 0)
                 LOWRANK_UNROLL for (int i = 0; i < MR; ++i) LOWRANK_PREFETCH_L1(b + i * ldb + (q + AHEAD * L) * G);
             if constexpr (FAR > 0)
@@ -412,6 +417,81 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
     });
 }
 
+/// gemm_stream_rows for up to blocking::stream_group_rows<T> rows of A in blocks of up to NB
+/// vectors (blocking::stream_tiles::three, MR rows of B × NB vectors), with B read from memory
+/// once for all of them, not once per block: k goes in blocks of kc steps (blocking::stream_group_kc:
+/// the packed rows of A, all blocks, fill blocking::stream_group_bytes); for each, every block of
+/// rows of A is packed (into ws.a, one after the other), and each tile of MR rows of B runs
+/// against all of them in turn, its kc values of B read from memory by the first block (which
+/// prefetches the next tile's into L2) and from cache by the others. The sums of every block of k
+/// but the last wait in ws.b (Cᵀ, n × the packed rows); the last adds them into C.
+template <class T, class Arch>
+void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                         Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+    using batch = xsimd::batch<T, Arch>;
+    using tile = typename blocking::stream_tiles<Arch>::three;
+    constexpr int MR = tile::mr, NB = tile::nv;
+    static_assert(tile::g == 1, "stream_rows_grouped: one row of A per lane");
+    constexpr Index W = batch::size, max_blocks = blocking::stream_group_rows<T> / W;
+    LOWRANK_ASSERT(m <= blocking::stream_group_rows<T>);
+    if (trivial_product(m, n, k, c, ldc, accumulate)) return;
+    const Index vectors = (m + W - 1) / W, blocks = (vectors + NB - 1) / NB;
+    Index first[max_blocks + 1], nv[max_blocks], voff[max_blocks + 1];  // block q: rows, vectors, offset
+    first[0] = voff[0] = 0;
+    for (Index q = 0; q < blocks; ++q) {  // the vectors shared evenly, as gemm_stream_rows' passes
+        nv[q] = vectors / blocks + (q < vectors % blocks ? 1 : 0);
+        first[q + 1] = std::min(m, first[q] + nv[q] * W);
+        voff[q + 1] = voff[q] + nv[q];
+    }
+    const Index lanes = voff[blocks] * W;
+    const Index kc_max = std::min(k, blocking::stream_group_kc<T>(lanes));
+    T* ag = GemmWorkspace<T>::reserve(ws.a, kc_max * lanes);
+    T* part = k > kc_max ? GemmWorkspace<T>::reserve(ws.b, n * lanes) : nullptr;
+    for (Index p0 = 0; p0 < k; p0 += kc_max) {
+        const Index kc = std::min(kc_max, k - p0);
+        const bool first_k = p0 == 0, last_k = p0 + kc == k;
+        for (Index q = 0; q < blocks; ++q) {
+            T* dst = ag + kc * voff[q] * W;
+            const Index rows = first[q + 1] - first[q], ld = nv[q] * W;
+            transpose<T, Arch>(rows, kc, a + first[q] * lda + p0, lda, dst, ld);
+            for (Index p = 0; p < kc; ++p) std::fill(dst + p * ld + rows, dst + (p + 1) * ld, T(0));
+        }
+        row_tiles<MR>(n, [&](Index j0, auto mr) {
+            constexpr int M = decltype(mr)::value;
+            const T* bt = b + j0 * ldb + p0;
+            for (Index q = 0; q < blocks; ++q) dispatch_rows<NB>(nv[q], [&](auto vecs) {
+                constexpr int NV = decltype(vecs)::value;
+                const T* aq = ag + kc * voff[q] * W;
+                batch acc[M][NV];
+                bool done = false;
+                if constexpr (M == MR)
+                    if (q == 0 && j0 + 2 * MR <= n) {
+                        stream_rows_tile<M, NV, 1, 0, T, Arch, 0, const T*>(kc, 0, bt, ldb, aq, acc, bt + MR * ldb);
+                        done = true;
+                    }
+                if (!done) stream_rows_tile<M, NV, 1, 0, T, Arch>(kc, 0, bt, ldb, aq, acc);
+                const auto partial = [&](int j, int v) { return part + (j0 + j) * lanes + (voff[q] + v) * W; };
+                if (!first_k)
+                    LOWRANK_UNROLL for (int j = 0; j < M; ++j)
+                        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v] += batch::load_aligned(partial(j, v));
+                if (!last_k) {
+                    LOWRANK_UNROLL for (int j = 0; j < M; ++j)
+                        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(partial(j, v));
+                    return;
+                }
+                alignas(64) std::array<T, std::size_t(M * NV * W)> sum;
+                LOWRANK_UNROLL for (int j = 0; j < M; ++j)
+                    LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + (j * NV + v) * W);
+                for (Index i = first[q]; i < first[q + 1]; ++i)  // row i of A: lane i − first[q] of each row of B
+                    LOWRANK_UNROLL for (int j = 0; j < M; ++j) {
+                        T& dst = c[i * ldc + j0 + j];
+                        dst = (accumulate ? dst : T(0)) + alpha * sum[std::size_t(j * NV * W + (i - first[q]))];
+                    }
+            });
+        });
+    }
+}
+
 }  // namespace detail
 
 /// C (+)= α A Bᵀ for a batch of rows of A against a large row-major B (a weight in nn.Linear
@@ -434,12 +514,27 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 /// 4 against a B read from memory: groups of 16 bytes, 8 × 1 (blocking::stream_tiles::few_far),
 /// float and double. Double: the same by fractions of W (8 lanes), but no groups of 8 (m ≤ 2: G =
 /// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere (16 registers) G = 1 with 6 × 1, 6 × 2 or,
-/// past 2W rows, 4 × 3 tiles. Same arguments as gemm_packed.
+/// past 2W rows, 4 × 3 tiles. A batch of more than one block in double on AVX-512, against a B
+/// read from memory: detail::stream_rows_grouped, B read once per blocking::stream_group_rows rows
+/// (its partial sums, n × those rows, in ws.b). Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
     constexpr Index W = xsimd::batch<T, Arch>::size, NB = blocking::stream_block_vectors<Arch>;
     if (const Index vectors = (m + W - 1) / W; vectors > NB) {
+        if constexpr (blocking::stream_grouped<T, Arch>) {
+            if (detail::rows_from_memory<T>(n, ldb)) {  // one read of B per group of rows
+                constexpr Index GV = blocking::stream_group_rows<T> / W;
+                const Index groups = (vectors + GV - 1) / GV;
+                for (Index g = 0, i0 = 0; g < groups; ++g) {
+                    const Index rows = std::min(m - i0, (vectors / groups + (g < vectors % groups ? 1 : 0)) * W);
+                    detail::stream_rows_grouped<T, Arch>(rows, n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
+                                                         ldc, accumulate, ws);
+                    i0 += rows;
+                }
+                return;
+            }
+        }
         // As few passes over B as blocks of NB vectors of rows allow, the vectors shared evenly
         // among them (e.g. 6 = 3 + 3, not 4 + 2: the 3-vector tile runs as fast per row as the
         // 4-vector one, the 2-vector one slower).

@@ -440,6 +440,20 @@ namespace lowrank::core {
 ///   from memory once per pass of 2 vectors (8 rows), the stream kernel lost to gemm_dot (m = 17:
 ///   1.10–1.29) and gemm_packed (m = 33 / 64 / 128: 1.01–1.17 / 1.09 / 1.30) at 4096², though not
 ///   at 1024², where W stays in L2 (m = 33 / 64: 0.87 / 0.87).
+/// - `stream_grouped<T, Arch>`, `stream_group_bytes`, `stream_group_kc_min`, `_max`,
+///   `stream_group_rows<T>`: with 32 registers, a double batch of more than one pass against a W
+///   read from memory (more than stream_aliased_bytes) goes through detail::stream_rows_grouped:
+///   W read once for up to stream_group_rows rows (512 in double), not once per pass of 4 vectors
+///   (32 rows), by blocks of k whose packed rows of X, all passes', fill 1 MiB of L2 (at least 256
+///   and at most 1024 steps; 256 steps set the row cap), each tile of 8 rows of W running against
+///   every block of rows in turn (tile 8 × 3 there: 6 × 4 and 12 × 2 ran 3–6% slower). Sapphire
+///   Rapids VM (probe 268 GFLOP/s fp32, 134 fp64; 29.5 GB/s from L3, 17 from memory), X Wᵀ alone,
+///   4096², double, medians of 3, old / new binaries alternating twice, ms: m = 40 21.9–22.3 →
+///   17.7–18.7, 128 55.9–59.6 → 49.4–51.6, 256 111–112 → 100–101, 600 270–275 → 234–237; k in
+///   blocks of 512 against 1024 at m = 128: within 2%; all of k in one block: 1.9× slower (the
+///   packed rows, 4 MiB, no longer in L2). Float stays on its passes (two at m = 128, W read
+///   twice): the same structure ran it 0.96–1.06× their time (m = 80–256, 4096² and 1024²); double
+///   at 1024² (W in L3) 1.03×.
 /// - `stream_min_rows<T, Arch>`, `stream_max_rows<T, Arch>`: the batches (rows of X) for which
 ///   base_product streams W through gemm_stream_rows. 32 registers: 2 rows and more. 16 registers:
 ///   up to stream_batch_vectors<T> · W (see above), and none with 128-bit vectors. With
@@ -590,6 +604,21 @@ struct blocking {
     static constexpr Index l1_set_span = 4096;
     static constexpr Index stream_aliased_bytes = Index(16) << 20;
     static constexpr int row_backward_rows = 4;
+    template <class T, class Arch>
+    static constexpr bool stream_grouped = wide_register_file<Arch> && sizeof(T) == 8;
+    static constexpr Index stream_group_bytes = Index(1) << 20;
+    static constexpr Index stream_group_kc_min = 256;
+    static constexpr Index stream_group_kc_max = 1024;
+    template <class T>
+    static constexpr Index stream_group_rows = stream_group_bytes / (stream_group_kc_min * Index(sizeof(T)));
+    /// Steps of k per block of stream_rows_grouped for `lanes` packed rows of A: as many whole
+    /// cache lines of them as fill stream_group_bytes, within [stream_group_kc_min, _max].
+    template <class T>
+    [[nodiscard]] static constexpr Index stream_group_kc(Index lanes) noexcept {
+        constexpr Index line = 64 / Index(sizeof(T));
+        const Index kc = stream_group_bytes / (std::max<Index>(lanes, 1) * Index(sizeof(T))) / line * line;
+        return std::clamp(kc, stream_group_kc_min, stream_group_kc_max);
+    }
     static constexpr Index gemm_kc = 384;
     template <class T>
     static constexpr Index gemm_mc = 144 * 4 / Index(sizeof(T));

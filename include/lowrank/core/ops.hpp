@@ -13,8 +13,10 @@
 ///
 /// Shapes are checked by LOWRANK_ASSERT only: these are the inner layer, called after the public
 /// entry points have validated their arguments. None allocates except base_product (when its
-/// GemmWorkspace must grow: a copy of a few rows of X, O(rows · in), or gemm_packed's blocks, at
-/// most (gemm_mc + gemm_nc) · gemm_kc), rank_update (V in strips, O(r · in)), input_grad from
+/// GemmWorkspace must grow: a copy of a few rows of X, O(rows · in), gemm_packed's blocks, at
+/// most (gemm_mc + gemm_nc) · gemm_kc, or gemm_stream_rows' packed rows of X and, for a double
+/// batch of more than 32 rows against a W of more than 16 MiB on AVX-512, its partial sums,
+/// out · min(rows, 512)), rank_update (V in strips, O(r · in)), input_grad from
 /// blocking::band_rows rows on (the same) and grad_shrink from blocking::band_width rows of dV on
 /// (Gᵀ and a block of X in strips, O(w · n + n · band_cols)); the last two keep them in their
 /// GemmWorkspace when given one. Aliasing: the destination of each operation must not overlap
@@ -58,7 +60,9 @@ private:
 /// registers: gemm_dot_streams (4–8 rows of W side by side, each prefetching across the 4 KiB
 /// pages the hardware prefetcher stops at; blocking::dot_streams_tile). Otherwise
 /// gemm_stream_rows streams W (once per 4W rows on AVX-512, 3W with 16 registers; W: SIMD width)
-/// for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1 rows in float (4 from a W of
+/// for every batch of 2 rows or more on AVX-512 (a double batch of several passes against a W
+/// read from memory: once per up to blocking::stream_group_rows rows, by blocks of k), and from
+/// 3W/2 + 1 rows in float (4 from a W of
 /// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors<T>` · W rows with 256-bit
 /// vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
 /// from 2 to stream_weight_rows rows the dot kernel streams it once. One row of a W in cache:
