@@ -350,11 +350,12 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B
     using blk = core::blocking;
     // B past blocking::stream_aliased_bytes (few long rows, k values used of each), and more rows
     // of A than one block of the stream tiles holds: where blocking::stream_grouped (double on
-    // AVX-512), detail::stream_rows_grouped. 4W + 1 rows: two blocks of 3 + 2 vectors and k in two
-    // blocks of stream_group_kc (1024 and the rest); 9W + 5: four blocks of 3, 3, 2, 2 vectors;
-    // stream_group_rows + W + 3: two groups of rows (33 + 33 vectors, each 11 blocks of 3) and k
-    // in four blocks of 496 and a tail, so that partial sums are stored, reloaded and stored again.
-    // n = 37 leaves 5 rows of B to the tail tile. Elsewhere the passes of one block each.
+    // AVX-512, both types on AVX2), detail::stream_rows_grouped. 4W + 1 rows: two blocks of 3 + 2
+    // vectors and k in two blocks of stream_group_kc (1024 and the rest); 9W + 5: four blocks of
+    // 3, 3, 2, 2 vectors; stream_group_rows + W + 3: two groups of rows (e.g. 33 + 33 vectors,
+    // each 11 blocks of 3, in double on AVX-512) and k in four blocks of 496–504 and a tail, so that
+    // partial sums are stored, reloaded and stored again. n = 37 leaves 5 rows of B to the tail
+    // tile (1 with 4-row tiles). Elsewhere the passes of one block each.
     const Index n = 37, k = 2041;
     const Index ldb = blk::stream_aliased_bytes / (n * Index(sizeof(T))) + 64;
     constexpr bool grouped = blk::stream_grouped<T, Arch>;
@@ -422,14 +423,17 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     // dot_streams_max_rows with 16 registers; then from stream_min_rows_large rows on (2 on
     // AVX-512) gemm_stream_rows, with its few_far tile up to 4 rows (AVX-512) and its far prefetch
     // up to stream_far_rows (on AVX-512 also in the 5 × 5 tiles of 5W/8 rows in float and 5W/4 in
-    // double); below it gemm_dot; rows a little over 4 KiB apart (in float).
+    // double); below it gemm_dot; rows a little over 4 KiB apart (in float). With 16 registers,
+    // also past stream_max_rows (the grouped passes, not gemm_packed).
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index first = core::blocking::stream_min_rows_large<T, Arch>;
     constexpr Index far = core::blocking::stream_far_rows;
     const Index in = 1024 + 3;
     const Index out = core::blocking::stream_aliased_bytes / (in * Index(sizeof(T))) + 5;
-    const std::set<Index> rows{1,     2,   3,       4, 5, first - 1, first, first + 1, 5 * W / 8, 5 * W / 4,
-                               far, far + 1};
+    std::set<Index> rows{1, 2, 3, 4, 5, first - 1, first, first + 1, 5 * W / 8, 5 * W / 4, far, far + 1};
+    // a batch past stream_max_rows: on AVX2 the stream kernel's groups of passes (stream_grouped)
+    if constexpr (core::blocking::stream_grouped<T, Arch> && !core::blocking::wide_register_file<Arch>)
+        rows.insert(core::blocking::stream_max_rows<T, Arch> + 1);
     const Index n = GENERATE_REF(from_range(std::vector<Index>(rows.begin(), rows.end())));
     CAPTURE(n, out, in);
     check_base_product<T, Arch>(n, out, in, 71, "base_product, large W");

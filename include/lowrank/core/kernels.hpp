@@ -441,19 +441,26 @@ namespace lowrank::core {
 ///   1.10–1.29) and gemm_packed (m = 33 / 64 / 128: 1.01–1.17 / 1.09 / 1.30) at 4096², though not
 ///   at 1024², where W stays in L2 (m = 33 / 64: 0.87 / 0.87).
 /// - `stream_grouped<T, Arch>`, `stream_group_bytes`, `stream_group_kc_min`, `_max`,
-///   `stream_group_rows<T>`: with 32 registers, a double batch of more than one pass against a W
-///   read from memory (more than stream_aliased_bytes) goes through detail::stream_rows_grouped:
-///   W read once for up to stream_group_rows rows (512 in double), not once per pass of 4 vectors
-///   (32 rows), by blocks of k whose packed rows of X, all passes', fill 1 MiB of L2 (at least 256
-///   and at most 1024 steps; 256 steps set the row cap), each tile of 8 rows of W running against
-///   every block of rows in turn (tile 8 × 3 there: 6 × 4 and 12 × 2 ran 3–6% slower). Sapphire
+///   `stream_group_rows<T>`: a batch of more than one pass against a W read from memory (more than
+///   stream_aliased_bytes), in double with 32 registers and in either type with 16 (256-bit
+///   vectors), goes through detail::stream_rows_grouped: W read once for up to stream_group_rows
+///   rows (512 in double), not once per pass (of 4 vectors, 32 rows of double, with 32 registers),
+///   by blocks of k whose packed rows of X, all passes', fill 1 MiB of L2 (at least 256 and at most
+///   1024 steps; 256 steps set the row cap), each tile of rows of W (stream_tiles::three: 8 with
+///   32 registers, 4 with 16) running against every block of rows in turn (on AVX-512, 8 × 3: 6 ×
+///   4 and 12 × 2 ran 3–6% slower). With 16 registers base_product also takes a batch past
+///   stream_max_rows there rather than to gemm_packed. Sapphire
 ///   Rapids VM (probe 268 GFLOP/s fp32, 134 fp64; 29.5 GB/s from L3, 17 from memory), X Wᵀ alone,
 ///   4096², double, medians of 3, old / new binaries alternating twice, ms: m = 40 21.9–22.3 →
 ///   17.7–18.7, 128 55.9–59.6 → 49.4–51.6, 256 111–112 → 100–101, 600 270–275 → 234–237; k in
 ///   blocks of 512 against 1024 at m = 128: within 2%; all of k in one block: 1.9× slower (the
 ///   packed rows, 4 MiB, no longer in L2). Float stays on its passes (two at m = 128, W read
 ///   twice): the same structure ran it 0.96–1.06× their time (m = 80–256, 4096² and 1024²); double
-///   at 1024² (W in L3) 1.03×.
+///   at 1024² (W in L3) 1.03×. An AVX2 build (-march=x86-64-v3) on the same VM, 4096², medians of
+///   5–7, ms, passes (or gemm_packed) → grouped: double m = 13 20.2 → 16.1, 16 19.3 → 15.9, 24
+///   23.8 → 19.2, 48 45.5 (gemm_packed) → 33.4–34.0, 128 102.2 (gemm_packed) → 85.7–86.9; float
+///   m = 28 / 32 / 40 / 48 / 64 12.6 / 12.0 / 15.3 / 17.1 / 22.8 → 12.1 / 12.2 / 14.7 / 15.7 /
+///   22.3, 128 48.8 (gemm_packed) → 44.9.
 /// - `stream_min_rows<T, Arch>`, `stream_max_rows<T, Arch>`: the batches (rows of X) for which
 ///   base_product streams W through gemm_stream_rows. 32 registers: 2 rows and more. 16 registers:
 ///   up to stream_batch_vectors<T> · W (see above), and none with 128-bit vectors. With
@@ -605,7 +612,8 @@ struct blocking {
     static constexpr Index stream_aliased_bytes = Index(16) << 20;
     static constexpr int row_backward_rows = 4;
     template <class T, class Arch>
-    static constexpr bool stream_grouped = wide_register_file<Arch> && sizeof(T) == 8;
+    static constexpr bool stream_grouped =
+        sizeof(xsimd::batch<T, Arch>) >= 32 && (sizeof(T) == 8 || !wide_register_file<Arch>);
     static constexpr Index stream_group_bytes = Index(1) << 20;
     static constexpr Index stream_group_kc_min = 256;
     static constexpr Index stream_group_kc_max = 1024;

@@ -14,9 +14,9 @@
 /// Shapes are checked by LOWRANK_ASSERT only: these are the inner layer, called after the public
 /// entry points have validated their arguments. None allocates except base_product (when its
 /// GemmWorkspace must grow: a copy of a few rows of X, O(rows · in), gemm_packed's blocks, at
-/// most (gemm_mc + gemm_nc) · gemm_kc, or gemm_stream_rows' packed rows of X and, for a double
-/// batch of more than 32 rows against a W of more than 16 MiB on AVX-512, its partial sums,
-/// out · min(rows, 512)), rank_update (V in strips, O(r · in)), input_grad from
+/// most (gemm_mc + gemm_nc) · gemm_kc, or gemm_stream_rows' packed rows of X and, for a batch of
+/// several passes against a W of more than 16 MiB (blocking::stream_grouped), its partial sums,
+/// out · min(rows, blocking::stream_group_rows)), rank_update (V in strips, O(r · in)), input_grad from
 /// blocking::band_rows rows on (the same) and grad_shrink from blocking::band_width rows of dV on
 /// (Gᵀ and a block of X in strips, O(w · n + n · band_cols)); the last two keep them in their
 /// GemmWorkspace when given one. Aliasing: the destination of each operation must not overlap
@@ -59,10 +59,11 @@ private:
 /// from memory (more than blocking::stream_aliased_bytes), and up to 4 such rows with 16
 /// registers: gemm_dot_streams (4–8 rows of W side by side, each prefetching across the 4 KiB
 /// pages the hardware prefetcher stops at; blocking::dot_streams_tile). Otherwise
-/// gemm_stream_rows streams W (once per 4W rows on AVX-512, 3W with 16 registers; W: SIMD width)
-/// for every batch of 2 rows or more on AVX-512 (a double batch of several passes against a W
-/// read from memory: once per up to blocking::stream_group_rows rows, by blocks of k), and from
-/// 3W/2 + 1 rows in float (4 from a W of
+/// gemm_stream_rows streams W (once per 4W rows on AVX-512, 3W with 16 registers; W: SIMD width;
+/// a batch of several passes against a W read from memory, in double on AVX-512 and in either
+/// type on AVX2: once per up to blocking::stream_group_rows rows, by blocks of k, and on AVX2
+/// past stream_max_rows too) for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1
+/// rows in float (4 from a W of
 /// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors<T>` · W rows with 256-bit
 /// vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
 /// from 2 to stream_weight_rows rows the dot kernel streams it once. One row of a W in cache:
@@ -99,7 +100,8 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
         return;
     }
     const Index stream_from = from_memory ? blocking::stream_min_rows_large<T, Arch> : blocking::stream_min_rows<T, Arch>;
-    if (x.rows >= stream_from && x.rows <= blocking::stream_max_rows<T, Arch>) {
+    const bool grouped = blocking::stream_grouped<T, Arch> && from_memory;  // any batch from stream_from on
+    if (x.rows >= stream_from && (x.rows <= blocking::stream_max_rows<T, Arch> || grouped)) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
     }
