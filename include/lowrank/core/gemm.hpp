@@ -514,9 +514,10 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
 /// 4 against a B read from memory: groups of 16 bytes, 8 × 1 (blocking::stream_tiles::few_far),
 /// float and double. Double: the same by fractions of W (8 lanes), but no groups of 8 (m ≤ 2: G =
 /// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere (16 registers) G = 1 with 6 × 1, 6 × 2 or,
-/// past 2W rows, 4 × 3 tiles. A batch of more than one block in double on AVX-512, against a B
-/// read from memory: detail::stream_rows_grouped, B read once per blocking::stream_group_rows rows
-/// (its partial sums, n × those rows, in ws.b). Same arguments as gemm_packed.
+/// past 2W rows, 4 × 3 tiles. A batch of more than one block against a B read from memory, where
+/// blocking::stream_grouped (double on AVX-512, either type on AVX2): detail::stream_rows_grouped,
+/// B read once per blocking::stream_group_rows rows (its partial sums, n × those rows, in ws.b).
+/// Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {

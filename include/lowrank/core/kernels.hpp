@@ -454,9 +454,9 @@ namespace lowrank::core {
 ///   4096², double, medians of 3, old / new binaries alternating twice, ms: m = 40 21.9–22.3 →
 ///   17.7–18.7, 128 55.9–59.6 → 49.4–51.6, 256 111–112 → 100–101, 600 270–275 → 234–237; k in
 ///   blocks of 512 against 1024 at m = 128: within 2%; all of k in one block: 1.9× slower (the
-///   packed rows, 4 MiB, no longer in L2). Float stays on its passes (two at m = 128, W read
-///   twice): the same structure ran it 0.96–1.06× their time (m = 80–256, 4096² and 1024²); double
-///   at 1024² (W in L3) 1.03×. An AVX2 build (-march=x86-64-v3) on the same VM, 4096², medians of
+///   packed rows, 4 MiB, no longer in L2). On AVX-512 float stays on its passes (two at m = 128,
+///   W read twice): the same structure ran it 0.96–1.06× their time (m = 80–256, 4096² and
+///   1024²); double at 1024² (W in L3) 1.03×. An AVX2 build (-march=x86-64-v3) on the same VM, 4096², medians of
 ///   5–7, ms, passes (or gemm_packed) → grouped: double m = 13 20.2 → 16.1, 16 19.3 → 15.9, 24
 ///   23.8 → 19.2, 48 45.5 (gemm_packed) → 33.4–34.0, 128 102.2 (gemm_packed) → 85.7–86.9; float
 ///   m = 28 / 32 / 40 / 48 / 64 12.6 / 12.0 / 15.3 / 17.1 / 22.8 → 12.1 / 12.2 / 14.7 / 15.7 /
