@@ -385,35 +385,66 @@ void pack_groups(Index m, Index k, const T* a, Index lda, T* ag, Index ld) noexc
     }
 }
 
-/// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B; A is
-/// packed into `ag` (stream_packed_size values, 64-byte aligned). FAR: see stream_rows_tile.
-template <int MR, int NV, Index G, Index AHEAD, class T, class Arch, Index FAR = 0>
-void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
-                       Index ldc, bool accumulate, T* ag) noexcept {
-    using batch = xsimd::batch<T, Arch>;
-    constexpr Index W = batch::size, ld = NV * W;  // values of one group of packed A
-    const Index groups = k / G, rem = k % G;
+/// Calls f(i0, rows) for consecutive parts of m rows, ⌈m / W⌉ vectors, in as few parts of at most
+/// `per` vectors as allow, the vectors shared evenly among them (e.g. 6 = 3 + 3, not 4 + 2: the
+/// 3-vector stream tile runs as fast per row as the 4-vector one, the 2-vector one slower); every
+/// part but the last starts and ends on a whole vector.
+template <class F>
+void split_vectors(Index m, Index W, Index per, F&& f) {
+    const Index vectors = (m + W - 1) / W, parts = (vectors + per - 1) / per;
+    for (Index p = 0, i0 = 0; p < parts; ++p) {
+        const Index rows = std::min(m - i0, (vectors / parts + (p < vectors % parts ? 1 : 0)) * W);
+        f(i0, rows);
+        i0 += rows;
+    }
+}
+
+/// Packs rows [0, m) of A over k steps for the stream tiles of G steps per lane group, ld values
+/// per group (ag, zero past row m): A transposed (G = 1), or pack_groups.
+template <Index G, class T, class Arch>
+void pack_stream_rows(Index m, Index k, const T* a, Index lda, T* ag, Index ld) noexcept {
     if constexpr (G == 1) {
         transpose<T, Arch>(m, k, a, lda, ag, ld);
         for (Index p = 0; p < k; ++p) std::fill(ag + p * ld + m, ag + (p + 1) * ld, T(0));
     } else {
         pack_groups<G, T, Arch>(m, k, a, lda, ag, ld);
     }
+}
+
+/// C[i, j] (+)= α · (the sums of row i of A in the tile's row j of B) for the m rows of A of a
+/// stream tile (acc: M rows of B × NV vectors, lane group i of G lanes holding row i of A; row i
+/// of C at c + i·ldc, its M columns from c on): the tile's sums go through the stack, row i of A
+/// being values [i·G, i·G + G) of each row's NV·W.
+template <int M, int NV, Index G, class T, class Arch>
+LOWRANK_TILE_INLINE void store_stream_tile(const xsimd::batch<T, Arch> (&acc)[M][NV], Index m, T* c, Index ldc,
+                                           T alpha, bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size, ld = NV * W;
+    alignas(64) std::array<T, std::size_t(M * ld)> sum;
+    LOWRANK_UNROLL for (int j = 0; j < M; ++j)
+        LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + j * ld + v * W);
+    for (Index i = 0; i < m; ++i)
+        LOWRANK_UNROLL for (int j = 0; j < M; ++j) {
+            T s = sum[std::size_t(j * ld + i * G)];
+            LOWRANK_UNROLL for (Index g = 1; g < G; ++g) s += sum[std::size_t(j * ld + i * G + g)];
+            T& dst = c[i * ldc + j];
+            dst = (accumulate ? dst : T(0)) + alpha * s;
+        }
+}
+
+/// gemm_stream_rows for one block of m ≤ NV·W / G rows of A, with tiles of MR rows of B; A is
+/// packed into `ag` (stream_packed_size values, 64-byte aligned). FAR: see stream_rows_tile.
+template <int MR, int NV, Index G, Index AHEAD, class T, class Arch, Index FAR = 0>
+void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                       Index ldc, bool accumulate, T* ag) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index ld = NV * batch::size;  // values of one group of packed A
+    const Index groups = k / G, rem = k % G;
+    pack_stream_rows<G, T, Arch>(m, k, a, lda, ag, ld);
     row_tiles<MR>(n, [&](Index j0, auto mr) {
         constexpr int M = decltype(mr)::value;
         batch acc[M][NV];
         stream_rows_tile<M, NV, G, AHEAD, T, Arch, FAR>(groups, rem, b + j0 * ldb, ldb, ag, acc);
-        alignas(64) std::array<T, std::size_t(M * ld)> sum;
-        LOWRANK_UNROLL for (int j = 0; j < M; ++j)
-            LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + j * ld + v * W);
-        // Row i of A is lane group i of the tile's sums: values [i·G, i·G + G) of each row's NV·W.
-        for (Index i = 0; i < m; ++i)
-            LOWRANK_UNROLL for (int j = 0; j < M; ++j) {
-                T s = sum[std::size_t(j * ld + i * G)];
-                LOWRANK_UNROLL for (Index g = 1; g < G; ++g) s += sum[std::size_t(j * ld + i * G + g)];
-                T& dst = c[i * ldc + j0 + j];
-                dst = (accumulate ? dst : T(0)) + alpha * s;
-            }
+        store_stream_tile<M, NV, G, T, Arch>(acc, m, c + j0, ldc, alpha, accumulate);
     });
 }
 
@@ -435,33 +466,28 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
     constexpr Index W = batch::size, max_blocks = blocking::stream_group_rows<T> / W;
     LOWRANK_ASSERT(m <= blocking::stream_group_rows<T>);
     if (trivial_product(m, n, k, c, ldc, accumulate)) return;
-    const Index vectors = (m + W - 1) / W, blocks = (vectors + NB - 1) / NB;
-    Index first[max_blocks + 1], nv[max_blocks], voff[max_blocks + 1];  // block q: rows, vectors, offset
-    first[0] = voff[0] = 0;
-    for (Index q = 0; q < blocks; ++q) {  // the vectors shared evenly, as gemm_stream_rows' passes
-        nv[q] = vectors / blocks + (q < vectors % blocks ? 1 : 0);
-        first[q + 1] = std::min(m, first[q] + nv[q] * W);
-        voff[q + 1] = voff[q] + nv[q];
-    }
-    const Index lanes = voff[blocks] * W;
+    // Block q: rows [first[q], first[q + 1]) of A, packed from lane first[q] on (whole vectors
+    // before the last block).
+    Index first[max_blocks + 1], blocks = 0;
+    split_vectors(m, W, NB, [&](Index i0, Index) { first[blocks++] = i0; });
+    first[blocks] = m;
+    const auto vectors = [&](Index q) { return (first[q + 1] - first[q] + W - 1) / W; };
+    const Index lanes = (m + W - 1) / W * W;
     const Index kc_max = std::min(k, blocking::stream_group_kc<T>(lanes));
     T* ag = GemmWorkspace<T>::reserve(ws.a, kc_max * lanes);
     T* part = k > kc_max ? GemmWorkspace<T>::reserve(ws.b, n * lanes) : nullptr;
     for (Index p0 = 0; p0 < k; p0 += kc_max) {
         const Index kc = std::min(kc_max, k - p0);
         const bool first_k = p0 == 0, last_k = p0 + kc == k;
-        for (Index q = 0; q < blocks; ++q) {
-            T* dst = ag + kc * voff[q] * W;
-            const Index rows = first[q + 1] - first[q], ld = nv[q] * W;
-            transpose<T, Arch>(rows, kc, a + first[q] * lda + p0, lda, dst, ld);
-            for (Index p = 0; p < kc; ++p) std::fill(dst + p * ld + rows, dst + (p + 1) * ld, T(0));
-        }
+        for (Index q = 0; q < blocks; ++q)
+            pack_stream_rows<1, T, Arch>(first[q + 1] - first[q], kc, a + first[q] * lda + p0, lda, ag + kc * first[q],
+                                         vectors(q) * W);
         row_tiles<MR>(n, [&](Index j0, auto mr) {
             constexpr int M = decltype(mr)::value;
             const T* bt = b + j0 * ldb + p0;
-            for (Index q = 0; q < blocks; ++q) dispatch_rows<NB>(nv[q], [&](auto vecs) {
+            for (Index q = 0; q < blocks; ++q) dispatch_rows<NB>(vectors(q), [&](auto vecs) {
                 constexpr int NV = decltype(vecs)::value;
-                const T* aq = ag + kc * voff[q] * W;
+                const T* aq = ag + kc * first[q];
                 batch acc[M][NV];
                 bool done = false;
                 if constexpr (M == MR)
@@ -470,7 +496,7 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
                         done = true;
                     }
                 if (!done) stream_rows_tile<M, NV, 1, 0, T, Arch>(kc, 0, bt, ldb, aq, acc);
-                const auto partial = [&](int j, int v) { return part + (j0 + j) * lanes + (voff[q] + v) * W; };
+                const auto partial = [&](int j, int v) { return part + (j0 + j) * lanes + first[q] + v * W; };
                 if (!first_k)
                     LOWRANK_UNROLL for (int j = 0; j < M; ++j)
                         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v] += batch::load_aligned(partial(j, v));
@@ -479,14 +505,8 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
                         LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(partial(j, v));
                     return;
                 }
-                alignas(64) std::array<T, std::size_t(M * NV * W)> sum;
-                LOWRANK_UNROLL for (int j = 0; j < M; ++j)
-                    LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[j][v].store_aligned(sum.data() + (j * NV + v) * W);
-                for (Index i = first[q]; i < first[q + 1]; ++i)  // row i of A: lane i − first[q] of each row of B
-                    LOWRANK_UNROLL for (int j = 0; j < M; ++j) {
-                        T& dst = c[i * ldc + j0 + j];
-                        dst = (accumulate ? dst : T(0)) + alpha * sum[std::size_t(j * NV * W + (i - first[q]))];
-                    }
+                store_stream_tile<M, NV, 1, T, Arch>(acc, first[q + 1] - first[q], c + first[q] * ldc + j0, ldc, alpha,
+                                                     accumulate);
             });
         });
     }
@@ -525,26 +545,17 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
     if (const Index vectors = (m + W - 1) / W; vectors > NB) {
         if constexpr (blocking::stream_grouped<T, Arch>) {
             if (detail::rows_from_memory<T>(n, ldb)) {  // one read of B per group of rows
-                constexpr Index GV = blocking::stream_group_rows<T> / W;
-                const Index groups = (vectors + GV - 1) / GV;
-                for (Index g = 0, i0 = 0; g < groups; ++g) {
-                    const Index rows = std::min(m - i0, (vectors / groups + (g < vectors % groups ? 1 : 0)) * W);
+                detail::split_vectors(m, W, blocking::stream_group_rows<T> / W, [&](Index i0, Index rows) {
                     detail::stream_rows_grouped<T, Arch>(rows, n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
                                                          ldc, accumulate, ws);
-                    i0 += rows;
-                }
+                });
                 return;
             }
         }
-        // As few passes over B as blocks of NB vectors of rows allow, the vectors shared evenly
-        // among them (e.g. 6 = 3 + 3, not 4 + 2: the 3-vector tile runs as fast per row as the
-        // 4-vector one, the 2-vector one slower).
-        const Index passes = (vectors + NB - 1) / NB;
-        for (Index p = 0, i0 = 0; p < passes; ++p) {
-            const Index rows = std::min(m - i0, (vectors / passes + (p < vectors % passes ? 1 : 0)) * W);
+        // As few passes over B as blocks of NB vectors of rows allow (detail::split_vectors).
+        detail::split_vectors(m, W, NB, [&](Index i0, Index rows) {
             gemm_stream_rows<T, Arch>(rows, n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc, ldc, accumulate, ws);
-            i0 += rows;
-        }
+        });
         return;
     }
     if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
