@@ -11,8 +11,8 @@
 //   OpenBLAS with 1 and 2 threads at n = 128 for comparison;
 // - double vs float forward at a compute-bound shape (n = 128, r = 16, d ∈ {1024, 4096}); the float
 //   rows are those of the forward grid;
-// - the forward from a `PackedWeight` (whose storage is advised for transparent huge pages), and
-//   from a copy of the row-major W in advised memory (`forward_huge`, lowrank and OpenBLAS): the
+// - the forward from a `PackedWeight` (a row-major copy of W in memory advised for transparent huge
+//   pages), and from the benchmark's own such copy (`forward_huge`, lowrank and OpenBLAS): the
 //   other rows read W from Eigen's allocation, in 4 KiB pages where THP is in `madvise` mode.
 //
 // Single-thread rows are timed in thread CPU time (Google Benchmark's cpu_time; the machine is
@@ -207,7 +207,7 @@ void forward_lowrank(benchmark::State& state, int threads, Pages pages = Pages::
                    [&](Matrix<T>& Y) { lowrank::forward(fc.X, fc.W, fc.lora, Y, ws, lowrank::Threads{threads}); });
 }
 
-/// The same forward from a PackedWeight (laid out once, outside the timed loop).
+/// The same forward from a PackedWeight (copied once, outside the timed loop).
 template <class T>
 void forward_packed(benchmark::State& state) {
     const ForwardCase<T> fc(state);

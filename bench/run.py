@@ -559,11 +559,13 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
     if any(r["op"] == "forward_packed" for r in core):
         doc += ["## The same forward from a `PackedWeight` (W laid out once, fp32, one thread, r = 16)", "",
                 "Issue 7 asks for the small-batch forward both from W in its stored layout and "
-                "from a pre-packed weight type. A PackedWeight's storage is advised for transparent "
-                "huge pages (`core::HugePageAllocator`); the forward rows above read W from Eigen's "
-                "allocation, in 4 KiB pages on a kernel in THP's `madvise` mode. The huge-page "
-                "columns read a copy of the row-major W in advised memory (`advise_huge_pages`), "
-                "lowrank and OpenBLAS alike.", "",
+                "from a pre-packed weight type. A PackedWeight is a row-major copy of W in memory "
+                "advised for transparent huge pages (`core::HugePageAllocator`), read by the same "
+                "kernels as a row-major W; the forward rows above read W from Eigen's allocation, "
+                "in 4 KiB pages on a kernel in THP's `madvise` mode. The huge-page columns read a "
+                "copy of the row-major W made by the benchmark in advised memory, lowrank and "
+                "OpenBLAS alike: the same layout as the PackedWeight's, so `packed` against "
+                "`row-major W, huge pages` shows the run's noise.", "",
                 packed_table(rf, ix, core), ""]
     if any(r["op"] == "merge" for r in core):
         doc += ["## Merge `W += s B A` (fp32, one thread)", "",

@@ -36,12 +36,9 @@
     EXTERN template void gemm_stream_rows<T, xsimd::default_arch>(Index, Index, Index, T, const T*,   \
                                                                   Index, const T*, Index, T*, Index,  \
                                                                   bool, GemmWorkspace<T>&);           \
-    EXTERN template void gemm_strips<T, xsimd::default_arch>(Index, T, const T*, Index,               \
-                                                             PackedWeightView<T>, T*, Index, bool,    \
-                                                             GemmWorkspace<T>&);                      \
-    EXTERN template void base_product<T, xsimd::default_arch>(MatrixView<const T>, WeightRef<T>,      \
+    EXTERN template void base_product<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>, \
                                                               MatrixView<T>, GemmWorkspace<T>&);      \
-    EXTERN template void base_product<T, xsimd::default_arch>(MatrixView<const T>, WeightRef<T>,      \
+    EXTERN template void base_product<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>, \
                                                               MatrixView<T>);                         \
     EXTERN template void base_input_grad<T>(MatrixView<const T>, MatrixView<const T>, MatrixView<T>, \
                                             bool);                                                   \

@@ -98,8 +98,8 @@ TEMPLATE_TEST_CASE("linear(X, W + lora) equals forward, and sums of weighted ada
 
 TEMPLATE_TEST_CASE("a PackedWeight base gives the row-major W's product", "[expr][packed]", float, double) {
     using T = TestType;
-    // out = 37: the last strip of the packed W is partial; n from one row to past the 6-row tiles
-    // and the small-batch threshold; 2 threads split the outputs on strip boundaries.
+    // out = 37 and 300 (one block of outputs per thread, or several); n from one row (the GEMV)
+    // through the stream kernel's batches to gemm_packed's (70 rows: past stream_max_rows on AVX2).
     const Index n = GENERATE(0, 1, 5, 33, 70), out = GENERATE(37, 300), in = 29;
     const int threads = GENERATE(1, 2);
     CAPTURE(n, out, threads);
@@ -121,19 +121,31 @@ TEMPLATE_TEST_CASE("a PackedWeight base gives the row-major W's product", "[expr
     const Matrix<T> Yd = linear(X, W + l1 + 0.5 * l2);
     REQUIRE(max_abs(to_double(Yp) - to_double(Yd)) <= 32 * eps<T>() * in * (1 + max_abs(want)));
 
-    // Errors: X's width against the packed W, and a merge, which needs the row-major W.
+    // X's width is checked against the packed W.
     const Matrix<T> bad = random_matrix<T>(3, in + 1, 15);
     REQUIRE_THROWS_AS(Matrix<T>(linear(bad, packed + l1)), lowrank::error);
-    Matrix<T> merged;
-    REQUIRE_THROWS_AS(merged = dense(packed + l1), lowrank::error);
+    // dense(packed + …) is the merged weight, into a new matrix (the copy itself is const).
+    const Matrix<T> merged = dense(packed + l1 + 0.5 * l2);
+    const Matrix<double> merged_want = to_double(W) + double(l1.scale()) * naive_product(to_double(l1.B()), to_double(l1.A())) +
+                                       0.5 * double(l2.scale()) * naive_product(to_double(l2.B()), to_double(l2.A()));
+    REQUIRE(max_abs(to_double(merged) - merged_want) <= 16 * eps<T>() * (1 + max_abs(merged_want)));
+    REQUIRE(merged == Matrix<T>(dense(W + l1 + 0.5 * l2)));
 }
 
-TEMPLATE_TEST_CASE("a PackedWeight packs W from any layout to the same strips", "[expr][packed]", float, double) {
+TEMPLATE_TEST_CASE("a PackedWeight copies W from any layout to the same row-major values", "[expr][packed]",
+                   float, double) {
     using T = TestType;
     const Index n = 7, out = 19, in = 23;
     const Lora<T> l1 = random_lora<T>(out, in, 3, 6, 21);
     const Matrix<T> X = random_matrix<T>(n, in, 22), W = random_matrix<T>(out, in, 23);
     const PackedWeight<T> from_rows(W);
+    const auto copy = from_rows.view();
+    REQUIRE(copy.rows == out);
+    REQUIRE(copy.cols == in);
+    REQUIRE(copy.ld == in);
+    REQUIRE(copy.data != W.data());
+    for (Index i = 0; i < out; ++i)
+        for (Index j = 0; j < in; ++j) REQUIRE(copy(i, j) == W(i, j));
     const Matrix<T> want = linear(X, from_rows + l1);
     // Column-major storage, a block of a larger matrix (strided rows), and expressions without
     // memory of their own (evaluated first): the same values, so exactly the same product.

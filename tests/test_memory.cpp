@@ -85,13 +85,13 @@ TEST_CASE("advise_huge_pages advises the whole huge pages of a range and nothing
 TEMPLATE_TEST_CASE("a PackedWeight of more than a huge page sits in advised memory and multiplies right",
                    "[memory][packed]", float, double) {
     using T = TestType;
-    // 4 MiB of packed float W (8 MiB in double): the allocator's huge path.
+    // 4 MiB of float W (8 MiB in double): the allocator's huge path.
     const Index out = 1024, in = 1024, n = 3;
     const Matrix<T> W = random_matrix<T>(out, in, 31), X = random_matrix<T>(n, in, 32);
     const Lora<T> lora = random_lora<T>(out, in, 4, 8, 33);
     const PackedWeight<T> packed(W);
-    REQUIRE(aligned_to(packed.view().strips, core::huge_page_bytes));
-    if (kernel_has_thp()) CHECK(advised_for_huge_pages(packed.view().strips));
+    REQUIRE(aligned_to(packed.view().data, core::huge_page_bytes));
+    if (kernel_has_thp()) CHECK(advised_for_huge_pages(packed.view().data));
     const Matrix<T> Y = linear(X, packed + lora);
     const Matrix<double> want = naive_product(to_double(X), to_double(W).transpose()) +
                                 double(lora.scale()) * naive_product(naive_product(to_double(X), to_double(lora.A()).transpose()),

@@ -15,10 +15,6 @@
 /// vectors: 12 accumulators on 16 registers, 24 on AVX-512's 32) reading both operands as
 /// contiguous packed streams. The block sizes and where they come from are in `blocking`
 /// (gemm_mc, gemm_kc, gemm_nc).
-///
-/// `gemm_strips` is the same product with B laid out ahead (a PackedWeight: Bᵀ in strips one
-/// cache line wide, `pack_weight`): nothing of B is packed per call, and each strip is read once,
-/// sequentially, against every micro-panel of A.
 
 #include <algorithm>
 #include <vector>
@@ -70,45 +66,30 @@ void pack_gemm_b(Index nc, Index kc, const T* b, Index ldb, T* dst) noexcept {
 
 /// The micro-kernel: C[0..MR, 0..cols) (+)= α · A · B over kc steps, A a packed micro-panel (row
 /// i of step p at ap[p·lda + i], lda ≥ MR: the last rows of a block take a tile of exactly their
-/// count), B a panel of NV vectors (step p at bp + p·ldb, the vectors in runs of RV contiguous
-/// ones, each run `jump` past the previous); only the first `cols` columns of C are written. With
-/// a `prefetch` pointer, step p also prefetches the line at prefetch + p·ldb of each run
-/// (P = nullptr_t: the kernel without, see bcast_accumulate).
-template <int MR, int NV, int RV, class T, class Arch, class P>
-LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* bp, Index ldb, Index jump, T* c,
-                                    Index ldc, Index cols, T alpha, bool accumulate, P prefetch) noexcept {
+/// count), B a packed micro-panel of NV contiguous vectors (step p at bp + p·ldb); only the first
+/// `cols` columns of C are written.
+template <int MR, int NV, class T, class Arch>
+LOWRANK_TILE_INLINE void gemm_micro(Index kc, const T* ap, Index lda, const T* bp, Index ldb, T* c, Index ldc,
+                                    Index cols, T alpha, bool accumulate) noexcept {
     xsimd::batch<T, Arch> acc[MR][NV];
-    bcast_accumulate<MR, NV, RV, T, Arch>(kc, [&](int i, Index p) { return ap[p * lda + i]; }, bp, ldb, jump, acc,
-                                          prefetch);
+    bcast_accumulate<MR, NV, NV, T, Arch>(kc, [&](int i, Index p) { return ap[p * lda + i]; }, bp, ldb, 0, acc);
     store_tile<MR, NV, T, Arch>(acc, [&](int i) { return c + i * ldc; }, alpha, accumulate, cols);
 }
 
-/// All mc rows of a packed block of A (micro-panels of MR rows, kc steps each; by default
-/// blocking::gemm_mr<Arch>) against one panel of B `width` columns wide (step p at bp + p·ldb), in
-/// tiles of NV vectors. RV = NV: the panel's rows are contiguous and the tiles go across them;
-/// RV < NV: the panel is one tile (width ≤ NV vectors) whose vectors come in runs of RV, `jump`
-/// apart (a tile across strips of a PackedWeight on AVX-512, where a strip is one vector). With
-/// Prefetch and a non-null `prefetch` (a panel of the same layout), every tile prefetches it
-/// line by line as it reads B's (the first tile fetches it, the others find it in cache);
-/// without, the micro-kernels are compiled with no prefetch test at all. Out of line: inlined into
-/// gemm_packed (its only caller once the two instantiations split), GCC 12 spilled one of the
-/// micro-kernel's two panel vectors to the stack (forward n = 128, 1024², r = 16: 3.4 → 5.1 ms).
-template <int NV, int RV, class T, class Arch, bool Prefetch = false, int MR = int(blocking::gemm_mr<Arch>)>
-LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index jump,
-                                       Index width, T* c, Index ldc, T alpha, bool accumulate,
-                                       const T* prefetch = nullptr) noexcept {
+/// All mc rows of a packed block of A (micro-panels of blocking::gemm_mr<Arch> rows, kc steps
+/// each) against one packed panel of B `width` columns wide (step p at bp + p·ldb), in tiles of
+/// NV vectors. Out of line: inlined into gemm_packed, GCC 12 spilled one of the micro-kernel's
+/// two panel vectors to the stack (forward n = 128, 1024², r = 16: 3.4 → 5.1 ms).
+template <int NV, class T, class Arch>
+LOWRANK_NOINLINE void gemm_block_panel(Index mc, Index kc, const T* ap, const T* bp, Index ldb, Index width, T* c,
+                                       Index ldc, T alpha, bool accumulate) noexcept {
     constexpr Index NR = NV * xsimd::batch<T, Arch>::size;
-    static_assert(NV % RV == 0, "gemm_block_panel: a tile holds whole runs");
+    constexpr int MR = int(blocking::gemm_mr<Arch>);
     for (Index j = 0; j < width; j += NR)
         row_tiles<MR>(mc, [&](Index ir, auto mr) {
             constexpr int R = decltype(mr)::value;
-            const Index cols = std::min(NR, width - j);
-            if constexpr (Prefetch)
-                gemm_micro<R, NV, RV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, jump, c + ir * ldc + j, ldc, cols,
-                                               alpha, accumulate, prefetch ? prefetch + j : nullptr);
-            else
-                gemm_micro<R, NV, RV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, jump, c + ir * ldc + j, ldc, cols,
-                                               alpha, accumulate, nullptr);
+            gemm_micro<R, NV, T, Arch>(kc, ap + ir * kc, MR, bp + j, ldb, c + ir * ldc + j, ldc,
+                                       std::min(NR, width - j), alpha, accumulate);
         });
 }
 
@@ -151,8 +132,8 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
                 const Index mc = std::min(mc_max, m - ic);
                 detail::pack_gemm_a<MR, T>(mc, kc, a + ic * lda + pc, lda, ap);
                 for (Index jr = 0; jr < nc; jr += NR)
-                    detail::gemm_block_panel<2, 2, T, Arch>(mc, kc, ap, bp + jr * kc, NR, 0, std::min(NR, nc - jr),
-                                                            c + ic * ldc + jc + jr, ldc, alpha, acc);
+                    detail::gemm_block_panel<2, T, Arch>(mc, kc, ap, bp + jr * kc, NR, std::min(NR, nc - jr),
+                                                         c + ic * ldc + jc + jr, ldc, alpha, acc);
             }
         }
     }
@@ -594,124 +575,6 @@ void gemm_stream_rows_passes(Index m, Index n, Index k, T alpha, const T* a, Ind
                 m, n, std::min(kc_max, k - p0), alpha, a + p0, lda, b + p0, ldb, c, ldc, accumulate || p0 > 0,
                 buffer);
     });
-}
-
-/// A weight W (out × in) laid out once for gemm_strips: Wᵀ (in × out) in strips one cache line
-/// wide (pack_strips: strip s holds W's rows [s·S, s·S + S) across all in columns, S =
-/// strip_width<T>), so a product reads W as one sequential stream with no packing per call.
-template <class T>
-struct PackedWeightView {
-    const T* strips = nullptr;
-    Index rows = 0, cols = 0;  ///< out, in
-    [[nodiscard]] bool empty() const noexcept { return rows == 0 || cols == 0; }
-    /// Rows [r0, r0 + count) of W (r0 a multiple of the strip width).
-    [[nodiscard]] PackedWeightView middle_rows(Index r0, Index count) const noexcept {
-        LOWRANK_ASSERT(r0 % strip_width<T> == 0 && r0 + count <= rows);
-        return {strips + r0 * cols, count, cols};
-    }
-};
-
-/// Values of the strip layout of an out × in weight.
-template <class T>
-[[nodiscard]] constexpr Index packed_weight_size(Index out, Index in) noexcept {
-    return strip_rows<T>(in, out) * strip_width<T>;
-}
-
-/// Lays W (out × in) out in `dst` (packed_weight_size<T>(out, in) values) for gemm_strips.
-template <class T>
-void pack_weight(MatrixView<const T> w, T* dst) noexcept {
-    pack_strips<T>(w.cols, w.rows, w.data, 1, w.ld, dst);
-}
-
-namespace detail {
-
-/// gemm_strips' sweep over W for A packed in micro-panels of MR rows (ap: mp rows × k, pass by
-/// pass of gemm_kc), in tiles G strips wide (the last strips one at a time); see gemm_strips.
-template <int MR, Index G, class T, class Arch>
-void strips_sweep(Index m, T alpha, const T* ap, Index mp, PackedWeightView<T> w, T* c, Index ldc, bool accumulate) {
-    constexpr Index S = strip_width<T>, RV = std::max<Index>(1, S / xsimd::batch<T, Arch>::size);
-    const Index n = w.rows, k = w.cols, kc_max = std::min(blocking::gemm_kc, k);
-    const T* end = w.strips + packed_weight_size<T>(n, k);
-    const auto group = [&](Index jr, auto strips) {  // `strips` strips from column jr on
-        constexpr Index GS = decltype(strips)::value;
-        const T* first = w.strips + jr * k;
-        const Index width = std::min(GS * S, n - jr);
-        for (Index pc = 0; pc < k; pc += kc_max) {
-            const Index kc = std::min(kc_max, k - pc);
-            // the next piece of these strips, or the next group of strips
-            const T* next = pc + kc_max < k ? first + (pc + kc_max) * S : first + GS * k * S;
-            const T* pf = end - next >= kc * S ? next : nullptr;
-            gemm_block_panel<int(GS * RV), int(RV), T, Arch, true, MR>(m, kc, ap + pc * mp, first + pc * S, S, k * S,
-                                                                      width, c + jr, ldc, alpha,
-                                                                      accumulate || pc > 0, pf);
-        }
-    };
-    Index jr = 0;
-    for (; jr + G * S <= n; jr += G * S) group(jr, std::integral_constant<Index, G>());
-    // The last strips one at a time: a tile that read past the last strip would run past W.
-    for (; jr < n; jr += S) group(jr, std::integral_constant<Index, 1>());
-}
-
-}  // namespace detail
-
-/// C (+)= α A Wᵀ with W pre-packed (C m × n, A m × k row-major, W n × k as a PackedWeightView):
-/// for each strip of W (S of its rows, all of k, one contiguous run) and each pass of gemm_kc over
-/// k, every micro-panel of A against it; W is read once, sequentially, and never copied. A is
-/// packed once per call ((m rounded up to the micro-panel) × k values in ws.a). Up to 3 rows: the
-/// expand tiles over the strips instead (no packing). 4096², float, same run (ms), strips vs the
-/// row-major path of base_product: m = 8 6.8 vs 7.2, m = 16 10.6 vs 12.8.
-///
-/// The micro-tiles are 2 vectors wide: within one strip where a strip holds at least that (AVX2:
-/// 16 floats = 2 vectors), across 2 strips where a strip is one vector (AVX-512), there against
-/// gemm_mr<Arch> = 12 rows of A; on AVX-512, tiles of band_mr × band_nv = 8 rows × 3 strips
-/// wherever they take no more row tiles (m ≤ 8 and 13–16: one tile of up to 8 rows rather than
-/// of up to 12, two of 5–8 rows rather than 12 + 1–4). From a PackedWeight, bench_core, float,
-/// old and new alternating, 5 rounds (medians): n = 16, 1024² 220–233 → 185–198 µs, 4096²
-/// 3.70–4.41 → 3.26–3.62 ms; gemm_strips alone, 1024² (µs): m = 8 93–130 → 84–102, m = 12 (left
-/// on 12 × 2) 123–161 → 146–167 with 8 × 3.
-///
-/// Each piece of a strip (gemm_kc steps of S values) is read from memory by the first row tile
-/// and from L1 by the others, so W's stream would stall during those; the tiles therefore
-/// prefetch the next piece (gemm_kc·S values further on: W is one sequential run) line by line.
-/// Same run, 4096², float, ms, without → with: m = 4 4.41 → 3.54, 8 6.02 → 5.08, 16 9.07 → 7.70,
-/// 32 14.7 → 13.4, 128 49.4 → 47.7; 1024²: m = 16 and 128 within 2%.
-template <class T, class Arch = xsimd::default_arch>
-void gemm_strips(Index m, T alpha, const T* a, Index lda, PackedWeightView<T> w, T* c, Index ldc, bool accumulate,
-                 GemmWorkspace<T>& ws) {
-    constexpr Index S = strip_width<T>;
-    const Index n = w.rows, k = w.cols;
-    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
-    if (m <= 3) {
-        // One or a few rows: the expand sweep over the strips (each row of X broadcast against
-        // 4-vector tiles that span two strips over all of k) keeps two sequential streams of W in
-        // flight; the micro-panels' one stream at a time reaches less of the DRAM bandwidth
-        // (4096², float, m = 1 / 2 / 3: 3.16 / 3.34 / 3.53 ms vs 4.32 / 4.75 / 5.30 ms; the
-        // row-major W's GEMV and dot kernels 2.89 / 3.24 / 4.29 ms, same run).
-        const detail::StripPanel<T> panel(w.strips, k);
-        detail::dispatch_rows<3>(m, [&](auto mr) {
-            constexpr int R = decltype(mr)::value;
-            T* rows[R];
-            LOWRANK_UNROLL for (int i = 0; i < R; ++i) rows[i] = c + i * ldc;
-            detail::expand_sweep<R, T, Arch>(rows, 0, n, k, detail::RowsOperand<T>{a, lda, alpha}, panel, accumulate);
-        });
-        return;
-    }
-    const auto sweep = [&](auto mr, auto strips) {
-        constexpr int MR = decltype(mr)::value;
-        const Index kc_max = std::min(blocking::gemm_kc, k), mp = (m + MR - 1) / MR * MR;
-        T* ap = GemmWorkspace<T>::reserve(ws.a, mp * k);
-        for (Index pc = 0; pc < k; pc += kc_max)
-            detail::pack_gemm_a<MR, T>(m, std::min(kc_max, k - pc), a + pc, lda, ap + pc * mp);
-        detail::strips_sweep<MR, decltype(strips)::value, T, Arch>(m, alpha, ap, mp, w, c, ldc, accumulate);
-    };
-    constexpr Index BR = blocking::band_mr<Arch>, MR = blocking::gemm_mr<Arch>;
-    if constexpr (blocking::wide_register_file<Arch>)
-        if ((m + BR - 1) / BR <= (m + MR - 1) / MR) {  // no more row tiles than with MR rows
-            sweep(std::integral_constant<int, int(BR)>(), std::integral_constant<Index, blocking::band_nv<Arch>>());
-            return;
-        }
-    sweep(std::integral_constant<int, int(MR)>(),
-          std::integral_constant<Index, std::max<Index>(1, 2 * xsimd::batch<T, Arch>::size / S)>());
 }
 
 }  // namespace lowrank::core

@@ -192,8 +192,7 @@ namespace lowrank::core {
 ///   per 12 for 6 × 2), so a C of 8 rows (the backward's dA = Gᵀ X and dUᵀ = Tᵀ dY at rank 8) is
 ///   one band and B is read once, not twice (bands of 6 + 2). Each alone, µs, same run, old →
 ///   new: dA, n = 128, 4096, r = 8 158 → 66, r = 16 238 → 132; dUᵀ r = 8 109 → 73, r = 16 173 → 121.
-///   4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64). The same shape is gemm_strips' tile
-///   (8 rows × 3 strips of a PackedWeight) for up to 8 and 13–16 rows. The R < band_mr rows below
+///   4 vectors are tiled 2 + 2, not 3 + 1 (dU at rank 64). The R < band_mr rows below
 ///   the last full band (or all of a shorter C) take their own band of R-row tiles as wide as the
 ///   registers allow (detail::partial_band_nv: 4 vectors, 3 for one row), not the 6-row path's
 ///   2-vector tiles: on 16 registers, rank 8 is a band of 6 and one of 2, whose 2 × 2 tiles made
@@ -509,12 +508,12 @@ struct blocking {
 #else
         false;
 #endif
-    /// `gemm_mr<Arch>`: rows of the packed GEMM's micro-kernel (gemm_packed, gemm_strips; × 2
-    /// vectors of columns). 6 on 16 registers (mr above). With AVX-512's 32: 12 rows × 2 vectors =
+    /// `gemm_mr<Arch>`: rows of the packed GEMM's micro-kernel (gemm_packed; × 2 vectors of
+    /// columns). 6 on 16 registers (mr above). With AVX-512's 32: 12 rows × 2 vectors =
     /// 24 accumulators + 2 panel vectors + 1 broadcast (BLIS's Skylake-X sgemm kernel is the
     /// same 24-accumulator shape, 32 × 12), twice the FMAs per load of B. bench_core's forward,
-    /// n = 128, r = 16, float, this AVX-512 VM, 6 × 2 → 12 × 2 (with the strip fix of gemm_strips,
-    /// same commit), ms: 4096² 42–50 → 26.4–27.0, from a PackedWeight 72–76 → 23.6–23.9.
+    /// n = 128, r = 16, float, this AVX-512 VM, 6 × 2 → 12 × 2, ms: 4096² 42–50 → 26.4–27.0 (the
+    /// strip layout a PackedWeight then had, 72–76 → 23.6–23.9).
     template <class Arch>
     static constexpr Index gemm_mr = wide_register_file<Arch> ? 12 : 6;
     static constexpr Index mr = 6;
@@ -858,15 +857,11 @@ inline void row_tiles(Index m, F&& f) {
 /// vectors. Row p starts at panel + p·ldp; its vectors come in runs of RV contiguous ones, each
 /// run `jump` past the previous (RV = NV: all contiguous). With fewer than 8 accumulators (narrow
 /// tiles) U independent sets of them take alternate p, so that at least 8 FMAs are in flight
-/// (latency 4 × 2 pipes), and are summed at the end. Given a `prefetch` pointer (P = const T*;
-/// null: none), step p also prefetches the line at prefetch + p·ldp (+ jump for each further run)
-/// into L2 (a panel streamed from memory: the next one, read meanwhile). Without (P = nullptr_t,
-/// every other caller) the loop has no trace of it. K > 0: the depth is K, fixed at compile time
+/// (latency 4 × 2 pipes), and are summed at the end. K > 0: the depth is K, fixed at compile time
 /// (`steps` ignored). FromSum: the sums start from the values in `sum` instead of zero.
-template <int MR, int NV, int RV, class T, class Arch, int K = 0, bool FromSum = false, class A,
-          class P = std::nullptr_t>
+template <int MR, int NV, int RV, class T, class Arch, int K = 0, bool FromSum = false, class A>
 inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Index jump,
-                             xsimd::batch<T, Arch> (&sum)[MR][NV], P prefetch = nullptr) noexcept {
+                             xsimd::batch<T, Arch> (&sum)[MR][NV]) noexcept {
     if constexpr (K > 0) steps = K;
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
@@ -884,10 +879,6 @@ inline void bcast_accumulate(Index steps, A&& a, const T* panel, Index ldp, Inde
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i)
             LOWRANK_UNROLL for (int v = 0; v < NV; ++v) acc[u][i][v] = FromSum && u == 0 ? sum[i][v] : batch(T(0));
     auto step = [&](Index p, auto& s) {
-        if constexpr (!std::is_same_v<P, std::nullptr_t>)
-            if (prefetch)
-                LOWRANK_UNROLL for (int r = 0; r < (NV + RV - 1) / RV; ++r)
-                    LOWRANK_PREFETCH_L2(prefetch + p * ldp + r * jump);
         if constexpr (broadcasts_first) {
             batch ai[MR];
             LOWRANK_UNROLL for (int i = 0; i < MR; ++i) ai[i] = batch(a(i, p));
@@ -1881,27 +1872,14 @@ struct StripPanel {
     }
 };
 
-/// The left operand of the expand tiles: MR rows of T, `w` values each.
-/// In place (row i at t + i·ldt), α applied as the tile is stored: for few rows over a long depth
-/// (gemm_strips' rows of X against all of W), where copying would change how W is streamed.
-template <class T>
-struct RowsOperand {
-    static constexpr bool scaled = false;
-    const T* t;
-    Index ldt;
-    T alpha;
-    [[nodiscard]] T at(int i, Index j) const noexcept { return t[i * ldt + j]; }
-};
-
-/// Interleaved and scaled (tp[j·MR + i] = α·t[i, j], written by expand_rows): a step's MR
-/// broadcasts come from one pointer at fixed offsets and the store adds the sums as they are. In
-/// place, GCC 12 kept α and the rows' offsets live across the loop of a 6 × 2 tile and, short of
+/// The left operand of the expand tiles, MR rows of T interleaved and scaled (tp[j·MR + i] =
+/// α·t[i, j], written by expand_rows): a step's MR broadcasts come from one pointer at fixed
+/// offsets and the store adds the sums as they are. In place, GCC 12 kept α and the rows' offsets live across the loop of a 6 × 2 tile and, short of
 /// registers, read one of the two panel vectors from memory in every FMA and the offsets from the
 /// stack: 19 loads per 12 FMAs instead of 8 (mixed n = 64, 8 adapters, r = 16, 4096², float, the
 /// bank's expand alone, interleaved in one harness: 141 → 123 µs).
 template <int MR, class T>
 struct PackedOperand {
-    static constexpr bool scaled = true;
     const T* tp;
     [[nodiscard]] T at(int i, Index j) const noexcept { return tp[j * MR + i]; }
 };
@@ -1918,9 +1896,9 @@ LOWRANK_TILE_INLINE void store_sum(const xsimd::batch<T, Arch> (&sum)[MR][NV], R
         }
 }
 
-/// One expand tile: y_i[o .. o + NV·W) (+)= α Σ_j t[i, j] · B[j, o .. o + NV·W) for the MR output
-/// rows y_i (pointers: scattered rows of a batch, or rows of W), B read through `panel`, T through
-/// `a` (an operand above). MR × NV accumulators stay in registers over all w rows of B; Y is read
+/// One expand tile: y_i[o .. o + NV·W) (+)= Σ_j a(i, j) · B[j, o .. o + NV·W) for the MR output
+/// rows y_i (pointers: scattered rows of a batch, or rows of W), B read through `panel`, α T
+/// through `a` (a PackedOperand). MR × NV accumulators stay in registers over all w rows of B; Y is read
 /// and written once.
 template <int MR, int NV, class T, class Arch, class Panel, class Operand>
 LOWRANK_TILE_INLINE void expand_tile(Index w, const Operand& a, const Panel& panel, T* const* y, Index o,
@@ -1931,15 +1909,11 @@ LOWRANK_TILE_INLINE void expand_tile(Index w, const Operand& a, const Panel& pan
     batch acc[MR][NV];
     bcast_accumulate<MR, NV, RV, T, Arch>(w, [&](int i, Index j) { return a.at(i, j); }, panel.at(o), panel.ld,
                                           panel.jump, acc);
-    const auto row = [&](int i) { return y[i] + o; };
-    if constexpr (Operand::scaled)
-        store_sum<MR, NV, T, Arch>(acc, row, accumulate);
-    else
-        store_tile<MR, NV, T, Arch>(acc, row, a.alpha, accumulate);
+    store_sum<MR, NV, T, Arch>(acc, [&](int i) { return y[i] + o; }, accumulate);
 }
 
-/// MR rows y_i (pointers) (+)= α t_i · B over columns [o0, o1) of Y (t_i: row i of T, w values,
-/// read through the operand `a`; B: w × out, read through `panel`, o0 at a run boundary of it):
+/// MR rows y_i (pointers) (+)= α t_i · B over columns [o0, o1) of Y (α t_i: row i of T, w values,
+/// scaled, read through the PackedOperand `a`; B: w × out, read through `panel`, o0 at a run boundary of it):
 /// expand_nv<MR>-vector tiles, then narrower ones, then the last columns one by one. With PF > 0,
 /// each full tile first prefetches (for writing) the lines of Y that the tile PF tiles further on
 /// will read and write: for a Y streamed from memory (see blocking::update_prefetch_tiles).
@@ -1971,7 +1945,6 @@ LOWRANK_TILE_INLINE void expand_sweep(T* const* y, Index o0, Index o1, Index w, 
         LOWRANK_UNROLL for (int i = 0; i < MR; ++i) {
             T acc(0);
             for (Index j = 0; j < w; ++j) acc += a.at(i, j) * p[j * panel.ld];
-            if constexpr (!Operand::scaled) acc *= a.alpha;
             y[i][o] = accumulate ? y[i][o] + acc : acc;
         }
     }

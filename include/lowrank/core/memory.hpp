@@ -23,10 +23,10 @@
 ///
 /// The advice is a hint: where the kernel has no huge pages to give (THP `never`, fragmented
 /// memory, not Linux) the memory is ordinary pages and everything works the same, only slower.
-/// Measured: the forward from a 4096² PackedWeight, float, r = 16, a Zen 4 VM in `madvise` mode,
-/// both weights in one process, 15 alternating rounds, medians, huge / 4 KiB pages: n = 1 0.86,
-/// n = 8 0.96, n = 16 0.94 (5.49 → 5.18 ms), n = 32 0.98; from the row-major W in an advised
-/// allocation: n = 1 0.92, n = 8 0.93, n = 16 0.97.
+/// Measured: the forward from a 4096² PackedWeight (then Wᵀ in strips), float, r = 16, a Zen 4 VM
+/// in `madvise` mode, both weights in one process, 15 alternating rounds, medians, huge / 4 KiB
+/// pages: n = 1 0.86, n = 8 0.96, n = 16 0.94 (5.49 → 5.18 ms), n = 32 0.98; from the row-major W
+/// in an advised allocation (today's PackedWeight layout): n = 1 0.92, n = 8 0.93, n = 16 0.97.
 
 #include <algorithm>
 #include <cstddef>

@@ -33,28 +33,6 @@
 
 namespace lowrank::core {
 
-/// The base weight of a product: W (out × in) row-major, or laid out ahead in strips.
-template <class T>
-struct WeightRef {
-    MatrixView<const T> dense{};
-    PackedWeightView<T> packed{};
-
-    WeightRef() = default;
-    WeightRef(MatrixView<const T> w) noexcept : dense(w) {}  // NOLINT: implicit, as a view is one
-    WeightRef(PackedWeightView<T> w) noexcept : packed(w), packed_(true) {}  // NOLINT
-    [[nodiscard]] bool is_packed() const noexcept { return packed_; }
-    [[nodiscard]] Index rows() const noexcept { return is_packed() ? packed.rows : dense.rows; }
-    [[nodiscard]] Index cols() const noexcept { return is_packed() ? packed.cols : dense.cols; }
-    /// Rows [r0, r0 + count) of W (for a packed W, r0 a multiple of strip_width<T>).
-    [[nodiscard]] WeightRef middle_rows(Index r0, Index count) const noexcept {
-        if (is_packed()) return WeightRef(packed.middle_rows(r0, count));
-        return WeightRef(dense.middle_rows(r0, count));
-    }
-
-private:
-    bool packed_ = false;
-};
-
 /// Y = X Wᵀ (the dense base product, PyTorch's `F.linear`). One row against a row-major W read
 /// from memory (more than blocking::stream_aliased_bytes), and up to 4 such rows with 16
 /// registers: gemm_dot_streams (4–8 rows of W side by side, each prefetching across the 4 KiB
@@ -73,17 +51,12 @@ private:
 /// at 1024² (W in L3), 1.08 at 2048²; 8 rows 0.98 / 1.05: neither ahead at every size; for W from
 /// memory see blocking::dot_streams_tile). Beyond stream_weight_rows rows (16
 /// registers only), gemm_packed (packing both operands into (gemm_mc + gemm_nc) × gemm_kc blocks,
-/// BLIS-style). W packed ahead: gemm_strips at every batch size. The copies and packed blocks live
-/// in `ws`, which grows as needed (no allocation once it has grown to the shape).
+/// BLIS-style). The copies and packed blocks live in `ws`, which grows as needed (no allocation
+/// once it has grown to the shape).
 template <class T, class Arch = xsimd::default_arch>
-void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, GemmWorkspace<T>& ws) {
-    LOWRANK_ASSERT(x.cols == weight.cols() && y.rows == x.rows && y.cols == weight.rows());
+void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y, GemmWorkspace<T>& ws) {
+    LOWRANK_ASSERT(x.cols == w.cols && y.rows == x.rows && y.cols == w.rows);
     if (y.empty()) return;
-    if (weight.is_packed()) {
-        gemm_strips<T, Arch>(x.rows, T(1), x.data, x.ld, weight.packed, y.data, y.ld, false, ws);
-        return;
-    }
-    const MatrixView<const T> w = weight.dense;
     // The transposed product, the batch along the vectors (no reductions over k, W never copied,
     // read once per pass of blocking::stream_block_vectors vectors of rows of X). m × 4096², float,
     // kernel alone, ms: AVX-512 with the tiles of blocking::stream_tile, m = 2 / 4 / 8 / 16: 2.3 /
@@ -133,9 +106,9 @@ void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y, G
 
 /// The same with buffers of its own (allocated for this call).
 template <class T, class Arch = xsimd::default_arch>
-void base_product(MatrixView<const T> x, WeightRef<T> weight, MatrixView<T> y) {
+void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y) {
     GemmWorkspace<T> ws;
-    base_product<T, Arch>(x, weight, y, ws);
+    base_product<T, Arch>(x, w, y, ws);
 }
 
 /// dX (+)= dY W (the base part of the input gradient).

@@ -137,10 +137,10 @@ template <class T, LowRankTerm... Terms>
 /// streams (or packs, into its own buffers) its share of W once; the adapter part alone splits
 /// rows. (Split by rows, every thread packed all of W: n = 128, 4096², 2 threads 1.46×.)
 template <class T, class Arch = xsimd::default_arch, LowRankTerm... Terms>
-void linear_terms(MatrixView<const T> x, WeightRef<T> w, MatrixView<T> y, Workspace<T>& ws,
+void linear_terms(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y, Workspace<T>& ws,
                   Threads threads, const Terms&... terms) {
     const Index n = x.rows, out = y.cols;
-    const bool base = w.rows() > 0;
+    const bool base = w.rows > 0;
     if (n == 0 || out == 0) return;
     const MatrixView<T> scratch = ws.matrix(scratch_rows<T>(n, x.cols, threads, terms...), total_width(terms...));
     if (threads.count <= 1) {
@@ -159,7 +159,6 @@ void linear_terms(MatrixView<const T> x, WeightRef<T> w, MatrixView<T> y, Worksp
             col += term.width();
         };
         (prepare(terms), ...);
-        static_assert(16 % strip_width<T> == 0, "linear_terms: output blocks must start on a strip of a packed W");
         parallel_for(threads, out, 256, 16, [&](Index b, Index e) {
             const auto yb = y.block(0, b, n, e - b);
             if (base) base_product<T, Arch>(x, w.middle_rows(b, e - b), yb);

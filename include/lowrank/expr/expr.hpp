@@ -94,19 +94,19 @@ private:
     scalar weight_;
 };
 
-/// `W + term₁ + term₂ + …`: a view of the base weight (out × in; row-major, or a PackedWeight)
-/// and a list of terms.
+/// `W + term₁ + term₂ + …`: a view of the base weight (out × in, row-major: W itself or a
+/// PackedWeight's copy) and a list of terms.
 template <Real T, LowRankTerm... Terms>
 class SumExpr {
 public:
     using scalar = T;
 
-    SumExpr(core::WeightRef<T> w, std::tuple<detail::TermHolder<Terms>...> terms)
+    SumExpr(MatrixView<const T> w, std::tuple<detail::TermHolder<Terms>...> terms)
         : w_(w), terms_(std::move(terms)) {}
 
-    [[nodiscard]] core::WeightRef<T> weight() const noexcept { return w_; }
-    [[nodiscard]] Index in_features() const noexcept { return w_.cols(); }
-    [[nodiscard]] Index out_features() const noexcept { return w_.rows(); }
+    [[nodiscard]] MatrixView<const T> weight() const noexcept { return w_; }
+    [[nodiscard]] Index in_features() const noexcept { return w_.cols; }
+    [[nodiscard]] Index out_features() const noexcept { return w_.rows; }
     [[nodiscard]] static constexpr std::size_t size() noexcept { return sizeof...(Terms); }
 
     /// Calls `f(term₁, term₂, …)` with the terms.
@@ -123,41 +123,41 @@ public:
     }
 
 private:
-    core::WeightRef<T> w_;
+    MatrixView<const T> w_;
     std::tuple<detail::TermHolder<Terms>...> terms_;
 };
 
-/// A base weight W (out × in, nn.Linear layout) laid out once for the forward product, as an
-/// inference engine does at load time: Wᵀ in strips one cache line wide (core::pack_weight), so
-/// every `linear(X, packed + terms…)` reads it as one sequential stream and packs nothing per
-/// call. The copy (W's size; W itself is not referenced afterwards) sits in memory advised for
-/// transparent huge pages (core::HugePageAllocator, core/memory.hpp): a Zen 4 VM, n = 16, 4096²,
-/// r = 16, float, bench_core, two binaries alternating in 5 rounds, each order once: 5.38 → 5.14
-/// and 5.13 → 5.00 ms (4 KiB → huge pages; the row-major W in 4 KiB pages 5.8 ms); n = 1 0.91 /
-/// 0.94×, n = 32 and 128 0.98–0.99×. `dense(packed + …)` is not available (merge into the
-/// row-major W instead).
+/// A base weight W (out × in, nn.Linear layout) copied once, at load time, into memory laid out
+/// and advised for the forward product, as an inference engine does: row-major with no gaps
+/// between rows (from any source: column-major, a block, a Map with strides, an expression), in
+/// memory advised for transparent huge pages (core::HugePageAllocator, core/memory.hpp), so that
+/// `linear(X, packed + terms…)` streams it through the row-major kernels (the stream kernel reads
+/// W's rows once per pass, sequentially, and packs nothing of W) with a TLB miss per 2 MiB instead
+/// of per 4 KiB. `dense(packed + …)` gives the merged weight (a new matrix; the copy is const).
+///
+/// The layout is the row-major one because it is the fastest this library has for the forward.
+/// The copy was formerly Wᵀ in strips one cache line wide for a BLIS-style micro-kernel (no
+/// per-call packing either); on the Sapphire Rapids VM of bench/results the stream kernel on the
+/// row-major copy outran it at every batch from 16 rows on (X Wᵀ alone, 4096², medians of
+/// 9–15, ms, strips → row-major: float n = 16 3.85 → 3.16, 32 6.72 → 5.73, 128 27.5 → 23.8;
+/// double n = 16 11.8 → 7.4–8.4, 128 63.4 → 49.3; an AVX2 build, float, n = 16 6.33 → 5.13),
+/// lost 2–4% at n = 2–8 on AVX-512 and 10% at n = 4 on AVX2 (2.42 vs 2.67), and tied at n = 1.
 template <Real T>
 class PackedWeight {
 public:
     template <class D>
         requires std::same_as<typename D::Scalar, T>
     explicit PackedWeight(const Eigen::MatrixBase<D>& W)
-        : rows_(Index(W.rows())), cols_(Index(W.cols())) {
-        data_.resize(static_cast<std::size_t>(core::packed_weight_size<T>(rows_, cols_)));
-        if constexpr (bool(Eigen::internal::traits<D>::Flags & Eigen::DirectAccessBit)) {
-            // Any layout in memory (row- or column-major, a block, a Map): packed straight from it.
-            const D& w = W.derived();
-            core::pack_strips<T>(cols_, rows_, w.data(), Index(w.colStride()), Index(w.rowStride()),
-                                 data_.data());
-        } else {  // an expression: evaluated once
-            const Matrix<T> w = W;
-            core::pack_weight<T>(lowrank::view(w), data_.data());
-        }
+        : rows_(Index(W.rows())), cols_(Index(W.cols())),
+          data_(static_cast<std::size_t>(rows_) * static_cast<std::size_t>(cols_)) {
+        // The allocator advised the pages before the vector's zero fill first wrote them.
+        Eigen::Map<Matrix<T>>(data_.data(), rows_, cols_) = W;
     }
 
     [[nodiscard]] Index rows() const noexcept { return rows_; }  ///< out_features
     [[nodiscard]] Index cols() const noexcept { return cols_; }  ///< in_features
-    [[nodiscard]] core::PackedWeightView<T> view() const noexcept { return {data_.data(), rows_, cols_}; }
+    /// The copy of W (row-major, leading dimension cols()).
+    [[nodiscard]] MatrixView<const T> view() const noexcept { return {data_.data(), rows_, cols_, cols_}; }
 
 private:
     Index rows_ = 0, cols_ = 0;
@@ -185,7 +185,7 @@ SumExpr<typename D::Scalar, Term> operator+(const Eigen::MatrixBase<D>& W, Term&
 template <Real T, LowRankTerm Term>
     requires std::same_as<T, typename Term::scalar>
 [[nodiscard]] SumExpr<T, Term> operator+(const PackedWeight<T>& W, const Term& term) {
-    return {core::WeightRef<T>(W.view()), std::make_tuple(detail::hold(term))};
+    return {W.view(), std::make_tuple(detail::hold(term))};
 }
 template <Real T, LowRankTerm Term>
 SumExpr<T, Term> operator+(PackedWeight<T>&& W, const Term& term) = delete;
@@ -268,7 +268,7 @@ public:
         auto y = detail::output_view(fn, "Y", dst, rows(), cols(), true);
         const auto x = x_;
         detail::check_no_overlap(fn, "Y", y, "X", x);
-        detail::check_no_overlap(fn, "Y", y, "W", expr_.weight().dense);
+        detail::check_no_overlap(fn, "Y", y, "W", expr_.weight());
         Workspace<scalar> local;
         Workspace<scalar>& ws = ws_ ? *ws_ : local;
         expr_.apply([&](const auto&... terms) {
@@ -302,9 +302,7 @@ public:
     void evalTo(Dest& dst) const {
         const char* fn = "lowrank::dense";
         auto out = detail::output_view(fn, "W_merged", dst, rows(), cols(), true);
-        if (expr_.weight().is_packed())
-            detail::fail(fn, ": the base is a PackedWeight (no row-major copy of W is kept); merge into W itself");
-        const auto w = expr_.weight().dense;
+        const auto w = expr_.weight();
         if (out.data != w.data) {  // dense(W + lora) assigned back into W is an in-place merge
             detail::check_no_overlap(fn, "W_merged", out, "W", w);
             eigen_map(out) = eigen_map(w);
