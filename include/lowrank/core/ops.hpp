@@ -168,15 +168,22 @@ void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexc
 }
 
 /// Y (+)= α T Uᵀ. U is stored out × w (PyTorch's `B`), so each block of its rows is transposed
-/// into a 32 KiB stack buffer and the broadcast kernel runs over all rows of T for that block:
-/// U is read once per call whatever n is.
+/// into a stack buffer of 32 KiB (16 KiB of it up to 64 rows of T) and the broadcast kernel runs
+/// over all rows of T for that block: U is read once per call whatever n is. The smaller blocks
+/// for few rows keep a block of Uᵀ and the rows of Y it updates in L1 together (n = 16, r = 16:
+/// 15 + 16 KiB, against 29 + 29 KiB in 32 KiB blocks); expand alone, float, 4096 outputs, medians
+/// of 201, 32 → 16 KiB (µs): AVX-512 n = 16, r = 16 22.6 → 19.3 (1024 outputs 5.4 → 4.85), r = 8
+/// 12.8 → 11.3, r = 64 76.5 → 63.5, n = 32 35.5 → 31.5, n = 64 60.1 → 59.4; AVX2 n = 16 29.5 →
+/// 28.1–28.4, r = 64 102 → 94, n = 64 91.0 → 87.2; at n = 128 equal on AVX-512 (121–125 vs
+/// 123) and 3–5% slower on AVX2 (182 → 187–191), which keeps 32 KiB there.
 template <class T, class Arch = xsimd::default_arch>
 void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alpha = T(1),
             bool accumulate = true) noexcept {
     LOWRANK_ASSERT(t.cols == u.cols && y.rows == t.rows && y.cols == u.rows);
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
-    constexpr Index max_w = pack_elems / W;  // width of one pass: at least one vector of outputs
+    const Index block_elems = t.rows <= 64 ? pack_elems / 2 : pack_elems;
+    const Index max_w = block_elems / W;  // width of one pass: at least one vector of outputs
     const Index w = t.cols, out = u.rows;
     if (y.empty()) return;
     if (w == 0) {
@@ -196,7 +203,7 @@ void expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, T alp
         // vectors, so that the wc rows of a tile's panel fall in different L1 sets (at ld = 1024
         // floats they shared one with the rows of Y: expand alone, n = 16, r = 8, 1024², 2.59–2.63 →
         // 2.44–2.47 µs).
-        const Index cap = std::max(W, (pack_elems / wc / W - 1) / 2 * 2 * W + W);
+        const Index cap = std::max(W, (block_elems / wc / W - 1) / 2 * 2 * W + W);
         const Index blocks = (out + cap - 1) / cap;
         const Index ob = std::min(cap, ((out + blocks - 1) / blocks + W - 1) / W * W);
         const Index ld = (ob / W) % 2 == 0 ? ob + W : ob;
