@@ -439,6 +439,29 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     check_base_product<T, Arch>(n, out, in, 71, "base_product, large W");
 }
 
+TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W in L3 past the stream kernel's passes",
+                        "[kernels][ops]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    using blk = core::blocking;
+    // A W of at least blocking::stream_group_l3_bytes that is not read from memory: with 16
+    // registers a batch past stream_max_rows goes to the grouped stream kernel up to
+    // stream_group_l3_rows rows and to gemm_packed past them; with 32, the stream passes or
+    // gemm_packed as before. The routing rule itself on explicit shapes first.
+    const Index in = 515;
+    const Index out = blk::stream_group_l3_bytes / (in * Index(sizeof(T))) + 3;
+    REQUIRE_FALSE(core::detail::rows_from_memory<T>(out, in));
+    constexpr bool l3_grouped = blk::stream_grouped<T, Arch> && !blk::wide_register_file<Arch>;
+    REQUIRE(core::detail::grouped_rows<T, Arch>(blk::stream_group_l3_rows, out, in) == l3_grouped);
+    REQUIRE_FALSE(core::detail::grouped_rows<T, Arch>(blk::stream_group_l3_rows + 1, out, in));
+    REQUIRE_FALSE(core::detail::grouped_rows<T, Arch>(blk::stream_group_l3_rows, out / 2, in));  // W below 2 MiB
+    const Index batches[] = {std::min(blk::stream_max_rows<T, Arch>, Index(150)) + 1, blk::stream_group_l3_rows,
+                             blk::stream_group_l3_rows + 1};
+    const Index n = batches[GENERATE(0, 1, 2)];
+    CAPTURE(n, out, in);
+    check_base_product<T, Arch>(n, out, in, 75, "base_product, W in L3");
+}
+
 TEMPLATE_LIST_TEST_CASE("base_product of one row matches the exact product on both GEMV paths",
                         "[kernels][ops]", KernelCases) {
     using T = typename TestType::scalar;

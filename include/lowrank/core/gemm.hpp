@@ -241,6 +241,21 @@ template <class T>
     return n * ldb * Index(sizeof(T)) > blocking::stream_aliased_bytes;
 }
 
+/// Whether gemm_stream_rows takes a batch of m rows (more than one pass) against the n rows of B,
+/// ldb values apart, through stream_rows_grouped (blocking::stream_grouped): B read from memory,
+/// or with 16 registers a B in L3 (blocking::stream_group_l3_bytes) against a batch past
+/// blocking::stream_max_rows (which would go to gemm_packed) of up to stream_group_l3_rows rows.
+template <class T, class Arch>
+[[nodiscard]] constexpr bool grouped_rows(Index m, Index n, Index ldb) noexcept {
+    if constexpr (!blocking::stream_grouped<T, Arch>) {
+        return false;
+    } else {
+        if (rows_from_memory<T>(n, ldb)) return true;
+        return !blocking::wide_register_file<Arch> && m > blocking::stream_max_rows<T, Arch> &&
+               m <= blocking::stream_group_l3_rows && n * ldb * Index(sizeof(T)) >= blocking::stream_group_l3_bytes;
+    }
+}
+
 /// Whether the n rows of B, ldb values apart, stream from memory into L1 sets they share
 /// (blocking::stream_tiles::two_aliased).
 template <class T>
@@ -516,8 +531,9 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
 /// float and double. Double: the same by fractions of W (8 lanes), but no groups of 8 (m ≤ 2: G =
 /// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere (16 registers) G = 1 with 6 × 1, 6 × 2 or,
 /// past 2W rows, 4 × 3 tiles. A batch of more than one block against a B read from memory, where
-/// blocking::stream_grouped (double on AVX-512, either type on AVX2): detail::stream_rows_grouped,
-/// B read once per blocking::stream_group_rows rows (its partial sums, n × those rows, in ws.b).
+/// blocking::stream_grouped (double on AVX-512, either type on AVX2), and on AVX2 up to 192 rows
+/// against a B in L3 (detail::grouped_rows): detail::stream_rows_grouped, B read once per
+/// blocking::stream_group_rows rows (its partial sums, n × those rows, in ws.b).
 /// Same arguments as gemm_packed.
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
@@ -525,7 +541,7 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
     constexpr Index W = xsimd::batch<T, Arch>::size, NB = blocking::stream_block_vectors<Arch>;
     if (const Index vectors = (m + W - 1) / W; vectors > NB) {
         if constexpr (blocking::stream_grouped<T, Arch>) {
-            if (detail::rows_from_memory<T>(n, ldb)) {  // one read of B per group of rows
+            if (detail::grouped_rows<T, Arch>(m, n, ldb)) {  // one read of B per group of rows
                 detail::split_vectors(m, W, blocking::stream_group_rows<T> / W, [&](Index i0, Index rows) {
                     detail::stream_rows_grouped<T, Arch>(rows, n, k, alpha, a + i0 * lda, lda, b, ldb, c + i0 * ldc,
                                                          ldc, accumulate, ws);

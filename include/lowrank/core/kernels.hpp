@@ -460,6 +460,16 @@ namespace lowrank::core {
 ///   23.8 → 19.2, 48 45.5 (gemm_packed) → 33.4–34.0, 128 102.2 (gemm_packed) → 85.7–86.9; float
 ///   m = 28 / 32 / 40 / 48 / 64 12.6 / 12.0 / 15.3 / 17.1 / 22.8 → 12.1 / 12.2 / 14.7 / 15.7 /
 ///   22.3, 128 48.8 (gemm_packed) → 44.9.
+/// - `stream_group_l3_bytes`, `stream_group_l3_rows`: with 16 registers, also a W of at least 2
+///   MiB (past this VM's L2) that stays in L3, for a batch past stream_max_rows of up to 192 rows,
+///   which went to gemm_packed (packing all of W every call). AVX2 build, X Wᵀ alone, medians of
+///   3 × 11–41, grouped / gemm_packed time: double 512² (2 MiB) m = 64 / 128 / 192 / 256 0.87 /
+///   0.91 / 0.96 / 1.01, 1024² m = 48 / 64 / 96 / 128 / 192 / 256 0.77 / 0.85 / 0.85 / 0.89 /
+///   0.93 / 0.98; float 1024² m = 64 / 96 / 128 / 192 / 256 0.87–0.90 / 0.91 / 0.97 / 0.96–0.98
+///   / 1.05, 1536² m = 128 / 192 / 256 0.95 / 0.95 / 0.99, 2048² 0.94 / 0.93 / 1.01, but 768²
+///   (2.25 MiB) m = 128 / 192 1.01 / 1.00 and a W in L2 (512², 1 MiB) m = 128 / 192 1.04. Not
+///   for the batches up to stream_max_rows, whose passes were faster (float 1024², m = 32 / 64:
+///   grouped 1.13 / 1.04–1.06× the passes' time).
 /// - `stream_min_rows<T, Arch>`, `stream_max_rows<T, Arch>`: the batches (rows of X) for which
 ///   base_product streams W through gemm_stream_rows. 32 registers: 2 rows and more. 16 registers:
 ///   up to stream_batch_vectors<T> · W (see above), and none with 128-bit vectors. With
@@ -614,6 +624,8 @@ struct blocking {
     static constexpr bool stream_grouped =
         sizeof(xsimd::batch<T, Arch>) >= 32 && (sizeof(T) == 8 || !wide_register_file<Arch>);
     static constexpr Index stream_group_bytes = Index(1) << 20;
+    static constexpr Index stream_group_l3_bytes = Index(2) << 20;
+    static constexpr Index stream_group_l3_rows = 192;
     static constexpr Index stream_group_kc_min = 256;
     static constexpr Index stream_group_kc_max = 1024;
     template <class T>

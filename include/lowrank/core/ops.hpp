@@ -40,10 +40,10 @@ namespace lowrank::core {
 /// gemm_stream_rows streams W (once per 4W rows on AVX-512, 3W with 16 registers; W: SIMD width;
 /// a batch of several passes against a W read from memory, in double on AVX-512 and in either
 /// type on AVX2: once per up to blocking::stream_group_rows rows, by blocks of k, and on AVX2
-/// past stream_max_rows too) for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1
-/// rows in float (4 from a W of
-/// more than 16 MiB; W in double) up to `blocking::stream_batch_vectors<T>` · W rows with 256-bit
-/// vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
+/// past stream_max_rows too, as for up to 192 rows against a W of 2 MiB or more in L3:
+/// detail::grouped_rows) for every batch of 2 rows or more on AVX-512, and from 3W/2 + 1 rows in
+/// float (4 from a W of more than 16 MiB; W in double) up to `blocking::stream_batch_vectors<T>` ·
+/// W rows with 256-bit vectors (`blocking::stream_min_rows`, `stream_min_rows_large`, `stream_max_rows`); otherwise
 /// from 2 to stream_weight_rows rows the dot kernel streams it once. One row of a W in cache:
 /// gemv_rows (W row after row, one sequential stream) for a W of rows of 1–8 KiB and 2–8 MiB in all
 /// (blocking::gemv_one_stream), otherwise Eigen's GEMV (a Zen 4 VM, the GEMV alone, 15
@@ -73,7 +73,7 @@ void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y,
         return;
     }
     const Index stream_from = from_memory ? blocking::stream_min_rows_large<T, Arch> : blocking::stream_min_rows<T, Arch>;
-    const bool grouped = blocking::stream_grouped<T, Arch> && from_memory;  // any batch from stream_from on
+    const bool grouped = detail::grouped_rows<T, Arch>(x.rows, w.rows, w.ld);  // any batch from stream_from on
     if (x.rows >= stream_from && (x.rows <= blocking::stream_max_rows<T, Arch> || grouped)) {
         gemm_stream_rows<T, Arch>(x.rows, w.rows, x.cols, T(1), x.data, x.ld, w.data, w.ld, y.data, y.ld, false, ws);
         return;
