@@ -15,7 +15,7 @@
 /// entry points have validated their arguments. None allocates except base_product (when its
 /// GemmWorkspace must grow: a copy of a few rows of X, O(rows · in), gemm_packed's blocks, at
 /// most (gemm_mc + gemm_nc) · gemm_kc, or gemm_stream_rows' packed rows of X and, for a batch of
-/// several passes against a W of more than 16 MiB (blocking::stream_grouped), its partial sums,
+/// several passes read once per group of rows (detail::grouped_rows), its partial sums,
 /// out · min(rows, blocking::stream_group_rows)), rank_update (V in strips, O(r · in)), input_grad from
 /// blocking::band_rows rows on (the same) and grad_shrink from blocking::band_width rows of dV on
 /// (Gᵀ and a block of X in strips, O(w · n + n · band_cols)); the last two keep them in their
