@@ -159,6 +159,8 @@ void linear_terms(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y,
             col += term.width();
         };
         (prepare(terms), ...);
+        // Blocks of outputs start on multiples of 16 columns: whole vectors, and whole cache lines
+        // of a float Y whose rows start on one (two of a double Y), so no two threads write a line.
         parallel_for(threads, out, 256, 16, [&](Index b, Index e) {
             const auto yb = y.block(0, b, n, e - b);
             if (base) base_product<T, Arch>(x, w.middle_rows(b, e - b), yb);
