@@ -48,6 +48,8 @@
 ///   called, 4.96 M inlined).
 /// - LOWRANK_NOINLINE: a function kept out of line: the loops it holds are register-allocated on
 ///   their own, not as part of a larger caller (see gemm_block_panel).
+/// - LOWRANK_FLATTEN: every call in the function inlined into it (so that arguments it passes as
+///   constants reach the callee's loops; see detail::bcast_band_packed).
 /// - LOWRANK_PREFETCH_L1(ptr), LOWRANK_PREFETCH_L2(ptr): a software prefetch of the cache line at
 ///   `ptr` into L1 or L2 (prefetcht0, prefetcht1 on x86; nothing elsewhere).
 /// - LOWRANK_PREFETCH_W(ptr): a prefetch of the line at `ptr` into L1 with the intent to write it
@@ -58,6 +60,7 @@
 #if defined(__GNUC__) || defined(__clang__)
 #define LOWRANK_TILE_INLINE [[gnu::always_inline]] inline
 #define LOWRANK_NOINLINE [[gnu::noinline]]
+#define LOWRANK_FLATTEN [[gnu::flatten]]
 #define LOWRANK_PREFETCH_L1(ptr) __builtin_prefetch((ptr), 0, 3)
 #define LOWRANK_PREFETCH_L2(ptr) __builtin_prefetch((ptr), 0, 2)
 #define LOWRANK_PREFETCH_W(ptr) __builtin_prefetch((ptr), 1, 3)
@@ -70,6 +73,7 @@
 #define LOWRANK_IN_REGISTER(v) ((void)(v))
 #define LOWRANK_TILE_INLINE inline
 #define LOWRANK_NOINLINE
+#define LOWRANK_FLATTEN
 #define LOWRANK_PREFETCH_L1(ptr) ((void)(ptr))
 #define LOWRANK_PREFETCH_L2(ptr) ((void)(ptr))
 #define LOWRANK_PREFETCH_W(ptr) ((void)(ptr))
@@ -220,6 +224,10 @@ namespace lowrank::core {
 ///   whose in-place tiles are one vector wide (7 loads per 6 FMAs): out = 1024, n = 8 2.70 vs 3.18,
 ///   n = 16 5.92 vs 5.22, n = 128 53.7 vs 35.5; out = 4096, n = 16 23.9 vs 22.0, n = 128 233 vs
 ///   148. G at that rank stays in place (dot products 1.2–2.6× slower), as do both at rank 32.
+///   Since the broadcast kernel copies dYᵀ's panel (detail::bcast_band_packed), 24 rows, not 16:
+///   same harness, one process, in place vs along the outputs (µs), out = 4096: n = 16 19.5–21.0
+///   vs 23.0–24.6, n = 24 39.1 vs 37.9, n = 32 37.8 vs 36.3; out = 1024: n = 24 7.25 vs 7.33, n =
+///   32 9.31 vs 8.85.
 /// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
@@ -583,7 +591,7 @@ struct blocking {
     static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
-    static constexpr Index narrow_grad_rows_full = 16;
+    static constexpr Index narrow_grad_rows_full = 24;
     template <int MR, int NV, Index G, Index AHEAD = 0>
     struct stream_tile {
         static constexpr int mr = MR, nv = NV;
@@ -1098,6 +1106,25 @@ inline void bcast_band(Index j, Index jend, Index kc, T alpha, const T* a, Index
             bcast_tile<R, 1, T, Arch, K>(kc, alpha, a, rsa, csa, b + j, ldb, c + j, ldc, accumulate, W);
 }
 
+/// bcast_band for A read down its columns, A(i, p) = a[i + p·csa] with a long stride csa (dYᵀ in
+/// dU = α dYᵀ T: each step broadcasts from another row of dY, 4 or 16 KiB apart at 1024 or 4096
+/// outputs, all in one L1 set): the band's R × kc panel is first copied into contiguous values
+/// and the tiles broadcast from the copy, at strides known at compile time: flattened, so that the
+/// band is inlined with them (GCC 12 otherwise called the one out-of-line bcast_band it shares with
+/// A in place, run-time strides: 1.27× the time, n = 16, 4096 outputs, r = 16). kc ≤ short_k.
+/// dU = α dYᵀ T alone, float, this AVX-512 VM, one process, A in place → copied (µs): 4096
+/// outputs, n = 16: r = 64 64.9–66.0 → 58.4–58.5, r = 32 37.3 → 33.4–33.9, r = 16 24.4–24.7 →
+/// 19.5–21.0; n = 128, r = 64 636–648 → 581–591.
+template <int R, int NV, class T, class Arch, int K = 0>
+LOWRANK_NOINLINE LOWRANK_FLATTEN void bcast_band_packed(Index j, Index jend, Index kc, T alpha, const T* a,
+                                                        Index csa, const T* b, Index ldb, T* c, Index ldc,
+                                                        bool accumulate) noexcept {
+    alignas(64) std::array<T, R * blocking::short_k> panel;
+    for (Index p = 0; p < kc; ++p)
+        LOWRANK_UNROLL for (int q = 0; q < R; ++q) panel[p * R + q] = a[q + p * csa];
+    bcast_band<R, NV, T, Arch, K>(j, jend, kc, alpha, panel.data(), 1, R, b, ldb, c, ldc, accumulate);
+}
+
 /// Vectors per tile of a band of R < band_mr rows (the rows left below the last full band of a
 /// short k, or all of a C of fewer rows): as many as the registers hold beside the R · NV
 /// accumulators, NV loads and one broadcast, at most 4; 3 for a single row. See
@@ -1275,6 +1302,9 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                              : std::max<Index>(2 * W, (blocking::nc_bytes / Index(sizeof(T)) /
                                                        blocking::kc) / (2 * W) * (2 * W));
     const Index mc = short_k ? BR : blocking::mc;
+    // A read down its columns (rsa = 1) a row of it or more apart (csa > BR), as dYᵀ in dU = α dYᵀ T:
+    // each band's panel of A is first copied into contiguous values (detail::bcast_band_packed).
+    const bool pack_a = short_k && !b_major && rsa == 1 && csa > BR;
     // The last < W columns read B through a zero-padded copy, so full-width loads stay in bounds.
     alignas(64) std::array<T, blocking::kc * W> tail_panel;
     const Index n_full = n / W * W;
@@ -1308,8 +1338,13 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                         // both orders of the two binaries.
                         constexpr bool fixed_depth = R == BR && blocking::wide_register_file<Arch>;
                         const auto band = [&](auto depth) {  // depth 0: kc at run time
-                            detail::bcast_band<R, NV, T, Arch, decltype(depth)::value>(j, jend, kc, alpha, a_i, rsa,
-                                                                                       csa, b_p, ldb, c_i, ldc, acc);
+                            constexpr int K = decltype(depth)::value;
+                            if (pack_a)
+                                detail::bcast_band_packed<R, NV, T, Arch, K>(j, jend, kc, alpha, a_i, csa, b_p, ldb,
+                                                                             c_i, ldc, acc);
+                            else
+                                detail::bcast_band<R, NV, T, Arch, K>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i,
+                                                                      ldc, acc);
                         };
                         if (fixed_depth && kc == 8)
                             band(std::integral_constant<int, 8>());
