@@ -271,7 +271,12 @@ namespace lowrank::core {
 ///   2.94; double, the former paths 8.26 / 9.88 / 5.48, dots 5.36 / 5.10 / 5.66 (left on the dots
 ///   at m = 4 for one rule); m = 5–8 stay on the stream tiles (3 rows of W × 5 rows of X 3.51
 ///   against 4.12; 6 and 8 rows of X slower than the stream tile). Hence dot_streams_tile(m) = 8,
-///   6, 5, 4 rows of W for m = 1–4 (up to 16 sums).
+///   6, 5, 4 rows of W for m = 1–4 (up to 16 sums). `far_prefetch_bytes_one_row`: for one row of X
+///   (the GEMV) 1 KiB ahead, and the step's two vectors of X loaded once for the 8 rows of W rather
+///   than by each row's FMAs: this Sapphire Rapids VM (probe 29.4 GB/s from L3 at 64 MiB), 4096²,
+///   float, one harness alternating the variants, medians of 9 × 11 calls, GB/s: advised (2 MiB)
+///   pages, as a PackedWeight's: 27.6–27.8 → 28.2–28.8 (2 KiB ahead with the loads hoisted 28.0–28.3,
+///   1.5 KiB 28.2–28.6); 4 KiB pages 26.7 → 27.6; the AVX2 build 27.6 → 28.2 and 26.8 → 27.2.
 /// - `stream_far_rows`: gemm_stream_rows with at most this many rows of X against a W read from
 ///   memory gives its tiles the same prefetch (into L2, far_prefetch_bytes ahead). With few rows
 ///   a tile does few FMAs per line of W and waits on memory; from 13 rows on (float) it is
@@ -564,6 +569,7 @@ struct blocking {
         return rows <= 1 ? 8 : rows == 2 ? 6 : rows == 3 ? 5 : 4;
     }
     static constexpr Index far_prefetch_bytes = 2048;
+    static constexpr Index far_prefetch_bytes_one_row = 1024;
     static constexpr Index stream_far_rows = 12;
     /// Whether one row against a row-major W of rows × cols values of `size` bytes runs gemv_rows.
     [[nodiscard]] static constexpr bool gemv_one_stream(Index rows, Index cols, Index size) noexcept {
@@ -1809,15 +1815,25 @@ void dot_streams_block(Index n, Index k, T alpha, const T* a, Index lda, const T
     using batch = xsimd::batch<T, Arch>;
     constexpr Index W = batch::size;
     constexpr int lines = int(std::max<Index>(1, 2 * W * Index(sizeof(T)) / 64));  // per row of B and step
-    constexpr Index ahead = blocking::far_prefetch_bytes;
+    constexpr Index ahead = MA == 1 ? blocking::far_prefetch_bytes_one_row : blocking::far_prefetch_bytes;
     const Index k2 = k / (2 * W) * (2 * W), kv = k / W * W;
     row_tiles<int(blocking::dot_streams_tile(MA))>(n, [&](Index j, auto rows) {
         constexpr int R = decltype(rows)::value;
+        // The step's 2·MA vectors of A loaded once for all R rows of B where the registers hold
+        // them beside the R·MA sums (one row of A; see blocking::far_prefetch_bytes_one_row),
+        // otherwise by each row's FMAs.
+        constexpr bool hoist = R * MA + 2 * MA + 2 <= (blocking::wide_register_file<Arch> ? 32 : 16);
         const T* bj = b + j * ldb;
         batch s[R][MA];
         LOWRANK_UNROLL for (int r = 0; r < R; ++r)
             LOWRANK_UNROLL for (int i = 0; i < MA; ++i) s[r][i] = batch(T(0));
         for (Index p = 0; p < k2; p += 2 * W) {
+            batch av[hoist ? MA : 1][2];
+            if constexpr (hoist)
+                LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
+                    av[i][0] = batch::load_unaligned(a + i * lda + p);
+                    av[i][1] = batch::load_unaligned(a + i * lda + p + W);
+                }
             LOWRANK_UNROLL for (int r = 0; r < R; ++r) {
                 const T* br = bj + r * ldb + p;
                 LOWRANK_UNROLL for (int l = 0; l < lines; ++l)
@@ -1825,8 +1841,11 @@ void dot_streams_block(Index n, Index k, T alpha, const T* a, Index lda, const T
                 const batch b0 = batch::load_unaligned(br), b1 = batch::load_unaligned(br + W);
                 LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
                     const T* ai = a + i * lda + p;
-                    s[r][i] = xsimd::fma(b1, batch::load_unaligned(ai + W),
-                                         xsimd::fma(b0, batch::load_unaligned(ai), s[r][i]));
+                    if constexpr (hoist)
+                        s[r][i] = xsimd::fma(b1, av[i][1], xsimd::fma(b0, av[i][0], s[r][i]));
+                    else
+                        s[r][i] = xsimd::fma(b1, batch::load_unaligned(ai + W),
+                                             xsimd::fma(b0, batch::load_unaligned(ai), s[r][i]));
                 }
             }
         }
