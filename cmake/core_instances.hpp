@@ -43,7 +43,7 @@
     EXTERN template void base_input_grad<T>(MatrixView<const T>, MatrixView<const T>, MatrixView<T>, \
                                             bool);                                                   \
     EXTERN template void shrink<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>,     \
-                                                        MatrixView<T>) noexcept;                      \
+                                                        MatrixView<T>, bool) noexcept;                \
     EXTERN template void expand<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>,     \
                                                         MatrixView<T>, T, bool) noexcept;             \
     EXTERN template void project_back<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>, \

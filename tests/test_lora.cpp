@@ -237,6 +237,18 @@ TEMPLATE_TEST_CASE("one-row backward equals the dense formulas", "[lora][backwar
     check_backward<TestType>(1, GENERATE(19, 70), GENERATE(14, 37, 64, 301), GENERATE(1, 3, 4, 5, 8, 13));
 }
 
+// An Xa of 1 MiB or more goes by blocks of its columns (core::blocking::backward_cols: T summed
+// over the blocks, dA and dX written block by block), here two whole blocks and a tail.
+TEMPLATE_TEST_CASE("backward by blocks of the input features equals the dense formulas", "[lora][backward]", float,
+                   double) {
+    using T = TestType;
+    const Index n = sizeof(T) == 4 ? 40 : 20, in = 7000;
+    const Index cb = lowrank::core::blocking::backward_cols(n, in, Index(sizeof(T)));
+    REQUIRE(cb < in / 2);
+    REQUIRE(in % cb != 0);
+    check_backward<T>(n, 19, in, GENERATE(3, 17));
+}
+
 TEST_CASE("LoRA gradients pass the finite-difference check (double)", "[lora][gradcheck]") {
     const Index n = 5, out = 7, in = 6, r = 3;
     Lora<double> lora = random_lora<double>(out, in, r, 5, true, 31);

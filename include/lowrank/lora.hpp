@@ -234,11 +234,28 @@ void lora_backward_delta(MatrixView<const T> xa, const Lora<T>& lora, MatrixView
         core::grad_expand<T>(dy, t, view_mut(grad.B), s, false);  // dB = s dYᵀ T
         return;
     }
-    core::shrink<T>(xa, lora.shrink_factor(), t);
+    const Index in = xa.cols, cb = core::blocking::backward_cols(n, in, Index(sizeof(T)));
+    const auto a = lora.shrink_factor();
+    if (cb >= in) {
+        core::shrink<T>(xa, a, t);
+        core::project_back<T>(dy, lora.expand_factor(), g);
+        core::grad_expand<T>(dy, t, view_mut(grad.B), s, false);  // dB = s dYᵀ T
+        core::grad_shrink<T>(g, xa, view_mut(grad.A), s, false, ws.gemm());  // dA = s Gᵀ Xa
+        if (dxa) core::input_grad<T>(g, a, *dxa, s, accumulate_dx, ws.gemm());  // s G A
+        return;
+    }
+    // A larger Xa: T, dA and s G A by blocks of its columns, each block read from memory by the
+    // first and from L2 by the other two (Xa read once, not twice; G formed first).
     core::project_back<T>(dy, lora.expand_factor(), g);
+    const auto da = view_mut(grad.A);
+    for (Index c0 = 0; c0 < in; c0 += cb) {
+        const Index c = std::min(cb, in - c0);
+        const auto xb = xa.block(0, c0, n, c);
+        core::shrink<T>(xb, a.block(0, c0, r, c), t, c0 > 0);
+        core::grad_shrink<T>(g, xb, da.block(0, c0, r, c), s, false, ws.gemm());
+        if (dxa) core::input_grad<T>(g, a.block(0, c0, r, c), dxa->block(0, c0, n, c), s, accumulate_dx, ws.gemm());
+    }
     core::grad_expand<T>(dy, t, view_mut(grad.B), s, false);  // dB = s dYᵀ T
-    core::grad_shrink<T>(g, xa, view_mut(grad.A), s, false, ws.gemm());  // dA = s Gᵀ Xa
-    if (dxa) core::input_grad<T>(g, lora.shrink_factor(), *dxa, s, accumulate_dx, ws.gemm());  // s G A
 }
 
 }  // namespace detail
@@ -311,7 +328,9 @@ void add_delta(const Eigen::MatrixBase<DX>& X, const Lora<T>& lora, DY&& Y) {
 /// grad.A, grad.B and dX are overwritten (plain matrices are resized). W is only read for dX.
 /// The full-weight gradient dYᵀ X is never formed. Cost: 2·n·r·(2·in + 2·out) + 2·n·out·in flops.
 /// For one row (n = 1), A is read once for T, grad.A and dX together (core::shrink_row_backward),
-/// so the adapter's factors are each read once and their gradients each written once. With `ws`
+/// so the adapter's factors are each read once and their gradients each written once. An X of 1 MiB
+/// or more is read once for T, grad.A and dX, by blocks of its columns (core::blocking::
+/// backward_cols); dY is read twice (G, then grad.B once T is complete). With `ws`
 /// (every form below takes one), the n × 2r scratch and the products' copies are reused across
 /// calls: none is allocated once `ws` has grown to the shapes and the gradients have theirs.
 template <class DX, class DW, Real T, class DdY, Destination DdX>

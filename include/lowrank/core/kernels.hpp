@@ -228,6 +228,18 @@ namespace lowrank::core {
 ///   same harness, one process, in place vs along the outputs (µs), out = 4096: n = 16 19.5–21.0
 ///   vs 23.0–24.6, n = 24 39.1 vs 37.9, n = 32 37.8 vs 36.3; out = 1024: n = 24 7.25 vs 7.33, n =
 ///   32 9.31 vs 8.85.
+/// - `backward_split_bytes`, `backward_block_bytes` (`backward_cols`): the LoRA backward (n > 1)
+///   forms T = Xa Aᵀ, dA = s Gᵀ Xa and s G A by blocks of columns of backward_block_bytes of Xa
+///   once Xa has backward_split_bytes, G = dY B first: each block, read from memory by the shrink,
+///   is in L2 for the other two (Xa read once, not twice; dY is still read twice, by G and dB).
+///   Below, one block in the former order (T, G, dB, dA, dX): in that order, with Xa, dY and dX
+///   all in L2 (n = 128, 1024), the new one ran 1.03–1.12× as long. The five products alone,
+///   float, this AVX-512 VM, one harness, medians of 3 (µs), whole → blocks of 512 / 1024 / 2048
+///   columns: n = 128, 4096, r = 16 837–844 → 808–822 / 763–770 / 766–777; n = 64 390–398 →
+///   368–378 / 359–371 / 363–384; n = 256 1914–1981 → 1761–1805 / 1766–1778 / 1859–1940; n =
+///   128, 2048 (1 MiB) 372–395 → 381–394 / 361–387 / 365–395 (noise). bench_lora's backward, old
+///   and new binaries alternating 3 rounds, new / old medians: n = 128, 4096: r = 8 0.94, 16 0.87
+///   (827–923 → 770–805 µs), 64 0.91; the shapes below the split 0.96–1.03.
 /// - `stream_weight_rows`: up to this many rows, the base product X Wᵀ runs on gemm_dot with W
 ///   streamed once (the small-batch regime, memory bound on W); beyond, on gemm_packed. Same run,
 ///   d = 4096 (1024), ms, gemm_dot vs gemm_packed: n = 16 12.5 vs 14.8 (0.70 vs 0.80), n = 24
@@ -598,6 +610,15 @@ struct blocking {
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
     static constexpr Index narrow_grad_rows_full = 24;
+    static constexpr Index backward_block_bytes = Index(512) << 10;
+    static constexpr Index backward_split_bytes = Index(1) << 20;
+    /// Columns per block of lora_backward_delta's pass over Xa (n rows of `size`-byte values, in
+    /// columns): all of in below backward_split_bytes of Xa, otherwise backward_block_bytes of it,
+    /// at least 256 columns.
+    [[nodiscard]] static constexpr Index backward_cols(Index n, Index in, Index size) noexcept {
+        if (n * in * size < backward_split_bytes) return in;
+        return std::min(in, std::max<Index>(256, backward_block_bytes / (std::max<Index>(n, 1) * size) / 64 * 64));
+    }
     template <int MR, int NV, Index G, Index AHEAD = 0>
     struct stream_tile {
         static constexpr int mr = MR, nv = NV;

@@ -130,9 +130,10 @@ void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T
 /// features (gemm_dot: V read once, X once per block of its rows). With many rows, V is
 /// transposed block by block into the 32 KiB stack buffer and the broadcast kernel runs over all
 /// rows of X for each block (more FMAs per load; the copy costs w · in moves once per call,
-/// amortised over the rows), the last w mod W outputs by dot products.
+/// amortised over the rows), the last w mod W outputs by dot products. With `accumulate`, T +=
+/// X Vᵀ (a sum over blocks of the input features: lora_backward_delta).
 template <class T, class Arch = xsimd::default_arch>
-void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexcept {
+void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t, bool accumulate = false) noexcept {
     LOWRANK_ASSERT(x.cols == v.cols && t.rows == x.rows && t.cols == v.rows);
     constexpr Index W = xsimd::batch<T, Arch>::size;
     const Index n = x.rows, in = x.cols;
@@ -140,12 +141,12 @@ void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexc
     constexpr Index pack_elems = 32 * 1024 / Index(sizeof(T));
     alignas(64) std::array<T, pack_elems> packed;  // X grouped along k, or a block of Vᵀ (below)
     if (blocking::stream_shrink<Arch>(n, w)) {
-        gemm_stream_rows_passes<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false,
+        gemm_stream_rows_passes<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, accumulate,
                                          packed.data(), pack_elems);
         return;
     }
     if (!blocking::packed_shrink(n, w, W) || in == 0) {
-        gemm_dot<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, false);
+        gemm_dot<T, Arch>(n, w, in, T(1), x.data, x.ld, v.data, v.ld, t.data, t.ld, accumulate);
         return;
     }
     // A rank that is not a multiple of W: its last w mod W outputs by dot products. In the
@@ -156,14 +157,14 @@ void shrink(MatrixView<const T> x, MatrixView<const T> v, MatrixView<T> t) noexc
     // 465 → 519, the one shape measured slower).
     if (const Index rem = w % W; rem != 0 && w > rem) {
         w -= rem;
-        gemm_dot<T, Arch>(n, rem, in, T(1), x.data, x.ld, v.row(w), v.ld, t.data + w, t.ld, false);
+        gemm_dot<T, Arch>(n, rem, in, T(1), x.data, x.ld, v.row(w), v.ld, t.data + w, t.ld, accumulate);
     }
     const Index kb = std::max<Index>(1, pack_elems / w);
     for (Index p0 = 0; p0 < in; p0 += kb) {  // Vᵀ block: kc × w, row-major
         const Index kc = std::min(kb, in - p0);
         detail::transpose<T, Arch>(w, kc, v.data + p0, v.ld, packed.data(), w);
         gemm_bcast<T, Arch>(n, w, kc, T(1), x.data + p0, x.ld, 1, packed.data(), w, t.data, t.ld,
-                            p0 > 0);
+                            accumulate || p0 > 0);
     }
 }
 
