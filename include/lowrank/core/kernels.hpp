@@ -213,7 +213,7 @@ namespace lowrank::core {
 ///   n = 128, 4096, same process, without → with (µs): AVX-512 r = 16 dA 92.9 → 89.6, 99.6 → 94.6;
 ///   AVX2 r = 8 dA 141 → 133. 1, 2, 4 or 16 tiles within 3% of each other.
 /// - `narrow_project_rows`, `narrow_grad_rows` (tested by `narrow_project(n, w, lanes)`,
-///   `narrow_grad(n, w, lanes)`): from this many rows of dY on, the backward's G = dY U
+///   `narrow_grad<Arch>(n, w, lanes)`): from this many rows of dY on, the backward's G = dY U
 ///   and dU = α dYᵀ T with a rank of half a vector or less (8 in float on AVX-512) leave the
 ///   broadcast kernel on U / dU in place (half-empty vectors): G by dot products against Uᵀ, dU
 ///   as dUᵀ = α Tᵀ dY along the outputs, transposed. Each alone, w = 8, float, this AVX-512 VM,
@@ -224,7 +224,8 @@ namespace lowrank::core {
 ///   whose in-place tiles are one vector wide (7 loads per 6 FMAs): out = 1024, n = 8 2.70 vs 3.18,
 ///   n = 16 5.92 vs 5.22, n = 128 53.7 vs 35.5; out = 4096, n = 16 23.9 vs 22.0, n = 128 233 vs
 ///   148. G at that rank stays in place (dot products 1.2–2.6× slower), as do both at rank 32.
-///   Since the broadcast kernel copies dYᵀ's panel (detail::bcast_band_packed), 24 rows, not 16:
+///   Since the broadcast kernel copies dYᵀ's panel on AVX-512 (detail::bcast_band_packed), 24 rows
+///   there, not 16 (16 registers: still 16):
 ///   same harness, one process, in place vs along the outputs (µs), out = 4096: n = 16 19.5–21.0
 ///   vs 23.0–24.6, n = 24 39.1 vs 37.9, n = 32 37.8 vs 36.3; out = 1024: n = 24 7.25 vs 7.33, n =
 ///   32 9.31 vs 8.85.
@@ -609,7 +610,8 @@ struct blocking {
     static constexpr Index packed_shrink_rows_part_vector = 64;
     static constexpr Index narrow_project_rows = 8;
     static constexpr Index narrow_grad_rows = 2;
-    static constexpr Index narrow_grad_rows_full = 24;
+    template <class Arch>
+    static constexpr Index narrow_grad_rows_full = wide_register_file<Arch> ? 24 : 16;
     static constexpr Index backward_block_bytes = Index(512) << 10;
     static constexpr Index backward_split_bytes = Index(1) << 20;
     /// Columns per block of lora_backward_delta's pass over Xa (n rows of `size`-byte values, in
@@ -698,8 +700,10 @@ struct blocking {
     [[nodiscard]] static constexpr bool narrow_project(Index n, Index w, Index lanes) noexcept {
         return half_vector(w, lanes) && n >= narrow_project_rows;
     }
+    template <class Arch>
     [[nodiscard]] static constexpr bool narrow_grad(Index n, Index w, Index lanes) noexcept {
-        return (half_vector(w, lanes) && n >= narrow_grad_rows) || (w == lanes && n >= narrow_grad_rows_full);
+        return (half_vector(w, lanes) && n >= narrow_grad_rows) ||
+               (w == lanes && n >= narrow_grad_rows_full<Arch>);
     }
 };
 
@@ -1141,7 +1145,10 @@ inline void bcast_band(Index j, Index jend, Index kc, T alpha, const T* a, Index
 /// A in place, run-time strides: 1.27× the time, n = 16, 4096 outputs, r = 16). kc ≤ short_k.
 /// dU = α dYᵀ T alone, float, this AVX-512 VM, one process, A in place → copied (µs): 4096
 /// outputs, n = 16: r = 64 64.9–66.0 → 58.4–58.5, r = 32 37.3 → 33.4–33.9, r = 16 24.4–24.7 →
-/// 19.5–21.0; n = 128, r = 64 636–648 → 581–591.
+/// 19.5–21.0; n = 128, r = 64 636–648 → 581–591; inside the backward's phases, old and new builds
+/// alternating: n = 32, r = 64 136 → 119, n = 64, r = 32 150 → 135, n = 128 equal (r = 32, 64). The
+/// AVX2 build's 6-row bands copy 6 values per step, not one vector: there dU at r = 16 (2 vectors)
+/// took 1.33–1.46× as long (n = 16–128, 4096), though 0.80× at r = 64: left on A in place.
 template <int R, int NV, class T, class Arch, int K = 0>
 LOWRANK_NOINLINE LOWRANK_FLATTEN void bcast_band_packed(Index j, Index jend, Index kc, T alpha, const T* a,
                                                         Index csa, const T* b, Index ldb, T* c, Index ldc,
@@ -1331,7 +1338,9 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
     const Index mc = short_k ? BR : blocking::mc;
     // A read down its columns (rsa = 1) a row of it or more apart (csa > BR), as dYᵀ in dU = α dYᵀ T:
     // each band's panel of A is first copied into contiguous values (detail::bcast_band_packed).
-    const bool pack_a = short_k && !b_major && rsa == 1 && csa > BR;
+    // AVX-512 only: with 16 registers a band is 6 rows, whose copy is not one vector move per step
+    // (see there).
+    const bool pack_a = blocking::wide_register_file<Arch> && short_k && !b_major && rsa == 1 && csa > BR;
     // The last < W columns read B through a zero-padded copy, so full-width loads stay in bounds.
     alignas(64) std::array<T, blocking::kc * W> tail_panel;
     const Index n_full = n / W * W;

@@ -300,7 +300,7 @@ void project_back(MatrixView<const T> dy, MatrixView<const T> u, MatrixView<T> g
 }
 
 /// dU (+)= α dYᵀ T. For a T of half a vector of columns or fewer from blocking::narrow_grad_rows
-/// rows on, and of exactly one vector of columns from blocking::narrow_grad_rows_full rows on,
+/// rows on, and of exactly one vector of columns from blocking::narrow_grad_rows_full<Arch> rows on,
 /// along the outputs (detail::grad_expand_transposed); otherwise the broadcast kernel on dU in
 /// place, and for a rank past one vector that is not a multiple of one, its last w mod W columns
 /// along the outputs (a part of a vector costs the broadcast kernel a whole one). Same runs as
@@ -314,7 +314,7 @@ void grad_expand(MatrixView<const T> dy, MatrixView<const T> t, MatrixView<T> du
     const Index out = dy.cols;
     Index w = t.cols;
     if (w > 0 && out > 0) {
-        if (blocking::narrow_grad(dy.rows, w, W)) {
+        if (blocking::narrow_grad<Arch>(dy.rows, w, W)) {
             detail::grad_expand_transposed<T, Arch>(dy, t, du, alpha, accumulate);
             return;
         }
