@@ -249,6 +249,37 @@ TEMPLATE_TEST_CASE("backward by blocks of the input features equals the dense fo
     check_backward<T>(n, 19, in, GENERATE(3, 17));
 }
 
+// The same on data every sum of which is exact in float (quarters of small integers, s = 1: all
+// values times 64 stay below 2^24), so the blocked backward must give the dense result exactly;
+// no rounding bound for a block left out of T (or written twice) to hide in (the float case above
+// has γ_in at in = 7000).
+TEST_CASE("backward by blocks is exact on data exactly representable in float", "[lora][backward]") {
+    const Index n = 40, out = 19, in = 7000, r = 5;
+    REQUIRE(lowrank::core::blocking::backward_cols(n, in, Index(sizeof(float))) < in / 2);
+    std::uint64_t state = 12345;
+    const auto quarters = [&](Index rows, Index cols, int span) {
+        Matrix<float> m(rows, cols);
+        for (Index i = 0; i < rows; ++i)
+            for (Index j = 0; j < cols; ++j) {
+                state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+                m(i, j) = float(int((state >> 33) % std::uint64_t(2 * span + 1)) - span) / 4;
+            }
+        return m;
+    };
+    const Matrix<float> X = quarters(n, in, 3), A = quarters(r, in, 2), B = quarters(out, r, 2),
+                        dY = quarters(n, out, 2);
+    const Lora<float> lora = Lora<float>::from_factors(A, B, double(r));
+    REQUIRE(lora.scale() == 1.0f);
+    LoraGrad<float> grad;
+    Matrix<float> dXa;
+    backward_delta(X, lora, dY, grad, dXa);
+    const Matrix<double> x = to_double(X), a = to_double(A), b = to_double(B), dy = to_double(dY);
+    const Matrix<double> t = naive_product(x, a.transpose()), g = naive_product(dy, b);
+    REQUIRE(to_double(grad.B) == naive_product(dy.transpose(), t));
+    REQUIRE(to_double(grad.A) == naive_product(g.transpose(), x));
+    REQUIRE(to_double(dXa) == naive_product(g, a));
+}
+
 TEST_CASE("LoRA gradients pass the finite-difference check (double)", "[lora][gradcheck]") {
     const Index n = 5, out = 7, in = 6, r = 3;
     Lora<double> lora = random_lora<double>(out, in, r, 5, true, 31);
