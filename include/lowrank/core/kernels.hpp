@@ -618,8 +618,8 @@ struct blocking {
     /// columns): all of in below backward_split_bytes of Xa, otherwise backward_block_bytes of it,
     /// at least 256 columns.
     [[nodiscard]] static constexpr Index backward_cols(Index n, Index in, Index size) noexcept {
-        if (n * in * size < backward_split_bytes) return in;
-        return std::min(in, std::max<Index>(256, backward_block_bytes / (std::max<Index>(n, 1) * size) / 64 * 64));
+        if (n * in * size < backward_split_bytes) return in;  // also n = 0: no division below
+        return std::min(in, std::max<Index>(256, backward_block_bytes / (n * size) / 64 * 64));
     }
     template <int MR, int NV, Index G, Index AHEAD = 0>
     struct stream_tile {
@@ -1870,12 +1870,13 @@ void dot_streams_block(Index n, Index k, T alpha, const T* a, Index lda, const T
                     LOWRANK_PREFETCH_L2(reinterpret_cast<const char*>(br) + ahead + 64 * l);
                 const batch b0 = batch::load_unaligned(br), b1 = batch::load_unaligned(br + W);
                 LOWRANK_UNROLL for (int i = 0; i < MA; ++i) {
-                    const T* ai = a + i * lda + p;
-                    if constexpr (hoist)
+                    if constexpr (hoist) {
                         s[r][i] = xsimd::fma(b1, av[i][1], xsimd::fma(b0, av[i][0], s[r][i]));
-                    else
+                    } else {
+                        const T* ai = a + i * lda + p;
                         s[r][i] = xsimd::fma(b1, batch::load_unaligned(ai + W),
                                              xsimd::fma(b0, batch::load_unaligned(ai), s[r][i]));
+                    }
                 }
             }
         }
