@@ -186,3 +186,28 @@ TEMPLATE_TEST_CASE("detail::haddp puts the sum of vector j in lane j on every ar
         }
     });
 }
+
+TEMPLATE_TEST_CASE("detail::transpose moves every value to its transposed place on every architecture", "[arch]",
+                   float, double) {
+    // Distinct values (the source index), so a value moved to the wrong place, a lost one or a
+    // write outside the transposed block (the padding of dst is checked) shows. Shapes: whole
+    // AVX-512 tiles (16 × 16 float, 8 × 8 double), tiles with edges for each narrower path, and
+    // sides shorter than one vector (rank 8 in float); strides past the block's width.
+    using T = TestType;
+    const Index rows = GENERATE(1, 8, 16, 19, 37, 64), cols = GENERATE(3, 8, 16, 23, 32);
+    CAPTURE(rows, cols);
+    const Index lds = cols + 5, ldd = rows + 3;
+    std::vector<T> src(std::size_t(rows * lds));
+    for (std::size_t i = 0; i < src.size(); ++i) src[i] = T(i);
+    xsimd::supported_architectures::for_each([&](auto arch) {
+        using Arch = decltype(arch);
+        CAPTURE(Arch::name());
+        std::vector<T> dst(std::size_t(cols * ldd), T(-1));
+        core::detail::transpose<T, Arch>(rows, cols, src.data(), lds, dst.data(), ldd);
+        for (Index j = 0; j < cols; ++j)
+            for (Index i = 0; i < ldd; ++i) {
+                CAPTURE(i, j);
+                REQUIRE(dst[std::size_t(j * ldd + i)] == (i < rows ? src[std::size_t(i * lds + j)] : T(-1)));
+            }
+    });
+}
