@@ -34,17 +34,23 @@ void shape_args(benchmark::internal::Benchmark* b) {
             for (int n : {1, 16, 128}) b->Args({n, d, r});
 }
 
-void set_counters(benchmark::State& state, double flops, double bytes) {
+/// Rates of flops and bytes per call; of the bytes, `write_bytes` are written without being read
+/// (fresh outputs) and `rmw_bytes` read and written in place (counted twice), as plain values, so
+/// that bench/run.py can also charge each class at the probe's bandwidth for it.
+void set_counters(benchmark::State& state, double flops, double bytes, double write_bytes = 0,
+                  double rmw_bytes = 0) {
     state.counters["GFLOP/s"] = benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate,
                                                    benchmark::Counter::kIs1000);
     state.counters["GB/s"] = benchmark::Counter(bytes, benchmark::Counter::kIsIterationInvariantRate,
                                                 benchmark::Counter::kIs1000);
+    state.counters["write_bytes"] = write_bytes;
+    state.counters["rmw_bytes"] = rmw_bytes;
 }
 
 /// Adapter part: flops 2·n·r·(in + out); bytes: A and B once, X once, Y read and written.
 void adapter_counters(benchmark::State& state, const Problem& p) {
-    set_counters(state, 2.0 * p.n * p.r * (2.0 * p.d),
-                 4.0 * (2.0 * p.r * p.d + p.n * p.d + 2.0 * p.n * p.d));
+    set_counters(state, 2.0 * p.n * p.r * (2.0 * p.d), 4.0 * (2.0 * p.r * p.d + p.n * p.d + 2.0 * p.n * p.d),
+                 0.0, 4.0 * 2.0 * p.n * p.d);
 }
 
 void BM_add_delta_lowrank(benchmark::State& state) {
@@ -74,7 +80,7 @@ void BM_add_delta_eigen(benchmark::State& state) {
 /// Forward: flops 2·n·d² + adapter; bytes: W once plus the adapter's traffic.
 void forward_counters(benchmark::State& state, const Problem& p) {
     set_counters(state, 2.0 * p.n * p.d * p.d + 4.0 * p.n * p.r * p.d,
-                 4.0 * (double(p.d) * p.d + 2.0 * p.r * p.d + 2.0 * p.n * p.d));
+                 4.0 * (double(p.d) * p.d + 2.0 * p.r * p.d + 2.0 * p.n * p.d), 4.0 * p.n * p.d);  // Y written
 }
 
 void BM_forward_lowrank(benchmark::State& state) {
@@ -102,13 +108,13 @@ void BM_forward_eigen(benchmark::State& state) {
     forward_counters(state, p);
 }
 
-/// Backward of the adapter part (dA, dB, and s·G·A into dX): flops 2·n·r·(3 in + 2 out), the five
+/// Backward of the adapter part (dA, dB, and s·G·A into dX, all three written, not read): flops 2·n·r·(3 in + 2 out), the five
 /// products T = X Aᵀ, G = dY B, dB = s dYᵀ T, dA = s Gᵀ X, dX = s G A. T is not an input of the
 /// call, so both implementations form it (it is the cheapest way to dB: s (dYᵀ X) Aᵀ would cost
 /// 2·out·in·n).
 void backward_counters(benchmark::State& state, const Problem& p) {
-    set_counters(state, 2.0 * p.n * p.r * 5.0 * p.d,
-                 4.0 * (4.0 * p.r * p.d + 3.0 * p.n * p.d));
+    set_counters(state, 2.0 * p.n * p.r * 5.0 * p.d, 4.0 * (4.0 * p.r * p.d + 3.0 * p.n * p.d),
+                 4.0 * (2.0 * p.r * p.d + p.n * p.d));  // dA, dB and dX written
 }
 
 void BM_backward_delta_lowrank(benchmark::State& state) {
@@ -150,7 +156,7 @@ void BM_merge_lowrank(benchmark::State& state) {
         benchmark::DoNotOptimize(p.W.data());
         benchmark::ClobberMemory();
     }
-    set_counters(state, 2.0 * p.r * p.d * p.d, 8.0 * p.d * p.d);
+    set_counters(state, 2.0 * p.r * p.d * p.d, 8.0 * p.d * p.d, 0.0, 8.0 * p.d * p.d);
 }
 
 void BM_merge_eigen(benchmark::State& state) {
@@ -161,7 +167,7 @@ void BM_merge_eigen(benchmark::State& state) {
         benchmark::DoNotOptimize(p.W.data());
         benchmark::ClobberMemory();
     }
-    set_counters(state, 2.0 * p.r * p.d * p.d, 8.0 * p.d * p.d);
+    set_counters(state, 2.0 * p.r * p.d * p.d, 8.0 * p.d * p.d, 0.0, 8.0 * p.d * p.d);
 }
 
 void odd_rank_args(benchmark::internal::Benchmark* b) {

@@ -12,7 +12,10 @@
 //   row-interleaved.
 // - In-place read-modify-write bandwidth: x ← 0.5·x + 1 over the same sizes and stream counts;
 //   bytes read + written / time (how `merge` is counted).
-// - Both bandwidths from 2 MiB on also in memory advised for transparent huge pages (the way
+// - Write bandwidth: plain stores x ← 1 over the same sizes and stream counts; bytes written /
+//   time (each line is still fetched before it is written: the cost of a kernel's fresh outputs,
+//   such as the backward's factor gradients).
+// - The bandwidths from 2 MiB on also in memory advised for transparent huge pages (the way
 //   `PackedWeight` holds W): each point of a curve is the best over both page sizes, and says which
 //   won, so no kernel reading huge pages can beat a roofline measured in 4 KiB ones.
 //
@@ -200,6 +203,22 @@ template <int S>
         }(std::make_index_sequence<8>{});
 }
 
+/// One pass of plain stores x ← 1 over S side-by-side streams, 8 vectors per step: the lines are
+/// not read by the program, but each store to a line not in L1 first fetches it (read for
+/// ownership), and every line is written back as it leaves, so a kernel's outputs (the factor
+/// gradients of the backward) cost more per byte than its inputs.
+template <int S>
+[[gnu::noinline]] void write_pass(float* x, std::size_t count) {
+    using batch = xsimd::batch<float, Arch>;
+    constexpr std::size_t W = batch::size, U = 8 / S;
+    const std::size_t part = count / S;
+    const batch one(1.f);
+    for (std::size_t i = 0; i < part; i += U * W)
+        [&]<std::size_t... J>(std::index_sequence<J...>) {
+            (one.store_aligned(x + (J / U) * part + i + (J % U) * W), ...);
+        }(std::make_index_sequence<8>{});
+}
+
 /// Best bandwidth over 1, 2, 4 and 8 concurrent streams (one stream alone does not keep enough
 /// misses in flight to reach DRAM's bandwidth on every machine), and the stream count that won.
 struct Bandwidth {
@@ -229,6 +248,20 @@ Bandwidth best_rmw(const Settings& s, const Buffer& b) {
         if (g > best.gbps) best = {g, streams, b.huge};
     };
     (one(S, rmw_pass<S>), ...);
+    return best;
+}
+
+template <int... S>
+Bandwidth best_write(const Settings& s, const Buffer& b) {
+    Bandwidth best;
+    auto one = [&](int streams, auto pass) {
+        const double g = median_rate(s, double(b.count * sizeof(float)), [&] {
+            pass(b.data, b.count);
+            sink_value<float> += b.data[b.count / 2];  // the stores are observed
+        }) * 1e-9;
+        if (g > best.gbps) best = {g, streams, b.huge};
+    };
+    (one(S, write_pass<S>), ...);
     return best;
 }
 
@@ -286,18 +319,20 @@ int main(int argc, char** argv) {
     // benchmark's working set.
     const std::vector<std::size_t> sizes = {16 * KiB, 256 * KiB, 1 * MiB,  2 * MiB,  4 * MiB, 8 * MiB,
                                             16 * MiB, 32 * MiB,  64 * MiB, 96 * MiB, 512 * MiB};
-    std::vector<Bandwidth> read, rmw;
+    std::vector<Bandwidth> read, rmw, write;
     auto better = [](const Bandwidth& a, const Bandwidth& b) { return b.gbps > a.gbps ? b : a; };
     for (std::size_t bytes : sizes) {
-        Bandwidth r, w;
+        Bandwidth r, m, w;
         for (bool huge : {false, true}) {
             if (huge && bytes < lowrank::core::huge_page_bytes) continue;
             const Buffer b(bytes, huge);
             r = better(r, best_read<1, 2, 4, 8>(s, b));
-            w = better(w, best_rmw<1, 2, 4, 8>(s, b));
+            m = better(m, best_rmw<1, 2, 4, 8>(s, b));
+            w = better(w, best_write<1, 2, 4, 8>(s, b));
         }
         read.push_back(r);
-        rmw.push_back(w);
+        rmw.push_back(m);
+        write.push_back(w);
     }
     auto at = [&](const std::vector<Bandwidth>& v, std::size_t bytes) {
         return v[std::size_t(std::find(sizes.begin(), sizes.end(), bytes) - sizes.begin())].gbps;
@@ -341,6 +376,9 @@ int main(int argc, char** argv) {
     std::printf("  \"rmw_gbps\": {\"L2_256KiB\": %.2f, \"L3_8MiB\": %.2f, \"L3_32MiB\": %.2f, "
                 "\"DRAM_512MiB\": %.2f},\n",
                 at(rmw, 256 * KiB), at(rmw, 8 * MiB), at(rmw, 32 * MiB), at(rmw, 512 * MiB));
+    std::printf("  \"write_gbps\": {\"L2_256KiB\": %.2f, \"L3_8MiB\": %.2f, \"L3_32MiB\": %.2f, "
+                "\"DRAM_512MiB\": %.2f},\n",
+                at(write, 256 * KiB), at(write, 8 * MiB), at(write, 32 * MiB), at(write, 512 * MiB));
     // [bytes, GB/s, streams, page KiB (4: ordinary pages won, 2048: the advised ones)] per size.
     auto print_curve = [&](const char* name, const std::vector<Bandwidth>& v, bool last) {
         std::printf("  \"%s\": [", name);
@@ -351,5 +389,6 @@ int main(int argc, char** argv) {
     };
     print_curve("read_curve", read, false);
     print_curve("rmw_curve", rmw, false);
+    print_curve("write_curve", write, false);
     std::printf("  \"checksum\": %g\n}\n", double(sink_value<float>) + sink_value<double>);
 }

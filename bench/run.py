@@ -7,8 +7,8 @@ Builds nothing. Given a build directory in which these targets were built:
     ninja -C BUILD probe bench_core bench_lora callgrind_kernels
 
 it runs
-  - bench/probe: the machine's single-thread FMA peak and read / read-modify-write bandwidth
-    curve (16 KiB ... 512 MiB), measured here and now, before the benchmarks and again after
+  - bench/probe: the machine's single-thread FMA peak and read / read-modify-write / write
+    bandwidth curves (16 KiB ... 512 MiB), measured here and now, before the benchmarks and again after
     them (the roofline takes the better of the two at each point: best_probe);
   - bench_core (fused forward, merge, threads, double vs float, vs Eigen and OpenBLAS) and the
     adapter-part and backward rows of bench_lora, with --benchmark_format=json, repetitions and
@@ -25,7 +25,9 @@ and its baselines share the same minutes of a shared machine.
 Roofline of one row: t_memory = bytes / bandwidth, where the bandwidth is the probe's curve
 (read, or read-modify-write for in-place updates) interpolated at the row's working set;
 t_compute = flops / FMA peak of the row's precision; the bound is max(t_memory, t_compute) and the
-row's fraction of the roofline is bound / measured time. Multi-thread rows are compared with their
+row's fraction of the roofline is bound / measured time. The adapter-part and backward rows also
+get a bound that charges each class of bytes at its own bandwidth (Roofline.bound_by_class:
+writes of fresh outputs at the probe's write curve, in-place updates at its read-modify-write one). Multi-thread rows are compared with their
 one-thread twins (speedup) and left out of the single-thread roofline.
 
 Python 3 with Debian's python3-matplotlib (without it, the PNG is skipped). Example:
@@ -82,11 +84,15 @@ def best_probe(runs):
     best = dict(runs[0])
     for key in ("fma_peak_fp32", "fma_peak_fp64"):
         best[key] = max((r[key] for r in runs), key=lambda v: v["gflops"])
-    for key in ("read_gbps", "rmw_gbps"):
-        best[key] = {name: max(r[key][name] for r in runs) for name in runs[0][key]}
-    for key in ("read_curve", "rmw_curve"):
+    for key in ("read_gbps", "rmw_gbps", "write_gbps"):
+        if all(key in r for r in runs):
+            best[key] = {name: max(r[key][name] for r in runs) for name in runs[0][key]}
+    for key in ("read_curve", "rmw_curve", "write_curve"):
+        if not all(key in r for r in runs):
+            continue
         best[key] = [max(points, key=lambda p: p[1]) for points in zip(*(r[key] for r in runs))]
-    best["runs"] = [{k: r[k] for k in ("date", "fma_peak_fp32", "fma_peak_fp64", "read_curve", "rmw_curve")}
+    best["runs"] = [{k: r[k] for k in ("date", "fma_peak_fp32", "fma_peak_fp64", "read_curve", "rmw_curve",
+                                       "write_curve") if k in r}
                     for r in runs]
     return best
 
@@ -214,7 +220,8 @@ def medians(bench_json, derive_counts=False):
         if derive_counts:
             cpu_s = b["cpu_time"] * scale
             row.update(flops=b["GFLOP/s"] * cpu_s, bytes=b["GB/s"] * cpu_s, rmw=False,
-                       threads=1, elem_bytes=4)
+                       threads=1, elem_bytes=4, write_bytes=b.get("write_bytes"),
+                       rmw_bytes=b.get("rmw_bytes"))
             row["working_set"] = row["bytes"]
         else:
             row.update(flops=b["flops"], bytes=b["bytes"], working_set=b["working_set"],
@@ -232,10 +239,16 @@ class Roofline:
         self.peak = {4: probe["fma_peak_fp32"]["gflops"] * 1e9,
                      8: probe["fma_peak_fp64"]["gflops"] * 1e9}
         self.curves = {False: probe["read_curve"], True: probe["rmw_curve"]}
+        self.write_curve = probe.get("write_curve")
 
     def bandwidth(self, working_set, rmw):
-        """Bytes/s at this working set: log-log interpolation of the probe's curve, clamped."""
-        curve = self.curves[rmw]  # [bytes, GB/s, streams, page KiB] by increasing size
+        """Bytes/s at this working set, from the read (or read-modify-write) curve."""
+        return self.interpolate(self.curves[rmw], working_set)
+
+    @staticmethod
+    def interpolate(curve, working_set):
+        """Bytes/s at this working set: log-log interpolation of a probe curve, clamped."""
+        # curve: [bytes, GB/s, streams, page KiB] by increasing size
         sizes = [point[0] for point in curve]
         if working_set <= sizes[0]:
             return curve[0][1] * 1e9
@@ -255,6 +268,21 @@ class Roofline:
 
     def fraction(self, row):
         return self.bound(row)[0] / row["time_s"]
+
+    def bound_by_class(self, row):
+        """Seconds, for a row whose counters tell its bytes apart (bench_lora): bytes only read at
+        the read curve, bytes written without being read (fresh outputs, each line fetched before
+        it is written) at the write curve, bytes updated in place at the read-modify-write curve,
+        the three times added (they share the path between the caches); max with the compute
+        time. None without the probe's write curve or the row's byte classes."""
+        if not self.write_curve or row.get("write_bytes") is None or row.get("rmw_bytes") is None:
+            return None
+        ws = row["working_set"]
+        written, updated = row["write_bytes"], row["rmw_bytes"]
+        t_mem = ((row["bytes"] - written - updated) / self.interpolate(self.curves[False], ws)
+                 + written / self.interpolate(self.write_curve, ws)
+                 + updated / self.interpolate(self.curves[True], ws))
+        return max(t_mem, row["flops"] / self.peak[row["elem_bytes"]])
 
 
 # ---- formatting -----------------------------------------------------------------------------------
@@ -317,14 +345,17 @@ def shapes(rows, op, keys):
 # ---- the report -----------------------------------------------------------------------------------
 
 
-def comparison_table(rf, ix, rows, op, keys, labels, impls=("lowrank", "eigen", "openblas")):
-    """One line per shape: times, baseline/lowrank ratios, roofline and fractions."""
+def comparison_table(rf, ix, rows, op, keys, labels, impls=("lowrank", "eigen", "openblas"), by_class=False):
+    """One line per shape: times, baseline/lowrank ratios, roofline and fractions; with by_class,
+    also the bound with each class of bytes at its own bandwidth (Roofline.bound_by_class)."""
     names = {"lowrank": "lowrank", "eigen": "Eigen", "openblas": "OpenBLAS"}
     present = [i for i in impls if any(r["op"] == op and r["impl"] == i for r in rows)]
     header = labels + [names[i] for i in present]
     header += [f"{names[i]} / lowrank" for i in present if i != "lowrank"]
     header += ["roofline (bound, GB/s used)", "lowrank % roofline"]
     header += [f"{names[i]} %" for i in present if i != "lowrank"]
+    if by_class:
+        header += ["bound, writes at the write rate", "lowrank % of it"]
     out = []
     for shape in shapes(rows, op, keys):
         args = dict(zip(keys, shape))
@@ -339,6 +370,9 @@ def comparison_table(rf, ix, rows, op, keys, labels, impls=("lowrank", "eigen", 
         line.append(f"{fmt_time(t)} ({kind}, {bw / 1e9:.0f})")
         line.append(fmt_pct(t / lr["time_s"]) if lr else "—")
         line += [fmt_pct(t / cells[i]["time_s"]) if cells[i] else "—" for i in present if i != "lowrank"]
+        if by_class:
+            tc = rf.bound_by_class(ref)
+            line += [fmt_time(tc), fmt_pct(tc / lr["time_s"]) if tc and lr else "—"]
         out.append(line)
     return table(header, out)
 
@@ -483,12 +517,19 @@ def probe_section(probe):
             f"{k.replace('_', ' ')}: **{v:.1f} GB/s**" for k, v in probe["read_gbps"].items()) + ".",
         "- In-place read-modify-write (bytes read + written): " + ", ".join(
             f"{k.replace('_', ' ')}: {v:.1f} GB/s" for k, v in probe["rmw_gbps"].items()) + ".",
+    ] + ([
+        "- Writes alone (plain stores; each line is fetched before it is written): " + ", ".join(
+            f"{k.replace('_', ' ')}: {v:.1f} GB/s" for k, v in probe["write_gbps"].items()) + ".",
+    ] if "write_gbps" in probe else []) + [
         "",
         table(["working set"] + [fmt_bytes(p[0]) for p in probe["read_curve"]],
               [["read GB/s"] + [f"{p[1]:.1f}" for p in probe["read_curve"]],
                ["(best of streams, pages)"] + [streams_pages(p) for p in probe["read_curve"]],
                ["read-modify-write GB/s"] + [f"{p[1]:.1f}" for p in probe["rmw_curve"]],
-               ["(best of streams, pages)"] + [streams_pages(p) for p in probe["rmw_curve"]]]),
+               ["(best of streams, pages)"] + [streams_pages(p) for p in probe["rmw_curve"]]]
+              + ([["write GB/s"] + [f"{p[1]:.1f}" for p in probe["write_curve"]],
+                  ["(best of streams, pages)"] + [streams_pages(p) for p in probe["write_curve"]]]
+                 if "write_curve" in probe else [])),
         "",
         "Bandwidth: the best of 1, 2, 4 and 8 sequential streams read side by side, each the "
         "median of its repetitions, and from 2 MiB on the best of ordinary (4K) pages and memory "
@@ -590,9 +631,16 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
                         "from bench_lora's rate counters; working set taken as the bytes." +
                         (" The backward's flops are the five products it must form, X Aᵀ included "
                          "(not an input of the call): 2·n·r·(3 in + 2 out)."
-                         if op == "backward_delta" else ""), "",
+                         if op == "backward_delta" else "") +
+                        " The last two columns charge each class of bytes at the probe's bandwidth for "
+                        "it, the times added: bytes only read at the read curve, " +
+                        ("dA, dB and dX (written, not read) at the write curve"
+                         if op == "backward_delta" else "Y (read and written in place) at the "
+                         "read-modify-write curve") +
+                        "; the roofline columns before them (and the target) charge every byte at the "
+                        "read rate.", "",
                         comparison_table(rf, ix, lora, op, ("arg0", "arg1", "arg2"), ["n", "d", "r"],
-                                         impls=("lowrank", "eigen")), ""]
+                                         impls=("lowrank", "eigen"), by_class=True), ""]
     if arch:
         text, ratios = arch_table(arch["native"], arch["other"])
         worst = max(ratios) if ratios else None
