@@ -281,8 +281,13 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
         // (blocking::stream_tile).
         if (m > W && 4 * m <= 5 * W) return f(typename tiles::five_quarters());
         if (m > W && 2 * m <= 3 * W) return f(typename tiles::three_halves());
-        if constexpr (sizeof(T) == 4)  // groups of 8 steps: 32 bytes of float (64 of double)
+        if constexpr (sizeof(T) == 4) {  // groups of 8 steps: 32 bytes of float (64 of double)
+            if (8 * m > 3 * W && 4 * m <= 3 * W && rows_from_memory<T>(n, ldb)) {  // 7–12 rows
+                if (2 * m > W) return f(typename tiles::three_quarters_near());
+                return f(typename tiles::half_near());
+            }
             if (2 * m > W && 8 * m <= 5 * W) return f(typename tiles::five_eighths());
+        }
         if (2 * m > W && 4 * m <= 3 * W) return f(typename tiles::three_quarters());
         if constexpr (sizeof(T) == 4) {
             if (4 * m > W && 8 * m <= 3 * W) return f(typename tiles::three_eighths());
@@ -559,7 +564,8 @@ void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda,
     detail::with_stream_tile<T, Arch>(m, n, ldb, [&](auto tile) {
         using t = decltype(tile);
         T* ag = GemmWorkspace<T>::reserve(ws.a, detail::stream_packed_size<t, T, Arch>(k));
-        constexpr bool far_tile = t::nv * Index(xsimd::batch<T, Arch>::size) / t::g <= 2 * blocking::stream_far_rows;
+        constexpr bool far_tile =
+            t::far && t::nv * Index(xsimd::batch<T, Arch>::size) / t::g <= 2 * blocking::stream_far_rows;
         if constexpr (far_tile) {  // instantiated only for tiles that can hold so few rows
             if (m <= blocking::stream_far_rows && detail::rows_from_memory<T>(n, ldb)) {
                 detail::stream_rows_block<t::mr, t::nv, t::g, t::ahead, T, Arch, blocking::far_prefetch_bytes>(

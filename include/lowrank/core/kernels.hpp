@@ -430,6 +430,20 @@ namespace lowrank::core {
 ///   each order once, new / old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4
 ///   changes from one process to the next (2.55–3.09 ms over four such runs; the new tile
 ///   2.52–2.69), so shorter runs gave 0.92–1.01.
+/// - `stream_tiles<Arch>::half_near`, `three_quarters_near`: float on AVX-512, 3W/8 + 1 to W/2 and
+///   W/2 + 1 to 3W/4 rows of X (7–8, 9–12) against a W read from memory (more than
+///   stream_aliased_bytes): the 8 × 2 and 8 × 3 tiles of G = 4 with each row of W prefetching
+///   (into L1) the line 8 lines ahead, and without stream_far_rows' prefetch into L2 (the tiles'
+///   `far`); the former half and five_eighths / three_quarters tiles took the far prefetch and
+///   none into L1 (Zen 4 and Zen 5 measurements above). This Sapphire Rapids VM (probe 235
+///   GFLOP/s, 29 GB/s from L3), X Wᵀ alone, 4096², old and new headers alternating in 5 rounds,
+///   medians (ms): m = 7 2.78 → 2.71, 8 2.79 → 2.71, 9 3.54 → 3.26, 10 3.35 → 3.06, 12 3.42 →
+///   3.10; one harness, 7–15 rounds, the 8 × 3 tile with it against the former: m = 9 / 10 / 11 /
+///   12 3.10 / 2.97 / 3.02 / 3.00 against 3.36 / 3.18 / 3.40 / 3.25; with both prefetches 3.35–3.49
+///   (slower than either). W in L3 (1024²) keeps the former tiles (there the L1 prefetch took 1.05×
+///   as long); so do 5–6 rows (three_eighths, within 1%), double (m = 5–8: within ±3%, no
+///   consistent sign) and 17–24 rows (the 5 × 5 and 8 × 3 tiles of G = 4 and 2 with it: 0.94–0.98,
+///   within this VM's noise).
 /// - `stream_block_vectors<Arch>`, `stream_batch_vectors<T>`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 3 with 16 (4 × 3: 12
@@ -621,10 +635,11 @@ struct blocking {
         if (n * in * size < backward_split_bytes) return in;  // also n = 0: no division below
         return std::min(in, std::max<Index>(256, backward_block_bytes / (n * size) / 64 * 64));
     }
-    template <int MR, int NV, Index G, Index AHEAD = 0>
+    template <int MR, int NV, Index G, Index AHEAD = 0, bool FAR = true>
     struct stream_tile {
         static constexpr int mr = MR, nv = NV;
         static constexpr Index g = G, ahead = AHEAD;
+        static constexpr bool far = FAR;  // takes stream_far_rows' prefetch (into L2) where it applies
     };
     /// The stream_tile of gemm_stream_rows for a block of up to W/4, W/2, W, 2W, 3W and 4W rows of
     /// X (W: Arch's lanes of T; the last two with 32 registers only), and with 32 registers for W/8
@@ -638,6 +653,8 @@ struct blocking {
         using two_eighths = stream_tile<8, 2, 8>;
         using three_eighths = stream_tile<8, 3, 8>;
         using three_quarters = stream_tile<8, 3, 4>;
+        using three_quarters_near = stream_tile<8, 3, 4, 8, false>;  // float, W from memory: AVX-512
+        using half_near = stream_tile<8, 2, 4, 8, false>;
         using three_halves = stream_tile<8, 3, 2>;
         using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 4>, stream_tile<6, 1, 1>>;
         using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 4>, stream_tile<6, 1, 1>>;
