@@ -180,8 +180,8 @@ namespace lowrank::core {
 ///   others (n = 12, w = 32: 59.6 vs 67.6; n = 16, w = 64: 166 vs 106): left as it was.
 /// - `sweep_mr<Arch>`: rows of the expand tiles in the band sweeps (detail::band_sweep: the merge,
 ///   the band product of input_grad, grad_shrink's strips) and in the gathered expands of mixed
-///   batches, 2-vector tiles (detail::expand_nv): 6 on 16 registers, 8 on AVX-512 (16
-///   accumulators; 12 rows spilled: 93 against 153 GFLOP/s). The band sweep alone, float, one
+///   batches, 2-vector tiles (3 for 8 rows: detail::expand_nv): 6 on 16 registers, 8 on AVX-512
+///   (16 accumulators, now 24; 12 rows × 2 spilled: 93 against 153 GFLOP/s). The band sweep alone, float, one
 ///   binary, 3 alternating rounds, medians (µs), 6 → 8: merge 1024², r = 16 181–195 → 166–190,
 ///   4096², r = 64 10.9–12.3 → 10.5–11.5 ms (r = 16 equal, 3.1–3.5 ms); 16 × 4096 rows at depth 64
 ///   (input_grad) 43.2–45.3 → 37.2–37.9; 128 × 4096 equal; a 64 × 256 block of dV at depth 128
@@ -2006,9 +2006,15 @@ namespace detail {
 /// to a fixed prototype in the same binary: 1.08 / 1.03 vs 1.23 / 1.17. The last 1–3 rows of a
 /// sweep take 4 vectors instead (4–12 accumulators, same register budget): two panel loads per
 /// broadcast rather than one halves the loads per FMA of these thin tiles (the rows of a mixed
-/// batch per adapter leave such tails in most groups).
+/// batch per adapter leave such tails in most groups). 8 rows (sweep_mr with 32 registers only)
+/// take 3 vectors: 24 accumulators + 3 panel vectors + 1 broadcast, 11 loads per 24 FMAs against
+/// 10 per 16. This Sapphire Rapids VM, float, each alone, old and new headers alternating in 4
+/// rounds, medians (µs): merge 4096², r = 64 15.7 → 14.2 ms, 1024², r = 64 892 → 826, r = 8 and
+/// 16 unchanged (3.15 / 4.65 ms at 4096²); input_grad's band product n = 128, in = 4096, r = 64
+/// 500 → 458 (r = 16 and n = 32 unchanged); grad_shrink's strips, w = 64, in = 4096, n = 128 /
+/// 32 / 16 594 → 541, 120 → 110, 61.5 → 57.0.
 template <int MR>
-inline constexpr int expand_nv = MR >= 4 ? 2 : 4;
+inline constexpr int expand_nv = MR >= 8 ? 3 : MR >= 4 ? 2 : 4;
 
 /// Where the expand tiles find B (w × out): `at(c)` is column c's first row, `ld` the distance
 /// between rows; columns come in runs of `run` contiguous ones, each run `jump` past the previous.
@@ -2091,7 +2097,7 @@ LOWRANK_TILE_INLINE void expand_sweep(T* const* y, Index o0, Index o1, Index w, 
                                       bool accumulate) noexcept {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr int NV = expand_nv<MR>;
-    static_assert(NV == 2 || NV == 4, "expand_sweep: the remainder takes one 2-vector and one 1-vector tile");
+    static_assert(NV >= 2 && NV <= 4, "expand_sweep: the remainder takes one 2-vector and one 1-vector tile");
     Index o = o0;
     for (; o + NV * W <= o1; o += NV * W) {
         if constexpr (PF > 0)
@@ -2100,7 +2106,7 @@ LOWRANK_TILE_INLINE void expand_sweep(T* const* y, Index o0, Index o1, Index w, 
                     LOWRANK_UNROLL for (int v = 0; v < NV; ++v) LOWRANK_PREFETCH_W(y[i] + o + (PF * NV + v) * W);
         expand_tile<MR, NV, T, Arch>(w, a, panel, y, o, accumulate);
     }
-    if constexpr (NV == 4)
+    if constexpr (NV > 2)
         if (o + 2 * W <= o1) {
             expand_tile<MR, 2, T, Arch>(w, a, panel, y, o, accumulate);
             o += 2 * W;
