@@ -37,7 +37,8 @@ TEMPLATE_LIST_TEST_CASE("gemm_bcast matches the scalar reference and the exact p
     // short k with m ≤ k), n = 300 over more than one block. k = 8 and 16 run the full bands at
     // a depth fixed at compile time; with alpha = 1 and accumulating, their whole tiles start from C.
     // A read transposed at a short k below m (m = 10, 13, 100) runs each band from a copy of its
-    // panel (detail::bcast_band_packed), the rows below the last full band too.
+    // panel (detail::bcast_band_packed, at a run-time depth, k = 8 and 16 included), the rows
+    // below the last full band too.
     const Index m = GENERATE(0, 1, 3, 5, 6, 7, 8, 10, 13, 17, 100);  // leaving 1–7 rows below the full bands
     const Index n = GENERATE_COPY(Index(1), W - 1, W, W + 1, 2 * W + 3, 4 * W, 5 * W + 1, Index(300));
     const Index k = GENERATE(0, 1, 3, 8, 16, 24, 300);

@@ -1221,14 +1221,16 @@ inline void bcast_band(Index j, Index jend, Index kc, T alpha, const T* a, Index
 /// alternating: n = 32, r = 64 136 → 119, n = 64, r = 32 150 → 135, n = 128 equal (r = 32, 64). The
 /// AVX2 build's 6-row bands copy 6 values per step, not one vector: there dU at r = 16 (2 vectors)
 /// took 1.33–1.46× as long (n = 16–128, 4096), though 0.80× at r = 64: left on A in place.
-template <int R, int NV, class T, class Arch, int K = 0>
+/// The depth stays a run-time value: fixed at 8 (gemm_bcast's fixed-depth bands), the flattened
+/// band took 1.4× as long (see there).
+template <int R, int NV, class T, class Arch>
 LOWRANK_NOINLINE LOWRANK_FLATTEN void bcast_band_packed(Index j, Index jend, Index kc, T alpha, const T* a,
                                                         Index csa, const T* b, Index ldb, T* c, Index ldc,
                                                         bool accumulate) noexcept {
     alignas(64) std::array<T, R * blocking::short_k> panel;
     for (Index p = 0; p < kc; ++p)
         LOWRANK_UNROLL for (int q = 0; q < R; ++q) panel[p * R + q] = a[q + p * csa];
-    bcast_band<R, NV, T, Arch, K>(j, jend, kc, alpha, panel.data(), 1, R, b, ldb, c, ldc, accumulate);
+    bcast_band<R, NV, T, Arch>(j, jend, kc, alpha, panel.data(), 1, R, b, ldb, c, ldc, accumulate);
 }
 
 /// Vectors per tile of a band of R < band_mr rows (the rows left below the last full band of a
@@ -1443,16 +1445,22 @@ void gemm_bcast(Index m, Index n, Index k, T alpha, const T* a, Index rsa, Index
                         // bench_lora, 5 alternating rounds, new / old: add_delta r = 8 0.94–0.95, r
                         // = 16 0.97–0.99, r = 64 0.99–1.01; backward 0.95–1.03 (its noise). AVX-512
                         // only: the AVX2 build's backward at r = 16 took 1.02–1.06× as long, in
-                        // both orders of the two binaries.
-                        constexpr bool fixed_depth = R == BR && blocking::wide_register_file<Arch>;
+                        // both orders of the two binaries. Not for a band from the copy of A's
+                        // panel (pack_a): dU = α dYᵀ T at rank one vector, a batch of 8 rows (depth
+                        // 8), this Sapphire Rapids VM, alone, 3 rounds (µs): float 4096 outputs
+                        // 19.5–19.8 → 13.2–13.8, 1024 4.8–6.7 → 3.4–3.5; double at rank 8, 4096
+                        // 20.4–20.6 → 14.3–14.9; depth 16 and double at rank 16 unchanged.
+                        const bool fixed_depth = R == BR && blocking::wide_register_file<Arch> && !pack_a;
                         const auto band = [&](auto depth) {  // depth 0: kc at run time
                             constexpr int K = decltype(depth)::value;
-                            if (pack_a)
-                                detail::bcast_band_packed<R, NV, T, Arch, K>(j, jend, kc, alpha, a_i, csa, b_p, ldb,
-                                                                             c_i, ldc, acc);
-                            else
-                                detail::bcast_band<R, NV, T, Arch, K>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i,
-                                                                      ldc, acc);
+                            if constexpr (K == 0)
+                                if (pack_a) {
+                                    detail::bcast_band_packed<R, NV, T, Arch>(j, jend, kc, alpha, a_i, csa, b_p, ldb,
+                                                                              c_i, ldc, acc);
+                                    return;
+                                }
+                            detail::bcast_band<R, NV, T, Arch, K>(j, jend, kc, alpha, a_i, rsa, csa, b_p, ldb, c_i, ldc,
+                                                                  acc);
                         };
                         if (fixed_depth && kc == 8)
                             band(std::integral_constant<int, 8>());
