@@ -131,8 +131,12 @@ namespace lowrank::core {
 ///   4 / 12, in = 4096, w = 16 0.66; n = 2, in = 1024, w = 16 0.90, in = 4096, w = 64 0.99; B of
 ///   64 MiB (4096 rows of 4096), n = 2 / 16 1.03 / 0.99 (±5–10% spread); the AVX2 build 0.87–1.05.
 ///   The register for MR = 2 against MR = 3 only: n = 2 / 5 / 8, in = 4096, 0.98 / 0.90 / 0.96.
-///   One row of A (a GEMV) keeps blocks of 4 over all of k: blocks of 8 in passes measured 1.06–
-///   1.15× its time at w = 64, 0.75–0.91× at w = 8 and 16 (the harness's own bias: ±5%). Each
+///   One row of A (a GEMV) runs over all of k in one pass, by blocks of dot_nr rows of B as the
+///   others (until a Sapphire Rapids VM, blocks of 4: on the Zen 5 VM blocks of 8 in passes of
+///   dot_kc took 1.06–1.15× its time at w = 64, 0.75–0.91× at w = 8 and 16). This VM, shrink of
+///   one row alone, old and new headers alternating in 3 rounds (µs), 4 → 8 rows per block: in =
+///   4096, w = 8 / 16 / 64 1.22–1.28 → 1.02–1.03, 2.47–2.50 → 2.01–2.02, 10.0–10.3 → 7.7–9.1; in =
+///   1024 0.22 → 0.19–0.20, 0.55–0.57 → 0.47–0.52, 2.28–2.39 → 1.92–2.17. Each
 ///   tile's 24 sums reduced by haddp in place of 24 single reductions: 1.01–1.07× slower.
 /// - `narrow_dot(n, w)`: whether `expand` reduces with `gemm_dot_narrow` rather than transposing
 ///   U into a buffer for the broadcast kernel. The transposed copy costs ~0.6 instructions per
@@ -1554,8 +1558,7 @@ void gemm_dot(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T
                     kc, kv, alpha, a + i * lda + pc, lda, b + j * ldb + pc, ldb, c + i * ldc + j, ldc, acc);
             });
         };
-        if (m > 1)
-            for (; j + NR <= n; j += NR) block(std::integral_constant<int, NR>());
+        for (; j + NR <= n; j += NR) block(std::integral_constant<int, NR>());
         for (; j + 4 <= n; j += 4) block(std::integral_constant<int, 4>());
         for (; j < n; ++j) block(std::integral_constant<int, 1>());
     }
