@@ -108,10 +108,10 @@ void BM_forward_eigen(benchmark::State& state) {
     forward_counters(state, p);
 }
 
-/// Backward of the adapter part (dA, dB, and s·G·A into dX, all three written, not read): flops 2·n·r·(3 in + 2 out), the five
-/// products T = X Aᵀ, G = dY B, dB = s dYᵀ T, dA = s Gᵀ X, dX = s G A. T is not an input of the
-/// call, so both implementations form it (it is the cheapest way to dB: s (dYᵀ X) Aᵀ would cost
-/// 2·out·in·n).
+/// Backward of the adapter part (dA, dB, and s·G·A into dX, all three written, not read): flops
+/// 2·n·r·(3 in + 2 out), the five products T = X Aᵀ, G = dY B, dB = s dYᵀ T, dA = s Gᵀ X, dX =
+/// s G A. T is not an input of the call, so both implementations form it (it is the cheapest way
+/// to dB: s (dYᵀ X) Aᵀ would cost 2·out·in·n).
 void backward_counters(benchmark::State& state, const Problem& p) {
     set_counters(state, 2.0 * p.n * p.r * 5.0 * p.d, 4.0 * (4.0 * p.r * p.d + 3.0 * p.n * p.d),
                  4.0 * (2.0 * p.r * p.d + p.n * p.d));  // dA, dB and dX written

@@ -27,8 +27,9 @@ Roofline of one row: t_memory = bytes / bandwidth, where the bandwidth is the pr
 t_compute = flops / FMA peak of the row's precision; the bound is max(t_memory, t_compute) and the
 row's fraction of the roofline is bound / measured time. The adapter-part and backward rows also
 get a bound that charges each class of bytes at its own bandwidth (Roofline.bound_by_class:
-writes of fresh outputs at the probe's write curve, in-place updates at its read-modify-write one). Multi-thread rows are compared with their
-one-thread twins (speedup) and left out of the single-thread roofline.
+writes of fresh outputs at the probe's write curve, in-place updates at its read-modify-write
+one). Multi-thread rows are compared with their one-thread twins (speedup) and left out of the
+single-thread roofline.
 
 Python 3 with Debian's python3-matplotlib (without it, the PNG is skipped). Example:
 
