@@ -227,42 +227,35 @@ struct Bandwidth {
     bool huge = false;  ///< measured in memory advised for huge pages
 };
 
-template <int... S>
+/// Best over the stream counts S of `pass(std::integral_constant<int, S>())`, one pass over the
+/// buffer moving `bytes` (as counted for the curve).
+template <int... S, class Pass>
+Bandwidth best_of_streams(const Settings& s, const Buffer& b, double bytes, Pass&& pass) {
+    Bandwidth best;
+    const auto one = [&](auto streams) {
+        const double g = median_rate(s, bytes, [&] { pass(streams); }) * 1e-9;
+        if (g > best.gbps) best = {g, decltype(streams)::value, b.huge};
+    };
+    (one(std::integral_constant<int, S>()), ...);
+    return best;
+}
+
 Bandwidth best_read(const Settings& s, const Buffer& b) {
-    Bandwidth best;
-    auto one = [&](int streams, auto pass) {
-        const double g = median_rate(s, double(b.count * sizeof(float)),
-                                     [&] { sink_value<float> += pass(b.data, b.count); }) * 1e-9;
-        if (g > best.gbps) best = {g, streams, b.huge};
-    };
-    (one(S, read_pass<S>), ...);
-    return best;
+    return best_of_streams<1, 2, 4, 8>(s, b, double(b.count * sizeof(float)), [&](auto streams) {
+        sink_value<float> += read_pass<decltype(streams)::value>(b.data, b.count);
+    });
 }
 
-template <int... S>
-Bandwidth best_rmw(const Settings& s, const Buffer& b) {
-    Bandwidth best;
-    auto one = [&](int streams, auto pass) {
-        const double g = median_rate(s, 2.0 * double(b.count * sizeof(float)),
-                                     [&] { pass(b.data, b.count); }) * 1e-9;
-        if (g > best.gbps) best = {g, streams, b.huge};
-    };
-    (one(S, rmw_pass<S>), ...);
-    return best;
+Bandwidth best_rmw(const Settings& s, const Buffer& b) {  // bytes read + written
+    return best_of_streams<1, 2, 4, 8>(s, b, 2.0 * double(b.count * sizeof(float)),
+                                       [&](auto streams) { rmw_pass<decltype(streams)::value>(b.data, b.count); });
 }
 
-template <int... S>
 Bandwidth best_write(const Settings& s, const Buffer& b) {
-    Bandwidth best;
-    auto one = [&](int streams, auto pass) {
-        const double g = median_rate(s, double(b.count * sizeof(float)), [&] {
-            pass(b.data, b.count);
-            sink_value<float> += b.data[b.count / 2];  // the stores are observed
-        }) * 1e-9;
-        if (g > best.gbps) best = {g, streams, b.huge};
-    };
-    (one(S, write_pass<S>), ...);
-    return best;
+    return best_of_streams<1, 2, 4, 8>(s, b, double(b.count * sizeof(float)), [&](auto streams) {
+        write_pass<decltype(streams)::value>(b.data, b.count);
+        sink_value<float> += b.data[b.count / 2];  // the stores are observed
+    });
 }
 
 // ---- machine description ------------------------------------------------------------------------
@@ -326,9 +319,9 @@ int main(int argc, char** argv) {
         for (bool huge : {false, true}) {
             if (huge && bytes < lowrank::core::huge_page_bytes) continue;
             const Buffer b(bytes, huge);
-            r = better(r, best_read<1, 2, 4, 8>(s, b));
-            m = better(m, best_rmw<1, 2, 4, 8>(s, b));
-            w = better(w, best_write<1, 2, 4, 8>(s, b));
+            r = better(r, best_read(s, b));
+            m = better(m, best_rmw(s, b));
+            w = better(w, best_write(s, b));
         }
         read.push_back(r);
         rmw.push_back(m);

@@ -303,9 +303,9 @@ struct RowPointers {
 /// Y[ρ_i] (+)= α T[i] Uᵀ for a few rows ρ of Y (written in place; T: m × w with m = rows.count,
 /// U: out × w, Y: n × out). Blocks of U are transposed into a 16 KiB L1 buffer with SIMD W × W
 /// transposes (a padded leading dimension), and tiles of blocking::sweep_mr rows × 2 or 3 vectors
-/// of outputs (detail::expand_nv) sweep all m rows over each block: U is read once per call, each selected row of Y read
-/// and written once per block of w. Rows must be distinct. Reference: gemm_bcast_ref on Uᵀ, row by
-/// row.
+/// of outputs (detail::expand_nv) sweep all m rows over each block: U is read once per call, each
+/// selected row of Y read and written once per block of w. Rows must be distinct. Reference:
+/// gemm_bcast_ref on Uᵀ, row by row.
 template <class T, class Arch = xsimd::default_arch>
 void gathered_expand(MatrixView<const T> t, MatrixView<const T> u, MatrixView<T> y, RowSet rows, T alpha,
                      bool accumulate) noexcept {

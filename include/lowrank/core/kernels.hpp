@@ -185,7 +185,8 @@ namespace lowrank::core {
 /// - `sweep_mr<Arch>`: rows of the expand tiles in the band sweeps (detail::band_sweep: the merge,
 ///   the band product of input_grad, grad_shrink's strips) and in the gathered expands of mixed
 ///   batches, 2-vector tiles (3 for 8 rows: detail::expand_nv): 6 on 16 registers, 8 on AVX-512
-///   (16 accumulators, now 24; 12 rows × 2 spilled: 93 against 153 GFLOP/s). The band sweep alone, float, one
+///   (measured below with 2-vector tiles, 16 accumulators; 12 rows × 2 spilled: 93 against 153
+///   GFLOP/s). The band sweep alone, float, one
 ///   binary, 3 alternating rounds, medians (µs), 6 → 8: merge 1024², r = 16 181–195 → 166–190,
 ///   4096², r = 64 10.9–12.3 → 10.5–11.5 ms (r = 16 equal, 3.1–3.5 ms); 16 × 4096 rows at depth 64
 ///   (input_grad) 43.2–45.3 → 37.2–37.9; 128 × 4096 equal; a 64 × 256 block of dV at depth 128
