@@ -425,9 +425,10 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     // W of more than blocking::stream_aliased_bytes: one row gemm_dot_streams, and up to
     // dot_streams_max_rows with 16 registers; then from stream_min_rows_large rows on (2 on
     // AVX-512) gemm_stream_rows, with its few_far tile up to 4 rows (AVX-512) and its far prefetch
-    // up to stream_far_rows (on AVX-512 also in the 5 × 5 tile of 5W/4 rows in double; in float
-    // 3W/8 + 1 to 3W/4 rows take the half_near and three_quarters_near tiles, which prefetch into
-    // L1 instead); below it gemm_dot; rows a little over 4 KiB apart (in float). With 16
+    // up to stream_far_rows (the three_quarters tile of double's 3W/4 rows on AVX-512); most tiles
+    // take blocking::stream_tiles::near, which prefetches into L1 instead (float's 3W/8 + 1 to 3W/4
+    // rows and the 5W/4, 3W/2, 2W, 5W/2 + 1 and 3W + 1 rows here on AVX-512, all but few_far with
+    // 16 registers); below it gemm_dot; rows a little over 4 KiB apart (in float). With 16
     // registers, also past stream_max_rows (the grouped passes, not gemm_packed).
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index first = core::blocking::stream_min_rows_large<T, Arch>;
@@ -435,7 +436,8 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     const Index in = 1024 + 3;
     const Index out = core::blocking::stream_aliased_bytes / (in * Index(sizeof(T))) + 5;
     std::set<Index> rows{1,         2,         3,     4,     5,         first - 1, first, first + 1, 3 * W / 8 + 1,
-                         W / 2,     W / 2 + 1, 5 * W / 8, 3 * W / 4, 5 * W / 4, far,   far + 1};
+                         W / 2,     W / 2 + 1, 5 * W / 8, 3 * W / 4, 5 * W / 4, far,   far + 1,   3 * W / 2,
+                         2 * W,     5 * W / 2 + 1, 3 * W + 1};
     // a batch past stream_max_rows: on AVX2 the stream kernel's groups of passes (stream_grouped)
     if constexpr (core::blocking::stream_grouped<T, Arch> && !core::blocking::wide_register_file<Arch>)
         rows.insert(core::blocking::stream_max_rows<T, Arch> + 1);

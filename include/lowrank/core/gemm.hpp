@@ -265,26 +265,32 @@ template <class T>
 
 /// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A (2W with 16
 /// registers) against B's n rows, ldb values apart (up to 4 rows against a B read from memory:
-/// blocking::stream_tiles::few_far).
+/// blocking::stream_tiles::few_far). Against a B read from memory the tiles but few_far,
+/// five_halves and those of float's 2–6 and 13–16 rows on AVX-512 take stream_tiles::near.
 template <class T, class Arch, class F>
 void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
     using tiles = blocking::stream_tiles<Arch>;
+    const bool from_memory = rows_from_memory<T>(n, ldb);
+    const auto near = [&](auto tile) {
+        using t = decltype(tile);
+        return from_memory ? f(typename tiles::template near<t>()) : f(t());
+    };
     if constexpr (blocking::wide_register_file<Arch>) {  // 24–25 accumulators: not instantiated below
         using few = typename tiles::template few_far<T>;
-        if (m <= few::nv * W / few::g && rows_from_memory<T>(n, ldb)) return f(few());
-        if (m > 3 * W) return f(typename tiles::four());
+        if (m <= few::nv * W / few::g && from_memory) return f(few());
+        if (m > 3 * W) return near(typename tiles::four());
         if (m > 2 * W && 2 * m <= 5 * W) return f(typename tiles::five_halves());
-        if (m > 2 * W) return f(typename tiles::three());
+        if (m > 2 * W) return near(typename tiles::three());
         // Five or three vectors, or one of W/8 rows, where the range's tile below would leave
         // lanes empty; two of W/8 rows (float), where it would broadcast once per FMA
         // (blocking::stream_tile).
-        if (m > W && 4 * m <= 5 * W) return f(typename tiles::five_quarters());
-        if (m > W && 2 * m <= 3 * W) return f(typename tiles::three_halves());
+        if (m > W && 4 * m <= 5 * W) return near(typename tiles::five_quarters());
+        if (m > W && 2 * m <= 3 * W) return near(typename tiles::three_halves());
         if constexpr (sizeof(T) == 4) {  // groups of 8 steps: 32 bytes of float (64 of double)
-            if (8 * m > 3 * W && 4 * m <= 3 * W && rows_from_memory<T>(n, ldb)) {  // 7–12 rows
-                if (2 * m > W) return f(typename tiles::three_quarters_near());
-                return f(typename tiles::half_near());
+            if (8 * m > 3 * W && 4 * m <= 3 * W && from_memory) {  // 7–12 rows
+                if (2 * m > W) return near(typename tiles::three_quarters());
+                return near(typename tiles::half());
             }
             if (2 * m > W && 8 * m <= 5 * W) return f(typename tiles::five_eighths());
         }
@@ -296,17 +302,17 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
         }
     }
     if (m > 2 * W)  // 16 registers: 12 accumulators, 3 loads and 4 broadcasts per step
-        f(typename tiles::three());
+        near(typename tiles::three());
     else if (m <= W / 4)
-        f(typename tiles::quarter());
+        near(typename tiles::quarter());
     else if (m <= W / 2)
-        f(typename tiles::half());
+        near(typename tiles::half());
     else if (m <= W)
-        f(typename tiles::one());
+        near(typename tiles::one());
     else if (aliased_rows<T>(n, ldb))
         f(typename tiles::two_aliased());
     else
-        f(typename tiles::two());
+        near(typename tiles::two());
 }
 
 #if XSIMD_WITH_AVX512F

@@ -435,20 +435,31 @@ namespace lowrank::core {
 ///   each order once, new / old: n = 4 0.85 / 0.83, n = 2 0.97 / 0.97; the dots' time at n = 4
 ///   changes from one process to the next (2.55–3.09 ms over four such runs; the new tile
 ///   2.52–2.69), so shorter runs gave 0.92–1.01.
-/// - `stream_tiles<Arch>::half_near`, `three_quarters_near`: float on AVX-512, 3W/8 + 1 to W/2 and
-///   W/2 + 1 to 3W/4 rows of X (7–8, 9–12) against a W read from memory (more than
-///   stream_aliased_bytes): the 8 × 2 and 8 × 3 tiles of G = 4 with each row of W prefetching
-///   (into L1) the line 8 lines ahead, and without stream_far_rows' prefetch into L2 (the tiles'
-///   `far`); the former half and five_eighths / three_quarters tiles took the far prefetch and
-///   none into L1 (Zen 4 and Zen 5 measurements above). This Sapphire Rapids VM (probe 235
-///   GFLOP/s, 29 GB/s from L3), X Wᵀ alone, 4096², old and new headers alternating in 5 rounds,
-///   medians (ms): m = 7 2.78 → 2.71, 8 2.79 → 2.71, 9 3.54 → 3.26, 10 3.35 → 3.06, 12 3.42 →
-///   3.10; one harness, 7–15 rounds, the 8 × 3 tile with it against the former: m = 9 / 10 / 11 /
-///   12 3.10 / 2.97 / 3.02 / 3.00 against 3.36 / 3.18 / 3.40 / 3.25; with both prefetches 3.35–3.49
-///   (slower than either). W in L3 (1024²) keeps the former tiles (there the L1 prefetch took 1.05×
-///   as long); so do 5–6 rows (three_eighths, within 1%), double (m = 5–8: within ±3%, no
-///   consistent sign) and 17–24 rows (the 5 × 5 and 8 × 3 tiles of G = 4 and 2 with it: 0.94–0.98,
-///   within this VM's noise).
+/// - `stream_tiles<Arch>::near<Tile>`: Tile against a W read from memory (more than
+///   stream_aliased_bytes), each row of W prefetching (into L1) the line 8 lines ahead, without
+///   stream_far_rows' prefetch into L2 (the tiles' `far`). First for float on AVX-512's 3W/8 + 1 to
+///   W/2 and W/2 + 1 to 3W/4 rows of X (7–8, 9–12: the 8 × 2 and 8 × 3 tiles of G = 4); the former
+///   half and five_eighths / three_quarters tiles took the far prefetch and none into L1 (Zen 4 and
+///   Zen 5 measurements above). This Sapphire Rapids VM (probe 235 GFLOP/s, 29 GB/s from L3), X Wᵀ
+///   alone, 4096², old and new headers alternating in 5 rounds, medians (ms): m = 7 2.78 → 2.71, 8
+///   2.79 → 2.71, 9 3.54 → 3.26, 10 3.35 → 3.06, 12 3.42 → 3.10; one harness, 7–15 rounds, the 8 ×
+///   3 tile with it against the former: m = 9 / 10 / 11 / 12 3.10 / 2.97 / 3.02 / 3.00 against 3.36
+///   / 3.18 / 3.40 / 3.25; with both prefetches 3.35–3.49 (slower than either). W in L3 (1024²)
+///   keeps the former tiles (there the L1 prefetch took 1.05× as long). Then every tile against a W
+///   from memory but few_far, five_halves and those of 5–6 rows (float's three_eighths, within 1%;
+///   double's three_quarters, within ±3%). Same VM, each tile alone (stream_rows_block), 4096²,
+///   variants alternating in 5–7 rounds, medians (ms), without → with: float m = 20 (five_quarters)
+///   4.72 → 4.14, 24 (three_halves) 5.21 → 4.89, 48 (three) 8.74 → 8.47, 64 (four) 11.56 →
+///   11.10, 32 (two, rows not 4 KiB apart: 4100²) 6.95 → 6.60; double m = 10 9.03 (with the far
+///   prefetch) → 8.88, 12 9.26 (far) → 8.58, 24 11.28 → 9.97, 32 13.60 → 12.77, 7 / 8 (one, far) 9.22
+///   / 9.11 → 8.92 / 8.79; five_halves (float m = 40) 7.56 → 7.99, left off. AVX2 build
+///   (-march=x86-64-v3), float: m = 8 (6 × 1) 3.91 → 3.79, 12 / 16 (6 × 2) 5.51 / 5.65 → 5.30 /
+///   5.35, 24 (4 × 3) 8.64 → 8.14. X Wᵀ alone (base_product), old and new headers alternating:
+///   float, 9 rounds, m = 64 / 128 0.975 / 0.988 the old time (3 rounds: m = 20 / 24 / 48 0.89 /
+///   0.94 / 0.96); double, 5 rounds, m = 10 / 12 / 24 / 32 0.79 / 0.96 / 0.86 / 0.94. bench_core's
+///   forward, 4096², old and new binaries alternating in 5 rounds: n = 20 0.96, n = 128 0.96–0.99 (r
+///   = 8, 16, 64), n = 16 0.99, the rows whose path did not change 0.99–1.05; AVX2 build, n = 8 /
+///   10 / 16 / 20 / 128 0.97 / 0.98 / 0.99 / 0.98 / 1.00 (unchanged rows 1.02–1.04).
 /// - `stream_block_vectors<Arch>`, `stream_batch_vectors<T>`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 3 with 16 (4 × 3: 12
@@ -658,8 +669,6 @@ struct blocking {
         using two_eighths = stream_tile<8, 2, 8>;
         using three_eighths = stream_tile<8, 3, 8>;
         using three_quarters = stream_tile<8, 3, 4>;
-        using three_quarters_near = stream_tile<8, 3, 4, 8, false>;  // float, W from memory: AVX-512
-        using half_near = stream_tile<8, 2, 4, 8, false>;
         using three_halves = stream_tile<8, 3, 2>;
         using quarter = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 1, 4>, stream_tile<6, 1, 1>>;
         using half = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 4>, stream_tile<6, 1, 1>>;
@@ -673,6 +682,10 @@ struct blocking {
         using five_halves = stream_tile<5, 5, 2>;
         template <class T>
         using few_far = stream_tile<8, 1, 16 / Index(sizeof(T))>;
+        /// Tile against a W read from memory: each row of W prefetching into L1 the line 8 lines
+        /// ahead, no prefetch into L2.
+        template <class Tile>
+        using near = stream_tile<Tile::mr, Tile::nv, Tile::g, 8, false>;
     };
     template <class Arch>
     static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 3;
