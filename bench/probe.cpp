@@ -5,6 +5,10 @@
 //   architecture the compiler flags enable, for several chain counts (a chain count of latency ×
 //   issue width keeps every FMA pipe busy; more chains than vector registers spill). The best count
 //   is reported with the GFLOP/s it reached.
+// - Broadcast tile in L1: the rate of the library's tile shape (8 rows broadcast × 3 vectors, 24
+//   accumulators, with 32 registers; 4 × 3 with 16) over panels that stay in L1, nothing else to
+//   do: 3 loads and 8 broadcasts per 24 FMAs, against the peak's none. What a GEMM-like kernel can
+//   reach on the machine; reported beside the peak (the rooflines stay on the peak).
 // - Read bandwidth: repeated passes summing a hot working set, from 16 KiB (L1) through L2- and
 //   L3-sized sets to 512 MiB (DRAM); bytes read / time. The best of 1, 2, 4 and 8 sequential
 //   streams side by side (one stream alone leaves DRAM bandwidth unused on some machines, while a
@@ -140,6 +144,52 @@ Peak fma_peak(const Settings& s) {
         return fma_peak_over<T, 8, 12, 16, 20, 24, 28>(s);
     else
         return fma_peak_over<T, 6, 8, 10, 12, 14>(s);
+}
+
+// ---- broadcast tile in L1 -----------------------------------------------------------------------
+
+constexpr long tile_depth = 128;  // steps: panels of 4 KiB (A) and 24 KiB (B) in float, 48 KiB of L1
+
+/// C = Σ_p a[p·MR + i] · b[p·NV·W + v·W …] over tile_depth steps, C held in MR × NV vectors (each
+/// row of A broadcast, NV loads of B per step); C is then summed into the checksum.
+template <class T, int MR, int NV>
+[[gnu::noinline]] void tile_pass(const T* a, const T* b) {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr long W = long(batch::size);
+    std::array<std::array<batch, NV>, MR> acc;
+    for (auto& row : acc) row.fill(batch(T(0)));
+    for (long p = 0; p < tile_depth; ++p) {
+        std::array<batch, NV> x;
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) x[v] = batch::load_aligned(b + (p * NV + v) * W);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i) {
+            const batch ai(a[p * MR + i]);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(ai, x[v], acc[i][v]);
+        }
+    }
+    batch total(T(0));
+    for (const auto& row : acc)
+        for (const auto& v : row) total += v;
+    sink_value<T> += xsimd::hadd(total);
+}
+
+struct Tile {
+    double gflops = 0;
+    int rows = 0, vectors = 0;
+};
+
+template <class T>
+Tile tile_peak(const Settings& s) {
+    constexpr bool wide = sizeof(xsimd::batch<T, Arch>) >= 64;  // 32 registers
+    constexpr int MR = wide ? 8 : 4, NV = 3;
+    constexpr long W = long(xsimd::batch<T, Arch>::size);
+    std::vector<T, xsimd::aligned_allocator<T, 64>> a(std::size_t(tile_depth * MR)), b(std::size_t(tile_depth * NV * W));
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = T(1) / T(1 + i % 7);  // values that neither grow nor vanish
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = T(1) / T(1 + i % 5);
+    const double flops = 2.0 * double(MR * NV * W * tile_depth);
+    return {median_rate(s, flops, [&] { tile_pass<T, MR, NV>(a.data(), b.data()); }) * 1e-9, MR, NV};
 }
 
 // ---- bandwidth ----------------------------------------------------------------------------------
@@ -307,6 +357,7 @@ int main(int argc, char** argv) {
 
     const Peak f32 = fma_peak<float>(s);
     const Peak f64 = fma_peak<double>(s);
+    const Tile t32 = tile_peak<float>(s), t64 = tile_peak<double>(s);
 
     // Named points (what the issue quotes) and the whole curve, which run.py interpolates at each
     // benchmark's working set.
@@ -362,6 +413,9 @@ int main(int argc, char** argv) {
     };
     print_peak("fma_peak_fp32", f32, false);
     print_peak("fma_peak_fp64", f64, false);
+    for (const auto& [name, t] : {std::pair{"tile_peak_fp32", t32}, std::pair{"tile_peak_fp64", t64}})
+        std::printf("  \"%s\": {\"gflops\": %.2f, \"rows\": %d, \"vectors\": %d, \"depth\": %ld},\n", name,
+                    t.gflops, t.rows, t.vectors, tile_depth);
     std::printf("  \"read_gbps\": {\"L1_16KiB\": %.2f, \"L2_256KiB\": %.2f, \"L3_8MiB\": %.2f, "
                 "\"L3_32MiB\": %.2f, \"DRAM_512MiB\": %.2f},\n",
                 at(read, 16 * KiB), at(read, 256 * KiB), at(read, 8 * MiB), at(read, 32 * MiB),

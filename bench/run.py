@@ -7,7 +7,8 @@ Builds nothing. Given a build directory in which these targets were built:
     ninja -C BUILD probe bench_core bench_lora callgrind_kernels
 
 it runs
-  - bench/probe: the machine's single-thread FMA peak and read / read-modify-write / write
+  - bench/probe: the machine's single-thread FMA peak, the rate of the library's broadcast tile in
+    L1 (shown beside the peak, not used by the rooflines) and read / read-modify-write / write
     bandwidth curves (16 KiB ... 512 MiB), measured here and now, before the benchmarks and again after
     them (the roofline takes the better of the two at each point: best_probe);
   - bench_core (fused forward, merge, threads, double vs float, vs Eigen and OpenBLAS) and the
@@ -83,8 +84,9 @@ def best_probe(runs):
     minutes apart) would lower the roofline and lift every fraction against it. The runs are kept
     under "runs" (FMA peaks and curves only)."""
     best = dict(runs[0])
-    for key in ("fma_peak_fp32", "fma_peak_fp64"):
-        best[key] = max((r[key] for r in runs), key=lambda v: v["gflops"])
+    for key in ("fma_peak_fp32", "fma_peak_fp64", "tile_peak_fp32", "tile_peak_fp64"):
+        if all(key in r for r in runs):
+            best[key] = max((r[key] for r in runs), key=lambda v: v["gflops"])
     for key in ("read_gbps", "rmw_gbps", "write_gbps"):
         if all(key in r for r in runs):
             best[key] = {name: max(r[key][name] for r in runs) for name in runs[0][key]}
@@ -92,8 +94,8 @@ def best_probe(runs):
         if not all(key in r for r in runs):
             continue
         best[key] = [max(points, key=lambda p: p[1]) for points in zip(*(r[key] for r in runs))]
-    best["runs"] = [{k: r[k] for k in ("date", "fma_peak_fp32", "fma_peak_fp64", "read_curve", "rmw_curve",
-                                       "write_curve") if k in r}
+    best["runs"] = [{k: r[k] for k in ("date", "fma_peak_fp32", "fma_peak_fp64", "tile_peak_fp32", "tile_peak_fp64",
+                                       "read_curve", "rmw_curve", "write_curve") if k in r}
                     for r in runs]
     return best
 
@@ -514,6 +516,14 @@ def probe_section(probe):
         f"({simd['fp32_lanes']} float lanes).",
         f"- FMA peak, one thread: **{f32['gflops']:.1f} GFLOP/s** fp32 ({f32['accumulators']} "
         f"accumulators), {f64['gflops']:.1f} GFLOP/s fp64 ({f64['accumulators']}).",
+    ] + ([
+        f"- Broadcast tile in L1 (the library's tile shape, {probe['tile_peak_fp32']['rows']} rows broadcast × "
+        f"{probe['tile_peak_fp32']['vectors']} vectors, over panels that stay in L1 with nothing else to do): "
+        f"{probe['tile_peak_fp32']['gflops']:.1f} GFLOP/s fp32 "
+        f"({probe['tile_peak_fp32']['gflops'] / f32['gflops']:.0%} of the FMA peak), "
+        f"{probe['tile_peak_fp64']['gflops']:.1f} fp64 ({probe['tile_peak_fp64']['gflops'] / f64['gflops']:.0%}): "
+        "what a GEMM kernel's inner loop reaches here; the rooflines and targets stay on the FMA peak.",
+    ] if "tile_peak_fp32" in probe else []) + [
         "- Read bandwidth, hot working set: " + ", ".join(
             f"{k.replace('_', ' ')}: **{v:.1f} GB/s**" for k, v in probe["read_gbps"].items()) + ".",
         "- In-place read-modify-write (bytes read + written): " + ", ".join(
@@ -712,6 +722,10 @@ def write_plot(path, probe, rows):
         ax.plot(xs, [min(peak32, bw * x) for x in xs], "k" + style, lw=1,
                 label=f"read {label}: {bw:.0f} GB/s")
     ax.axhline(peak64, color="grey", lw=0.8, ls="-.", label=f"fp64 FMA peak {peak64:.0f} GFLOP/s")
+    if "tile_peak_fp32" in probe:
+        tile32 = probe["tile_peak_fp32"]["gflops"]
+        ax.axhline(tile32, color="tab:brown", lw=0.8, ls="--",
+                   label=f"fp32 broadcast tile in L1 {tile32:.0f} GFLOP/s")
     ax.text(lo * 1.1, peak32 * 1.05, f"fp32 FMA peak {peak32:.0f} GFLOP/s ({probe['simd']['arch']})",
             fontsize=8)
     markers = {"lowrank": "o", "eigen": "s", "openblas": "^"}
