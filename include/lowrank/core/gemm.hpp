@@ -263,10 +263,10 @@ template <class T>
     return ldb * Index(sizeof(T)) % blocking::l1_set_span == 0 && rows_from_memory<T>(n, ldb);
 }
 
-/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A (2W with 16
-/// registers) against B's n rows, ldb values apart (up to 4 rows against a B read from memory:
-/// blocking::stream_tiles::few_far). Against a B read from memory the tiles but few_far,
-/// five_halves and those of float's 2–6 and 13–16 rows on AVX-512 take stream_tiles::near.
+/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A against B's n rows, ldb values apart (up to 4 rows against a B read from memory:
+/// blocking::stream_tiles::few_far). Against a B read from memory every tile but few_far,
+/// five_halves and those of 5–6 rows on AVX-512 is taken as stream_tiles::near (its rows of B
+/// prefetching into L1, not into L2).
 template <class T, class Arch, class F>
 void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;
@@ -301,7 +301,9 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
             if (4 * m <= W) return f(typename tiles::two_eighths());
         }
     }
-    if (m > 2 * W)  // 16 registers: 12 accumulators, 3 loads and 4 broadcasts per step
+    if (m > 3 * W)  // 16 registers: 12 accumulators, 4 loads and 3 broadcasts per step
+        f(typename tiles::four());
+    else if (m > 2 * W)  // 12 accumulators, 3 loads and 4 broadcasts per step
         near(typename tiles::three());
     else if (m <= W / 4)
         near(typename tiles::quarter());
@@ -310,7 +312,7 @@ void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     else if (m <= W)
         near(typename tiles::one());
     else if (aliased_rows<T>(n, ldb))
-        f(typename tiles::two_aliased());
+        near(typename tiles::two_aliased());
     else
         near(typename tiles::two());
 }
@@ -540,8 +542,9 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
 /// 2, 5 × 5; m ≤ 48: G = 1, 8 × 3; m ≤ 64: G = 1, 6 × 4 (see blocking::stream_block_vectors); m ≤
 /// 4 against a B read from memory: groups of 16 bytes, 8 × 1 (blocking::stream_tiles::few_far),
 /// float and double. Double: the same by fractions of W (8 lanes), but no groups of 8 (m ≤ 2: G =
-/// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere (16 registers) G = 1 with 6 × 1, 6 × 2 or,
-/// past 2W rows, 4 × 3 tiles. A batch of more than one block against a B read from memory, where
+/// 4, 8 × 1; no 5 × 5 tile of 5 rows). Elsewhere (16 registers) G = 1 with 6 × 1, 6 × 2, past 2W
+/// rows 4 × 3 and past 3W rows 3 × 4 tiles (4 vectors against a B read from memory, or in double:
+/// blocking::stream_block_vectors). A batch of more than one block against a B read from memory, where
 /// blocking::stream_grouped (double on AVX-512, either type on AVX2), and on AVX2 up to 192 rows
 /// against a B in L3 (detail::grouped_rows): detail::stream_rows_grouped, B read once per
 /// blocking::stream_group_rows rows (its partial sums, n × those rows, in ws.b).
@@ -549,7 +552,8 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
 template <class T, class Arch = xsimd::default_arch>
 void gemm_stream_rows(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                       Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
-    constexpr Index W = xsimd::batch<T, Arch>::size, NB = blocking::stream_block_vectors<Arch>;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    const Index NB = blocking::stream_block_vectors<T, Arch>(detail::rows_from_memory<T>(n, ldb));
     if (const Index vectors = (m + W - 1) / W; vectors > NB) {
         if constexpr (blocking::stream_grouped<T, Arch>) {
             if (detail::grouped_rows<T, Arch>(m, n, ldb)) {  // one read of B per group of rows

@@ -459,8 +459,10 @@ namespace lowrank::core {
 ///   0.94 / 0.96); double, 5 rounds, m = 10 / 12 / 24 / 32 0.79 / 0.96 / 0.86 / 0.94. bench_core's
 ///   forward, 4096², old and new binaries alternating in 5 rounds: n = 20 0.96, n = 128 0.96–0.99 (r
 ///   = 8, 16, 64), n = 16 0.99, the rows whose path did not change 0.99–1.05; AVX2 build, n = 8 /
-///   10 / 16 / 20 / 128 0.97 / 0.98 / 0.99 / 0.98 / 1.00 (unchanged rows 1.02–1.04).
-/// - `stream_block_vectors<Arch>`, `stream_batch_vectors<T>`: gemm_stream_rows takes up to 4 vectors
+///   10 / 16 / 20 / 128 0.97 / 0.98 / 0.99 / 0.98 / 1.00 (unchanged rows 1.02–1.04); with 16
+///   registers then also two_aliased (the 6 × 2 tile of W + 1 to 2W rows whose W rows share L1
+///   sets): AVX2 build, n = 10 / 16, 4096², 5 alternating rounds, 0.96 / 0.99.
+/// - `stream_block_vectors<T, Arch>`, `stream_batch_vectors<T>`: gemm_stream_rows takes up to 4 vectors
 ///   of rows of X per pass over W with 32 registers (tiles 8 × 3 and 6 × 4, G = 1: 24
 ///   accumulators, 3 or 4 loads and 8 or 6 broadcasts per step), 3 with 16 (4 × 3: 12
 ///   accumulators, 3 loads and 4 broadcasts per step; 2 vectors, 6 × 2 tiles, until the Sapphire
@@ -468,7 +470,15 @@ namespace lowrank::core {
 ///   15 × 10 calls, new / old time, float 4096²: m = 17 / 20 / 24 (one pass instead of two) 0.80–
 ///   0.86, 40 (3 + 2 vectors, not 2 + 2 + 1) 0.87–0.90, 56 0.92–0.93, 32 / 48 / 64 0.98–1.02;
 ///   1024²: m = 17–24 0.83–0.85, 40 0.92–0.94, 48 / 64 0.96–0.99; double, m = 9 / 12: 4096²
-///   0.61–0.65, 1024² 0.73–0.75, m = 16 equal); a batch of more
+///   0.61–0.65, 1024² 0.73–0.75, m = 16 equal); with 16 registers 4 vectors against a W read
+///   from memory, and in double (3 × 4: 12 accumulators, 4 loads and 3 broadcasts per step, the
+///   broadcasts held while the loads pass one at a time), where 4 vectors of float against a W
+///   from memory had gone to the grouped passes as blocks of 2 + 2 (4 × 2 tiles, 8 accumulators):
+///   AVX2 build, this VM, X Wᵀ alone, old and new headers alternating in 3–5 rounds, new / old
+///   time, float 4096² m = 25 / 32 0.92–0.98 / 0.88–0.97, double 4096² m = 13 / 16 0.92–0.96 /
+///   0.94–1.01, 1024² m = 16 / 32 0.92–0.93 / 0.97; float 1024² (W in L3) m = 25 / 32 took 1.03×
+///   as long and keeps 3 vectors; bench_core's forward, n = 32, 4096², r = 8 / 16 / 64, 5
+///   alternating rounds: 0.90 / 0.90 / 0.92. A batch of more
 ///   vectors goes in as few passes as that allows, its vectors shared evenly. With 32 registers
 ///   base_product streams W for every batch of 2 rows or more: X Wᵀ alone, float, this 2-core
 ///   Zen 4 VM (probe 121–134 GFLOP/s), medians of 9, ms, former stream kernel (2-vector passes) /
@@ -676,7 +686,7 @@ struct blocking {
         using two = std::conditional_t<wide_register_file<Arch>, stream_tile<12, 2, 1>, stream_tile<6, 2, 1>>;
         using two_aliased = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 2, 1, 8>, two>;
         using three = std::conditional_t<wide_register_file<Arch>, stream_tile<8, 3, 1>, stream_tile<4, 3, 1>>;
-        using four = stream_tile<6, 4, 1>;
+        using four = std::conditional_t<wide_register_file<Arch>, stream_tile<6, 4, 1>, stream_tile<3, 4, 1>>;
         using five_eighths = stream_tile<5, 5, 8>;  // 32 registers only (25 accumulators); float
         using five_quarters = stream_tile<5, 5, 4>;
         using five_halves = stream_tile<5, 5, 2>;
@@ -687,8 +697,11 @@ struct blocking {
         template <class Tile>
         using near = stream_tile<Tile::mr, Tile::nv, Tile::g, 8, false>;
     };
-    template <class Arch>
-    static constexpr Index stream_block_vectors = wide_register_file<Arch> ? 4 : 3;
+    /// Vectors of rows of X per block of gemm_stream_rows (see the entry above).
+    template <class T, class Arch>
+    [[nodiscard]] static constexpr Index stream_block_vectors(bool w_from_memory) noexcept {
+        return wide_register_file<Arch> || w_from_memory || sizeof(T) == 8 ? 4 : 3;
+    }
     static constexpr Index l1_set_span = 4096;
     static constexpr Index stream_aliased_bytes = Index(16) << 20;
     static constexpr int row_backward_rows = 4;
