@@ -185,7 +185,8 @@ Tile tile_peak(const Settings& s) {
     constexpr bool wide = sizeof(xsimd::batch<T, Arch>) >= 64;  // 32 registers
     constexpr int MR = wide ? 8 : 4, NV = 3;
     constexpr long W = long(xsimd::batch<T, Arch>::size);
-    std::vector<T, xsimd::aligned_allocator<T, 64>> a(std::size_t(tile_depth * MR)), b(std::size_t(tile_depth * NV * W));
+    using buffer = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+    buffer a(std::size_t(tile_depth * MR)), b(std::size_t(tile_depth * NV * W));
     for (std::size_t i = 0; i < a.size(); ++i) a[i] = T(1) / T(1 + i % 7);  // values that neither grow nor vanish
     for (std::size_t i = 0; i < b.size(); ++i) b[i] = T(1) / T(1 + i % 5);
     const double flops = 2.0 * double(MR * NV * W * tile_depth);

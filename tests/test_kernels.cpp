@@ -427,9 +427,10 @@ TEMPLATE_LIST_TEST_CASE("base_product matches the exact product for a W read fro
     // AVX-512) gemm_stream_rows, with its few_far tile up to 4 rows (AVX-512) and its far prefetch
     // up to stream_far_rows (the three_quarters tile of double's 3W/4 rows on AVX-512); most tiles
     // take blocking::stream_tiles::near, which prefetches into L1 instead (float's 3W/8 + 1 to 3W/4
-    // rows and the 5W/4, 3W/2, 2W, 5W/2 + 1 and 3W + 1 rows here on AVX-512, all but few_far with
-    // 16 registers); below it gemm_dot; rows a little over 4 KiB apart (in float). With 16
-    // registers, also past stream_max_rows (the grouped passes, not gemm_packed).
+    // rows and the 5W/4, 3W/2, 2W, 5W/2 + 1 and 3W + 1 rows here on AVX-512; with 16 registers all
+    // but the 3 × 4 tile of 3W + 1 rows, one block of 4 vectors); below it gemm_dot; rows a little
+    // over 4 KiB apart (in float). With 16 registers, also past stream_max_rows (the grouped
+    // passes, not gemm_packed).
     constexpr Index W = xsimd::batch<T, Arch>::size;
     constexpr Index first = core::blocking::stream_min_rows_large<T, Arch>;
     constexpr Index far = core::blocking::stream_far_rows;

@@ -263,10 +263,11 @@ template <class T>
     return ldb * Index(sizeof(T)) % blocking::l1_set_span == 0 && rows_from_memory<T>(n, ldb);
 }
 
-/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A against B's n rows, ldb values apart (up to 4 rows against a B read from memory:
-/// blocking::stream_tiles::few_far). Against a B read from memory every tile but few_far,
-/// five_halves and those of 5–6 rows on AVX-512 is taken as stream_tiles::near (its rows of B
-/// prefetching into L1, not into L2).
+/// Calls f(tile) with the blocking::stream_tile of a block of m ≤ 4W rows of A against B's n rows,
+/// ldb values apart (up to 4 rows against a B read from memory: blocking::stream_tiles::few_far).
+/// Against a B read from memory every tile but few_far, five_halves and those of 5–6 rows on
+/// AVX-512, and every one but the 3 × 4 (four) with 16 registers, is taken as stream_tiles::near
+/// (its rows of B prefetching into L1, not into L2).
 template <class T, class Arch, class F>
 void with_stream_tile(Index m, Index n, Index ldb, F&& f) {
     constexpr Index W = xsimd::batch<T, Arch>::size;

@@ -478,7 +478,8 @@ namespace lowrank::core {
 ///   time, float 4096² m = 25 / 32 0.92–0.98 / 0.88–0.97, double 4096² m = 13 / 16 0.92–0.96 /
 ///   0.94–1.01, 1024² m = 16 / 32 0.92–0.93 / 0.97; float 1024² (W in L3) m = 25 / 32 took 1.03×
 ///   as long and keeps 3 vectors; bench_core's forward, n = 32, 4096², r = 8 / 16 / 64, 5
-///   alternating rounds: 0.90 / 0.90 / 0.92. A batch of more
+///   alternating rounds: 0.90 / 0.90 / 0.92. The 3 × 4 tile takes no prefetch (as
+///   stream_tiles::near it took 1.05× as long: float m = 32, 4096², 5 rounds). A batch of more
 ///   vectors goes in as few passes as that allows, its vectors shared evenly. With 32 registers
 ///   base_product streams W for every batch of 2 rows or more: X Wᵀ alone, float, this 2-core
 ///   Zen 4 VM (probe 121–134 GFLOP/s), medians of 9, ms, former stream kernel (2-vector passes) /
