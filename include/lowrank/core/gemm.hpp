@@ -459,7 +459,8 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 }
 
 /// gemm_stream_rows for up to blocking::stream_group_rows<T> rows of A in blocks of up to NB
-/// vectors (blocking::stream_tiles::three, MR rows of B × NB vectors), with B read from memory
+/// vectors (blocking::stream_tiles::three with 32 registers, four with 16: MR rows of B × NB
+/// vectors), with B read from memory
 /// once for all of them, not once per block: k goes in blocks of kc steps (blocking::stream_group_kc:
 /// the packed rows of A, all blocks, fill blocking::stream_group_bytes); for each, every block of
 /// rows of A is packed (into ws.a, one after the other), and each tile of MR rows of B runs
@@ -470,7 +471,8 @@ template <class T, class Arch>
 void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
                          Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
     using batch = xsimd::batch<T, Arch>;
-    using tile = typename blocking::stream_tiles<Arch>::three;
+    using tiles = blocking::stream_tiles<Arch>;
+    using tile = std::conditional_t<blocking::wide_register_file<Arch>, typename tiles::three, typename tiles::four>;
     constexpr int MR = tile::mr, NB = tile::nv;
     static_assert(tile::g == 1, "stream_rows_grouped: one row of A per lane");
     constexpr Index W = batch::size, max_blocks = blocking::stream_group_rows<T> / W;

@@ -512,9 +512,12 @@ namespace lowrank::core {
 ///   vectors), goes through detail::stream_rows_grouped: W read once for up to stream_group_rows
 ///   rows (512 in double), not once per pass (of 4 vectors, 32 rows of double, with 32 registers),
 ///   by blocks of k whose packed rows of X, all passes', fill 1 MiB of L2 (at least 256 and at most
-///   1024 steps; 256 steps set the row cap), each tile of rows of W (stream_tiles::three: 8 with
-///   32 registers, 4 with 16) running against every block of rows in turn (on AVX-512, 8 × 3: 6 ×
-///   4 and 12 × 2 ran 3–6% slower). With 16 registers base_product also takes a batch past
+///   1024 steps; 256 steps set the row cap), each tile of rows of W (stream_tiles::three, 8 × 3,
+///   with 32 registers; four, 3 × 4, with 16) running against every block of rows in turn (on
+///   AVX-512 6 × 4 and 12 × 2 ran 3–6% slower; with 16 registers the 3 × 4 tile's blocks of 4
+///   vectors against the 4 × 3's of 3, AVX2 build, X Wᵀ alone, 5 alternating rounds, new / old
+///   time: float 4096² m = 64 / 128 0.98 / 0.99, 1024² m = 128 1.00; double 4096² m = 32 / 64
+///   0.98 / 0.96). With 16 registers base_product also takes a batch past
 ///   stream_max_rows there rather than to gemm_packed. Sapphire
 ///   Rapids VM (probe 268 GFLOP/s fp32, 134 fp64; 29.5 GB/s from L3, 17 from memory), X Wᵀ alone,
 ///   4096², double, medians of 3, old / new binaries alternating twice, ms: m = 40 21.9–22.3 →
