@@ -139,8 +139,11 @@ Peak fma_peak_over(const Settings& s) {
 
 /// 512-bit vectors come with 32 registers (AVX-512); narrower ones with 16 (AVX2, SSE, NEON).
 template <class T>
+constexpr bool wide_registers = sizeof(xsimd::batch<T, Arch>) >= 64;
+
+template <class T>
 Peak fma_peak(const Settings& s) {
-    if constexpr (sizeof(xsimd::batch<T, Arch>) >= 64)
+    if constexpr (wide_registers<T>)
         return fma_peak_over<T, 8, 12, 16, 20, 24, 28>(s);
     else
         return fma_peak_over<T, 6, 8, 10, 12, 14>(s);
@@ -182,8 +185,7 @@ struct Tile {
 
 template <class T>
 Tile tile_peak(const Settings& s) {
-    constexpr bool wide = sizeof(xsimd::batch<T, Arch>) >= 64;  // 32 registers
-    constexpr int MR = wide ? 8 : 4, NV = 3;
+    constexpr int MR = wide_registers<T> ? 8 : 4, NV = 3;
     constexpr long W = long(xsimd::batch<T, Arch>::size);
     using buffer = std::vector<T, xsimd::aligned_allocator<T, 64>>;
     buffer a(std::size_t(tile_depth * MR)), b(std::size_t(tile_depth * NV * W));
