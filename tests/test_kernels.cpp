@@ -354,11 +354,12 @@ TEMPLATE_LIST_TEST_CASE("gemm_stream_rows matches the exact product on a large B
     // B past blocking::stream_aliased_bytes (few long rows, k values used of each), and more rows
     // of A than one block of the stream tiles holds: where blocking::stream_grouped (double on
     // AVX-512, both types on AVX2), detail::stream_rows_grouped. 4W + 1 rows: two blocks of 3 + 2
-    // vectors and k in two blocks of stream_group_kc (1024 and the rest); 9W + 5: four blocks of
-    // 3, 3, 2, 2 vectors; stream_group_rows + W + 3: two groups of rows (e.g. 33 + 33 vectors,
-    // each 11 blocks of 3, in double on AVX-512) and k in four blocks of 496–504 and a tail, so that
+    // vectors (the 4 × 3 tile with 16 registers) and k in two blocks of stream_group_kc (1024 and
+    // the rest); 9W + 5: blocks of 3, 3, 2, 2 vectors on AVX-512, 4, 3, 3 on the 3 × 4 tile with 16
+    // registers; stream_group_rows + W + 3: two groups of rows (e.g. 33 + 33 vectors, each 11
+    // blocks of 3, in double on AVX-512) and k in four blocks of 496–504 and a tail, so that
     // partial sums are stored, reloaded and stored again. n = 37 leaves 5 rows of B to the tail
-    // tile (1 with 4-row tiles). Elsewhere the passes of one block each.
+    // tile (1 with 4-row tiles, 1 with 3-row ones). Elsewhere the passes of one block each.
     const Index n = 37, k = 2041;
     const Index ldb = blk::stream_aliased_bytes / (n * Index(sizeof(T))) + 64;
     constexpr bool grouped = blk::stream_grouped<T, Arch>;

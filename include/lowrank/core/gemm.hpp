@@ -459,22 +459,19 @@ void stream_rows_block(Index m, Index n, Index k, T alpha, const T* a, Index lda
 }
 
 /// gemm_stream_rows for up to blocking::stream_group_rows<T> rows of A in blocks of up to NB
-/// vectors (blocking::stream_tiles::three with 32 registers, four with 16: MR rows of B × NB
-/// vectors), with B read from memory
+/// vectors (the stream_tile `Tile`: MR rows of B × NB vectors), with B read from memory
 /// once for all of them, not once per block: k goes in blocks of kc steps (blocking::stream_group_kc:
 /// the packed rows of A, all blocks, fill blocking::stream_group_bytes); for each, every block of
 /// rows of A is packed (into ws.a, one after the other), and each tile of MR rows of B runs
 /// against all of them in turn, its kc values of B read from memory by the first block (which
 /// prefetches the next tile's into L2) and from cache by the others. The sums of every block of k
 /// but the last wait in ws.b (Cᵀ, n × the packed rows); the last adds them into C.
-template <class T, class Arch>
-void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
-                         Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+template <class Tile, class T, class Arch>
+void stream_rows_grouped_on(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                            Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
     using batch = xsimd::batch<T, Arch>;
-    using tiles = blocking::stream_tiles<Arch>;
-    using tile = std::conditional_t<blocking::wide_register_file<Arch>, typename tiles::three, typename tiles::four>;
-    constexpr int MR = tile::mr, NB = tile::nv;
-    static_assert(tile::g == 1, "stream_rows_grouped: one row of A per lane");
+    constexpr int MR = Tile::mr, NB = Tile::nv;
+    static_assert(Tile::g == 1, "stream_rows_grouped: one row of A per lane");
     constexpr Index W = batch::size, max_blocks = blocking::stream_group_rows<T> / W;
     LOWRANK_ASSERT(m <= blocking::stream_group_rows<T>);
     if (trivial_product(m, n, k, c, ldc, accumulate)) return;
@@ -522,6 +519,31 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
             });
         });
     }
+}
+
+/// stream_rows_grouped_on with blocking::stream_tiles::three (8 × 3) with 32 registers. With 16,
+/// the 3 × 4 tile (four: blocks of up to 4 vectors of rows, as split_vectors shares them) where a
+/// block gets 4 vectors, otherwise the 4 × 3 (three: blocks of up to 3), whose tiles on blocks of
+/// 3 and 2 vectors hold 12 and 8 accumulators against the 3 × 4's 9 and 6. AVX2 build, X Wᵀ
+/// alone, 4096², 4 alternating rounds, medians of 7, ms, four for all / three for all / this:
+/// float m = 40 (5 vectors: 3 + 2) 13.6–13.8 / 12.9–13.2 / 12.9–13.1, 48 (3 + 3) 15.1–15.3 /
+/// 14.4–14.6 / 14.4–14.6, 56 (4 + 3) 17.2–17.5 / 18.0–18.2 / 17.1–17.5, 64 19.6–19.8 / 19.9–20.1
+/// / 19.2–19.6; double m = 40 (10 vectors: 4 + 3 + 3, four) 26.4–27.8 / 26.8–28.5 (noise).
+template <class T, class Arch>
+void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                         Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+    using tiles = blocking::stream_tiles<Arch>;
+    using three = typename tiles::three;
+    if constexpr (!blocking::wide_register_file<Arch>) {
+        using four = typename tiles::four;
+        const Index v = (m + xsimd::batch<T, Arch>::size - 1) / xsimd::batch<T, Arch>::size;
+        const Index parts = (v + four::nv - 1) / four::nv;
+        if ((v + parts - 1) / parts == four::nv) {  // the largest of split_vectors' blocks
+            stream_rows_grouped_on<four, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate, ws);
+            return;
+        }
+    }
+    stream_rows_grouped_on<three, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate, ws);
 }
 
 }  // namespace detail

@@ -513,11 +513,12 @@ namespace lowrank::core {
 ///   rows (512 in double), not once per pass (of 4 vectors, 32 rows of double, with 32 registers),
 ///   by blocks of k whose packed rows of X, all passes', fill 1 MiB of L2 (at least 256 and at most
 ///   1024 steps; 256 steps set the row cap), each tile of rows of W (stream_tiles::three, 8 × 3,
-///   with 32 registers; four, 3 × 4, with 16) running against every block of rows in turn (on
-///   AVX-512 6 × 4 and 12 × 2 ran 3–6% slower; with 16 registers the 3 × 4 tile's blocks of 4
-///   vectors against the 4 × 3's of 3, AVX2 build, X Wᵀ alone, 5 alternating rounds, new / old
-///   time: float 4096² m = 64 / 128 0.98 / 0.99, 1024² m = 128 1.00; double 4096² m = 32 / 64
-///   0.98 / 0.96). With 16 registers base_product also takes a batch past
+///   with 32 registers; with 16, four, 3 × 4, where a block gets 4 vectors, else three, 4 × 3:
+///   detail::stream_rows_grouped) running against every block of rows in turn (on AVX-512 6 × 4
+///   and 12 × 2 ran 3–6% slower; with 16 registers the 3 × 4 tile's blocks of 4 vectors against
+///   the 4 × 3's of 3, AVX2 build, X Wᵀ alone, 5 alternating rounds, new / old time: float 4096² m
+///   = 64 / 128 0.98 / 0.99, 1024² m = 128 1.00; double 4096² m = 32 / 64 0.98 / 0.96; m = 40,
+///   5 vectors as 3 + 2, 1.05 against the 4 × 3). With 16 registers base_product also takes a batch past
 ///   stream_max_rows there rather than to gemm_packed. Sapphire
 ///   Rapids VM (probe 268 GFLOP/s fp32, 134 fp64; 29.5 GB/s from L3, 17 from memory), X Wᵀ alone,
 ///   4096², double, medians of 3, old / new binaries alternating twice, ms: m = 40 21.9–22.3 →
@@ -2091,10 +2092,11 @@ struct StripPanel {
 
 /// The left operand of the expand tiles, MR rows of T interleaved and scaled (tp[j·MR + i] =
 /// α·t[i, j], written by expand_rows): a step's MR broadcasts come from one pointer at fixed
-/// offsets and the store adds the sums as they are. In place, GCC 12 kept α and the rows' offsets live across the loop of a 6 × 2 tile and, short of
-/// registers, read one of the two panel vectors from memory in every FMA and the offsets from the
-/// stack: 19 loads per 12 FMAs instead of 8 (mixed n = 64, 8 adapters, r = 16, 4096², float, the
-/// bank's expand alone, interleaved in one harness: 141 → 123 µs).
+/// offsets and the store adds the sums as they are. In place, GCC 12 kept α and the rows' offsets
+/// live across the loop of a 6 × 2 tile and, short of registers, read one of the two panel vectors
+/// from memory in every FMA and the offsets from the stack: 19 loads per 12 FMAs instead of 8
+/// (mixed n = 64, 8 adapters, r = 16, 4096², float, the bank's expand alone, interleaved in one
+/// harness: 141 → 123 µs).
 template <int MR, class T>
 struct PackedOperand {
     const T* tp;
