@@ -13,7 +13,11 @@
 //   rows are those of the forward grid;
 // - the forward from a `PackedWeight` (a row-major copy of W in memory advised for transparent huge
 //   pages), and from the benchmark's own such copy (`forward_huge`, lowrank and OpenBLAS): the
-//   other rows read W from Eigen's allocation, in 4 KiB pages where THP is in `madvise` mode.
+//   other rows read W from Eigen's allocation, in 4 KiB pages where THP is in `madvise` mode;
+// - the layer's backward with the input gradient (`lowrank::backward` with W: dX = dY W + s G A,
+//   dA, dB; G = dY B), n ∈ {1, 16, 32, 128}, d ∈ {1024, 4096}, r = 16: the base product dY W is
+//   most of it. Eigen as users write it, OpenBLAS as six cblas_sgemm calls (cblas_sgemv for dY W
+//   at n = 1).
 //
 // Single-thread rows are timed in thread CPU time (Google Benchmark's cpu_time; the machine is
 // shared). OpenBLAS is held to one thread except in the explicitly threaded rows. Every row carries
@@ -92,7 +96,7 @@ Eigen::Map<const Matrix<T>> huge_page_matrix(Index rows, Index cols, unsigned se
     return {slot->data(), rows, cols};
 }
 
-enum : unsigned { seed_w = 1, seed_x = 2, seed_merge = 4 };
+enum : unsigned { seed_w = 1, seed_x = 2, seed_merge = 4, seed_dy = 5 };
 
 // ---- counters -----------------------------------------------------------------------------------
 
@@ -124,6 +128,15 @@ void merge_counters(benchmark::State& state, Index d, Index r, int threads) {
     roofline_counters<T>(state, 2.0 * r * d * d, 2.0 * w + factors, w + factors, true, threads);
 }
 
+/// Layer backward: 2·n·out·in (dY W) + 2·n·r·(3 in + 2 out) flops (the adapter's five products,
+/// X Aᵀ included); W, X, dY, A and B read once, dX, dA and dB written once.
+template <class T>
+void layer_backward_counters(benchmark::State& state, Index n, Index d, Index r) {
+    const double e = double(sizeof(T));
+    const double bytes = e * (double(d) * d + 2.0 * n * d + 2.0 * r * d) + e * (double(n) * d + 2.0 * r * d);
+    roofline_counters<T>(state, 2.0 * n * d * d + 10.0 * n * r * d, bytes, bytes, false, 1);
+}
+
 // ---- OpenBLAS, float and double through one spelling ----------------------------------------------
 
 #ifdef LOWRANK_BENCH_OPENBLAS
@@ -137,6 +150,13 @@ void gemm_nt(Index n, Index m, Index k, double alpha, const double* a, const dou
              double* c) {
     cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(m), int(k), alpha, a, int(k), b,
                 int(k), beta, c, int(m));
+}
+/// C (n × m) = alpha · op(A) · B + beta · C for a row-major B (k × m): op(A) = A (n × k) or, with
+/// `at`, Aᵀ for a row-major A of k × n.
+void gemm_xn(bool at, Index n, Index m, Index k, float alpha, const float* a, const float* b, float beta,
+             float* c) {
+    cblas_sgemm(CblasRowMajor, at ? CblasTrans : CblasNoTrans, CblasNoTrans, int(n), int(m), int(k), alpha, a,
+                at ? int(n) : int(k), b, int(m), beta, c, int(m));
 }
 /// y (m) = alpha · A x + beta · y, A: m × k row-major.
 void gemv(Index m, Index k, float alpha, const float* a, const float* x, float beta, float* y) {
@@ -317,6 +337,104 @@ void BM_merge_openblas(benchmark::State& state) {
 }
 #endif  // LOWRANK_BENCH_OPENBLAS
 
+// ---- layer backward with the input gradient ----------------------------------------------------
+
+/// The data of one layer-backward shape (state.range: n, d, r): the forward's W, X and adapter, and
+/// dY (n × d).
+struct BackwardCase {
+    Index n, d, r;
+    const Matrix<float>& W;
+    const Matrix<float>& X;
+    const Matrix<float>& dY;
+    const lowrank::Lora<float>& lora;
+    explicit BackwardCase(const benchmark::State& state)
+        : n(state.range(0)), d(state.range(1)), r(state.range(2)), W(shared_matrix<float>(d, d, seed_w)),
+          X(shared_matrix<float>(n, d, seed_x)), dY(shared_matrix<float>(n, d, seed_dy)),
+          lora(shared_lora<float>(d, r)) {}
+};
+
+/// The timed loop: `body(grad, dX)` computes the gradients each iteration.
+template <class F>
+void run_layer_backward(benchmark::State& state, const BackwardCase& bc, F&& body) {
+    lowrank::LoraGrad<float> grad(bc.lora);
+    Matrix<float> dX(bc.n, bc.d);
+    for (auto _ : state) {
+        body(grad, dX);
+        benchmark::DoNotOptimize(dX.data());
+        benchmark::DoNotOptimize(grad.A.data());
+        benchmark::ClobberMemory();
+    }
+    layer_backward_counters<float>(state, bc.n, bc.d, bc.r);
+}
+
+void BM_layer_backward_lowrank(benchmark::State& state) {
+    const BackwardCase bc(state);
+    lowrank::Workspace<float> ws;
+    run_layer_backward(state, bc, [&](lowrank::LoraGrad<float>& grad, Matrix<float>& dX) {
+        lowrank::backward(bc.X, bc.W, bc.lora, bc.dY, grad, dX, ws);
+    });
+}
+
+void BM_layer_backward_eigen(benchmark::State& state) {
+    const BackwardCase bc(state);
+    const float s = bc.lora.scale();
+    const auto& A = bc.lora.A();
+    const auto& B = bc.lora.B();
+    Matrix<float> T(bc.n, bc.r), G(bc.n, bc.r);
+    run_layer_backward(state, bc, [&](lowrank::LoraGrad<float>& grad, Matrix<float>& dX) {
+        T.noalias() = bc.X * A.transpose();
+        G.noalias() = bc.dY * B;
+        grad.B.noalias() = s * bc.dY.transpose() * T;
+        grad.A.noalias() = s * G.transpose() * bc.X;
+        dX.noalias() = bc.dY * bc.W;
+        dX.noalias() += s * G * A;
+    });
+}
+
+#ifdef LOWRANK_BENCH_OPENBLAS
+/// dX = dY W + s G A, dA = s Gᵀ X, dB = s dYᵀ T in BLAS calls (T = X Aᵀ, G = dY B).
+void openblas_layer_backward(const BackwardCase& bc, Matrix<float>& T, Matrix<float>& G,
+                             lowrank::LoraGrad<float>& grad, Matrix<float>& dX) {
+    const Index n = bc.n, d = bc.d, r = bc.r;
+    const float s = bc.lora.scale();
+    if (n == 1)
+        cblas_sgemv(CblasRowMajor, CblasTrans, int(d), int(d), 1.0f, bc.W.data(), int(d), bc.dY.data(), 1, 0.0f,
+                    dX.data(), 1);
+    else
+        gemm_xn(false, n, d, d, 1.0f, bc.dY.data(), bc.W.data(), 0.0f, dX.data());
+    gemm_nt(n, r, d, 1.0f, bc.X.data(), bc.lora.A().data(), 0.0f, T.data());
+    gemm_xn(false, n, r, d, 1.0f, bc.dY.data(), bc.lora.B().data(), 0.0f, G.data());
+    gemm_xn(true, d, r, n, s, bc.dY.data(), T.data(), 0.0f, grad.B.data());
+    gemm_xn(true, r, d, n, s, G.data(), bc.X.data(), 0.0f, grad.A.data());
+    gemm_xn(false, n, d, r, s, G.data(), bc.lora.A().data(), 1.0f, dX.data());
+}
+
+void BM_layer_backward_openblas(benchmark::State& state) {
+    const BackwardCase bc(state);
+    Matrix<float> T(bc.n, bc.r), G(bc.n, bc.r);
+    openblas_set_num_threads(1);
+    static std::set<std::tuple<Index, Index, Index>> checked;
+    if (checked.insert({bc.n, bc.d, bc.r}).second) {  // once per shape, against Eigen's formulas
+        lowrank::LoraGrad<float> grad(bc.lora);
+        Matrix<float> dX(bc.n, bc.d);
+        openblas_layer_backward(bc, T, G, grad, dX);
+        const float s = bc.lora.scale();
+        const Matrix<float> g = bc.dY * bc.lora.B();
+        const Matrix<float> dx = bc.dY * bc.W + s * g * bc.lora.A();
+        const Matrix<float> da = s * g.transpose() * bc.X;
+        const Matrix<float> db = s * bc.dY.transpose() * (bc.X * bc.lora.A().transpose());
+        if ((dX - dx).norm() > 1e-3f * dx.norm() || (grad.A - da).norm() > 1e-3f * da.norm() ||
+            (grad.B - db).norm() > 1e-3f * db.norm()) {
+            state.SkipWithError("OpenBLAS backward disagrees with the Eigen expressions");
+            return;
+        }
+    }
+    run_layer_backward(state, bc, [&](lowrank::LoraGrad<float>& grad, Matrix<float>& dX) {
+        openblas_layer_backward(bc, T, G, grad, dX);
+    });
+}
+#endif
+
 // ---- argument grids -------------------------------------------------------------------------------
 
 void forward_grid(benchmark::internal::Benchmark* b) {
@@ -354,6 +472,12 @@ void forward_threads_grid(benchmark::internal::Benchmark* b) {
     b->UseRealTime()->MeasureProcessCPUTime();
 }
 
+void layer_backward_grid(benchmark::internal::Benchmark* b) {
+    b->ArgNames({"n", "d", "r"});
+    for (int d : {1024, 4096})
+        for (int n : {1, 16, 32, 128}) b->Args({n, d, 16});
+}
+
 void merge_grid(benchmark::internal::Benchmark* b) {
     b->ArgNames({"d", "r"});
     for (int r : {16, 64}) b->Args({4096, r});
@@ -377,7 +501,10 @@ BENCHMARK(BM_forward_threads_lowrank)->Apply(forward_threads_grid);
 BENCHMARK(BM_merge_threads_lowrank)->Apply(merge_threads_grid);
 BENCHMARK(BM_forward_f64_lowrank)->Apply(f64_grid);
 BENCHMARK(BM_forward_f64_eigen)->Apply(f64_grid);
+BENCHMARK(BM_layer_backward_lowrank)->Apply(layer_backward_grid);
+BENCHMARK(BM_layer_backward_eigen)->Apply(layer_backward_grid);
 #ifdef LOWRANK_BENCH_OPENBLAS
+BENCHMARK(BM_layer_backward_openblas)->Apply(layer_backward_grid);
 BENCHMARK(BM_forward_openblas)->Apply(forward_grid);
 BENCHMARK(BM_merge_openblas)->Apply(merge_grid);
 BENCHMARK(BM_forward_threads_openblas)->Apply(openblas_threads_grid);

@@ -633,6 +633,15 @@ def write_report(path, args, probe, core, lora, callgrind, core_json, core_cmd, 
         doc += ["## double vs float (fused forward, compute-bound shapes)", "",
                 "Target: double within 2.2× of float.", "",
                 precision_table(rf, ix, core), ""]
+    if any(r["op"] == "layer_backward" for r in core):
+        doc += ["## Layer backward with the input gradient (`lowrank::backward` with W, fp32, one thread)", "",
+                "dX = dY W + s G A, dA = s Gᵀ X, dB = s dYᵀ T (G = dY B, T = X Aᵀ): what a trainer "
+                "calls for a LoRA layer, the base product dY W most of its flops. Not a target of "
+                "issue 7 (whose backward rows, below, are the adapter part alone); Eigen as users "
+                "write it, OpenBLAS as six cblas_sgemm calls (cblas_sgemv for dY W at n = 1). Flops "
+                "2·n·d² + 2·n·r·(3 in + 2 out); bytes: W, X, dY, A, B read once, dX, dA, dB written "
+                "once.", "",
+                comparison_table(rf, ix, core, "layer_backward", ("n", "d", "r"), ["n", "d", "r"]), ""]
     if lora:
         for op, title in (("add_delta", "Adapter part alone `Y += s (X Aᵀ) Bᵀ` (bench_lora)"),
                           ("backward_delta", "LoRA backward: dA, dB, dX of the adapter part (bench_lora)")):
@@ -731,7 +740,7 @@ def write_plot(path, probe, rows):
     markers = {"lowrank": "o", "eigen": "s", "openblas": "^"}
     colours = {"forward": "tab:blue", "merge": "tab:red", "forward_f64": "tab:purple",
                "forward_packed": "tab:cyan", "forward_huge": "tab:olive",
-               "add_delta": "tab:green", "backward_delta": "tab:orange"}
+               "add_delta": "tab:green", "backward_delta": "tab:orange", "layer_backward": "tab:brown"}
     seen = set()
     for r in single:
         x = r["flops"] / r["bytes"]

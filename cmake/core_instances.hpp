@@ -33,6 +33,11 @@
     EXTERN template void gemm_packed<T, xsimd::default_arch>(Index, Index, Index, T, const T*, Index, \
                                                              const T*, Index, T*, Index, bool,        \
                                                              GemmWorkspace<T>&);                      \
+    EXTERN template void gemm_packed_ab<T, xsimd::default_arch>(Index, Index, Index, T, const T*, Index, \
+                                                                const T*, Index, T*, Index, bool,     \
+                                                                GemmWorkspace<T>&);                   \
+    EXTERN template void gemm_bcast_sweep<T, xsimd::default_arch>(Index, Index, Index, T, const T*, Index, \
+                                                                  const T*, Index, T*, Index, bool) noexcept; \
     EXTERN template void gemm_stream_rows<T, xsimd::default_arch>(Index, Index, Index, T, const T*,   \
                                                                   Index, const T*, Index, T*, Index,  \
                                                                   bool, GemmWorkspace<T>&);           \
@@ -40,8 +45,10 @@
                                                               MatrixView<T>, GemmWorkspace<T>&);      \
     EXTERN template void base_product<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>, \
                                                               MatrixView<T>);                         \
-    EXTERN template void base_input_grad<T>(MatrixView<const T>, MatrixView<const T>, MatrixView<T>, \
-                                            bool);                                                   \
+    EXTERN template void base_input_grad<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>, \
+                                                                 MatrixView<T>, bool, GemmWorkspace<T>&); \
+    EXTERN template void base_input_grad<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>, \
+                                                                 MatrixView<T>, bool);                \
     EXTERN template void shrink<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>,     \
                                                         MatrixView<T>, bool) noexcept;                \
     EXTERN template void expand<T, xsimd::default_arch>(MatrixView<const T>, MatrixView<const T>,     \

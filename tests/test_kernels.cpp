@@ -535,6 +535,82 @@ TEMPLATE_LIST_TEST_CASE("gemm_packed matches the scalar reference and the exact 
     REQUIRE(c.border_intact());
 }
 
+/// α A B (+ C0 when accumulating) for a row-major B (k × n), exact in double, and the bound on the
+/// error of its evaluation in T (the A B kernels: gemm_packed_ab, gemm_bcast_sweep).
+template <class T>
+std::pair<Matrix<double>, Matrix<double>> expected_ab(const Matrix<double>& a, const Matrix<double>& b,
+                                                      const Matrix<double>& c0, T alpha, bool accumulate) {
+    return expected_abt<T>(a, Matrix<double>(b.transpose()), c0, alpha, accumulate);
+}
+
+TEMPLATE_LIST_TEST_CASE("gemm_packed_ab matches the exact product A B", "[kernels][packed]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    // The blocks of gemm_packed with B (k × n) packed from its rows: m around the micro-panels and
+    // past gemm_mc<T>, n around the 2-vector panels (the copy's partial last panel) and past
+    // gemm_nc<T>, k past gemm_kc.
+    const Index m = GENERATE(1, 5, 12, 13, 150);
+    const Index n = GENERATE_COPY(Index(1), 2 * W - 1, 2 * W + 1, Index(1030));
+    const Index k = GENERATE(Index(0), Index(1), Index(77), Index(400));
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate);
+    if (m * n * k > 4'000'000) return;
+
+    Strided<T> a(m, k, 141), b(k, n, 142), c(m, n, 143);
+    const T alpha = T(-0.625);
+    const auto [want, bound] = expected_ab<T>(a.value(), b.value(), c.value(), alpha, accumulate);
+    auto av = a.view(), bv = b.view(), cv = c.view();
+    core::GemmWorkspace<T> ws;
+    core::gemm_packed_ab<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate, ws);
+    require_within(c.value(), want, bound, "packed A B vs exact");
+    REQUIRE(c.border_intact());
+}
+
+TEMPLATE_LIST_TEST_CASE("gemm_bcast_sweep matches the exact product A B", "[kernels]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr Index MR = core::blocking::sweep_mr<Arch>, KC = core::blocking::sweep_kc;
+    // Rows around the tiles of sweep_mr<Arch> rows (the last tile of fewer), columns in tiles of
+    // expand_nv vectors, then of one vector, then the n mod W tail by gemm_bcast; k around the
+    // blocks of sweep_kc rows of B (a partial last block, and a second block that adds to C).
+    const Index m = GENERATE_COPY(Index(1), Index(2), MR - 1, MR, MR + 3, Index(core::blocking::sweep_ab_rows));
+    const Index n = GENERATE_COPY(W - 1, W, 3 * W, 4 * W + 5, 7 * W + 1);
+    const Index k = GENERATE_COPY(Index(0), Index(1), KC - 1, KC, 2 * KC + 7);
+    const bool accumulate = GENERATE(false, true);
+    CAPTURE(m, n, k, accumulate);
+
+    Strided<T> a(m, k, 151), b(k, n, 152), c(m, n, 153);
+    const T alpha = T(0.75);
+    const auto [want, bound] = expected_ab<T>(a.value(), b.value(), c.value(), alpha, accumulate);
+    auto av = a.view(), bv = b.view(), cv = c.view();
+    core::gemm_bcast_sweep<T, Arch>(m, n, k, alpha, av.data, av.ld, bv.data, bv.ld, cv.data, cv.ld, accumulate);
+    require_within(c.value(), want, bound, "sweep A B vs exact");
+    REQUIRE(c.border_intact());
+}
+
+TEMPLATE_LIST_TEST_CASE("base_input_grad matches dY W on each of its paths", "[kernels][ops]", KernelCases) {
+    using T = typename TestType::scalar;
+    using Arch = typename TestType::arch;
+    // One row (Eigen's GEMV), 2 and sweep_ab_rows rows (gemm_bcast_sweep), one more (gemm_packed_ab);
+    // out and in off the SIMD width; with and without a workspace kept across calls.
+    const Index sweep = core::blocking::sweep_ab_rows;
+    const Index n = GENERATE_COPY(Index(1), Index(2), sweep, sweep + 1);
+    const bool accumulate = GENERATE(false, true);
+    const Index out = 75, in = 133;
+    CAPTURE(n, accumulate);
+    Strided<T> dy(n, out, 161), w(out, in, 162), dx(n, in, 163), dx2(n, in, 163);
+    const auto [want, bound] = expected_ab<T>(dy.value(), w.value(), dx.value(), T(1), accumulate);
+    core::GemmWorkspace<T> ws;
+    core::base_input_grad<T, Arch>(dy.view(), MatrixView<const T>(w.view()), dx.view(), accumulate, ws);
+    require_within(dx.value(), want, bound, "base_input_grad vs exact");
+    REQUIRE(dx.border_intact());
+    core::base_input_grad<T, Arch>(dy.view(), MatrixView<const T>(w.view()), dx2.view(), accumulate);
+    require_within(dx2.value(), want, bound, "base_input_grad (own buffers) vs exact");
+    REQUIRE(dx2.border_intact());
+}
+
 TEMPLATE_LIST_TEST_CASE("core operations equal their dense formulas", "[ops]", KernelCases) {
     using T = typename TestType::scalar;
     using Arch = typename TestType::arch;

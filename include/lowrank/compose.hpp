@@ -593,7 +593,7 @@ void mixed_backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>&
     detail::check_no_overlap(fn, "dX", dx, "dY", dy);
     detail::check_no_overlap(fn, "dX", dx, "W", w);
     detail::prepare_grads<T>(adapters, grads, ws);
-    core::base_input_grad<T>(dy, w, dx, false);
+    core::base_input_grad<T>(dy, w, dx, false, ws.base);
     core::bgmv_backward<T>(x, dy, std::span<const core::GatheredFactors<T>>(ws.factors), ids,
                            std::span<const MatrixView<T>>(ws.dv),
                            std::span<const MatrixView<T>>(ws.du), &dx, ws.gather);
@@ -681,7 +681,7 @@ void mixed_segments_backward(const Eigen::MatrixBase<DX>& X, const Eigen::Matrix
     detail::check_no_overlap(fn, "dX", dx, "dY", dy);
     detail::check_no_overlap(fn, "dX", dx, "W", w);
     detail::prepare_grads<T>(adapters, grads, ws);
-    core::base_input_grad<T>(dy, w, dx, false);
+    core::base_input_grad<T>(dy, w, dx, false, ws.base);
     core::sgmv_backward<T>(x, dy, std::span<const core::GatheredFactors<T>>(ws.factors), seg, ids,
                            std::span<const MatrixView<T>>(ws.dv),
                            std::span<const MatrixView<T>>(ws.du), &dx, ws.gather);
@@ -798,7 +798,7 @@ void masked_backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>
     detail::check_no_overlap(fn, "dX", dx, "W", w);
     detail::check_no_overlap(fn, "dX", dx, "masks", masks);
     detail::prepare_grads<T>(adapters, grads, ws);
-    core::base_input_grad<T>(dy, w, dx, false);
+    core::base_input_grad<T>(dy, w, dx, false, ws.base);
     detail::masked_backward_impl<T>(fn, x, dy, masks, ws, &dx);
 }
 /// Backward of `masked_forward` without the input gradient (W is only shape-checked).

@@ -346,7 +346,7 @@ void backward(const Eigen::MatrixBase<DX>& X, const Eigen::MatrixBase<DW>& W, co
     detail::check_no_overlap(fn, "dX", dx, "X", x);
     detail::check_no_overlap(fn, "dX", dx, "dY", dy);
     detail::check_no_overlap(fn, "dX", dx, "W", w);
-    core::base_input_grad<T>(dy, w, dx, false);
+    core::base_input_grad<T>(dy, w, dx, false, ws.gemm());
     detail::lora_xs_backward_delta<T>(x, xs, dy, grad, &dx, true, ws);
 }
 template <class DX, class DW, Real T, class DdY, Destination DdX>

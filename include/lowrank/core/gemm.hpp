@@ -64,6 +64,27 @@ void pack_gemm_b(Index nc, Index kc, const T* b, Index ldb, T* dst) noexcept {
     }
 }
 
+/// Packs rows [0, kc) × columns [0, nc) of a row-major B (k × n, ldb: a product A B, not A Bᵀ)
+/// as ⌈nc / NR⌉ micro-panels of kc × NR values, dst[p·NR + j] = B(p, j0 + j) (NR = NV vectors):
+/// a copy, row after row of B (each row's nc values read as one run), into the panels side by
+/// side; columns past nc are zero.
+template <int NV, class T, class Arch>
+void pack_gemm_b_rows(Index nc, Index kc, const T* b, Index ldb, T* dst) noexcept {
+    using batch = xsimd::batch<T, Arch>;
+    constexpr Index W = batch::size, NR = NV * W;
+    const Index full = nc / NR * NR;
+    for (Index p = 0; p < kc; ++p) {
+        const T* src = b + p * ldb;
+        T* out = dst + p * NR;
+        Index j0 = 0;
+        for (; j0 < full; j0 += NR, out += kc * NR)
+            LOWRANK_UNROLL for (int v = 0; v < NV; ++v)
+                batch::load_unaligned(src + j0 + v * W).store_aligned(out + v * W);
+        if (j0 < nc)
+            for (Index j = 0; j < NR; ++j) out[j] = j0 + j < nc ? src[j0 + j] : T(0);
+    }
+}
+
 /// The micro-kernel: C[0..MR, 0..cols) (+)= α · A · B over kc steps, A a packed micro-panel (row
 /// i of step p at ap[p·lda + i], lda ≥ MR: the last rows of a block take a tile of exactly their
 /// count), B a packed micro-panel of NV contiguous vectors (step p at bp + p·ldb); only the first
@@ -108,15 +129,17 @@ struct GemmWorkspace {
     }
 };
 
-/// C (+)= α A Bᵀ: C m × n (ldc), A m × k (lda), B n × k (ldb), all row-major. With `accumulate ==
-/// false` C is overwritten (it may hold garbage on entry); k = 0 then sets it to zero.
-/// Cost: 2·m·n·k flops; A is packed ⌈n / gemm_nc⌉ times, B once.
-template <class T, class Arch = xsimd::default_arch>
-void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
-                 Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+namespace detail {
+
+/// gemm_packed (B_ROWS = false: B n × k, the product A Bᵀ) and gemm_packed_ab (B_ROWS = true: B
+/// k × n, the product A B): the same blocks and micro-kernel, B's blocks packed by transposing
+/// (pack_gemm_b) or by copying its rows (pack_gemm_b_rows).
+template <bool B_ROWS, class T, class Arch>
+void gemm_packed_blocks(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                        Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
     constexpr int MR = int(blocking::gemm_mr<Arch>);
     constexpr Index NR = 2 * xsimd::batch<T, Arch>::size;
-    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
+    if (trivial_product(m, n, k, c, ldc, accumulate)) return;
     const Index kc_max = std::min(blocking::gemm_kc, k);
     const Index mc_max = std::min((m + MR - 1) / MR * MR, blocking::gemm_mc<T> / MR * MR);
     const Index nc_max = std::min((n + NR - 1) / NR * NR, std::max(NR, blocking::gemm_nc<T> / NR * NR));
@@ -127,16 +150,72 @@ void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, cons
         for (Index pc = 0; pc < k; pc += kc_max) {
             const Index kc = std::min(kc_max, k - pc);
             const bool acc = accumulate || pc > 0;
-            detail::pack_gemm_b<2, T, Arch>(nc, kc, b + jc * ldb + pc, ldb, bp);
+            if constexpr (B_ROWS)
+                pack_gemm_b_rows<2, T, Arch>(nc, kc, b + pc * ldb + jc, ldb, bp);
+            else
+                pack_gemm_b<2, T, Arch>(nc, kc, b + jc * ldb + pc, ldb, bp);
             for (Index ic = 0; ic < m; ic += mc_max) {
                 const Index mc = std::min(mc_max, m - ic);
-                detail::pack_gemm_a<MR, T>(mc, kc, a + ic * lda + pc, lda, ap);
+                pack_gemm_a<MR, T>(mc, kc, a + ic * lda + pc, lda, ap);
                 for (Index jr = 0; jr < nc; jr += NR)
-                    detail::gemm_block_panel<2, T, Arch>(mc, kc, ap, bp + jr * kc, NR, std::min(NR, nc - jr),
-                                                         c + ic * ldc + jc + jr, ldc, alpha, acc);
+                    gemm_block_panel<2, T, Arch>(mc, kc, ap, bp + jr * kc, NR, std::min(NR, nc - jr),
+                                                 c + ic * ldc + jc + jr, ldc, alpha, acc);
             }
         }
     }
+}
+
+}  // namespace detail
+
+/// C (+)= α A Bᵀ: C m × n (ldc), A m × k (lda), B n × k (ldb), all row-major. With `accumulate ==
+/// false` C is overwritten (it may hold garbage on entry); k = 0 then sets it to zero.
+/// Cost: 2·m·n·k flops; A is packed ⌈n / gemm_nc⌉ times, B once.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_packed(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                 Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+    detail::gemm_packed_blocks<false, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate, ws);
+}
+
+/// C (+)= α A B: C m × n (ldc), A m × k (lda), B k × n (ldb), all row-major (the input gradient dY
+/// W of a weight in nn.Linear layout). gemm_packed with B's blocks packed from its rows. Same
+/// arguments and cost.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_packed_ab(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                    Index ldc, bool accumulate, GemmWorkspace<T>& ws) {
+    detail::gemm_packed_blocks<true, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate, ws);
+}
+
+/// C (+)= α A B for a few rows of A (m × k, lda) against a large row-major B (k × n, ldb): the
+/// input gradient dY W of a small batch (blocking::sweep_ab_rows). B is read once, in blocks of
+/// blocking::sweep_kc consecutive rows (one run of memory when its rows are contiguous), each
+/// swept across its full width in tiles of blocking::sweep_mr rows of C × expand_nv vectors (8 × 3
+/// with 32 registers, 6 × 2 with 16): for each tile of columns, every tile of rows of C runs
+/// against the block's strip of B while it is in L1, C read and written once per block of B. No
+/// copy of either operand. The last n mod W columns: gemm_bcast.
+template <class T, class Arch = xsimd::default_arch>
+void gemm_bcast_sweep(Index m, Index n, Index k, T alpha, const T* a, Index lda, const T* b, Index ldb, T* c,
+                      Index ldc, bool accumulate) noexcept {
+    constexpr Index W = xsimd::batch<T, Arch>::size;
+    constexpr int MR = int(blocking::sweep_mr<Arch>), NV = detail::expand_nv<MR>;
+    if (detail::trivial_product(m, n, k, c, ldc, accumulate)) return;
+    const Index n_full = n / W * W;
+    for (Index pc = 0; pc < k; pc += blocking::sweep_kc) {
+        const Index kc = std::min(blocking::sweep_kc, k - pc);
+        const bool acc = accumulate || pc > 0;
+        const auto columns = [&](Index j, auto nv) {  // one tile of columns, all rows of C
+            constexpr int V = decltype(nv)::value;
+            detail::row_tiles<MR>(m, [&](Index i, auto mr) {
+                detail::bcast_tile<decltype(mr)::value, V, T, Arch>(kc, alpha, a + i * lda + pc, lda, 1,
+                                                                    b + pc * ldb + j, ldb, c + i * ldc + j, ldc, acc,
+                                                                    V * W);
+            });
+        };
+        Index j = 0;
+        for (; j + NV * W <= n_full; j += NV * W) columns(j, std::integral_constant<int, NV>());
+        for (; j < n_full; j += W) columns(j, std::integral_constant<int, 1>());
+    }
+    if (n_full < n)
+        gemm_bcast<T, Arch>(m, n - n_full, k, alpha, a, lda, 1, b + n_full, ldb, c + n_full, ldc, accumulate);
 }
 
 namespace detail {

@@ -563,6 +563,21 @@ namespace lowrank::core {
 ///   alternating rounds (ratios of medians, 1 / 2 / 8 over 4): 4096, r = 64 1.17 / 1.09 / 1.19,
 ///   r = 16 1.13 / 1.03 / 1.38; 1024, r = 8 0.96 / 0.97 / 1.33 (8 rows: 16 streams of A and dA a
 ///   row length apart, most of them in one L1 set).
+/// - `sweep_kc`, `sweep_ab_rows`: the input gradient dY W (base_input_grad) of up to
+///   sweep_ab_rows rows runs gemm_bcast_sweep, W read in blocks of sweep_kc rows; more rows,
+///   gemm_packed_ab (gemm_packed with W's blocks copied from its rows); one row, Eigen's GEMV. Until
+///   then all of it was Eigen's product, which re-packs W for every call (at n = 16, 4096², float,
+///   5× the memory bound). This Sapphire Rapids VM, the product alone, one harness, medians of 5
+///   (4096²) or 21 (1024²) calls, ms, Eigen / gemm_packed_ab / gemm_bcast_sweep: float 4096², n = 2
+///   9.36 / 5.78 / 3.33, 8 9.71 / 6.44 / 3.25, 16 11.9 / 7.82 / 4.38, 32 15.9 / 10.4 / 7.81, 48 18.8
+///   / 13.3 / 11.4, 64 21.5 / 16.1 / 16.2, 128 34.8 / 27.8 / 34.9; 1024², n = 16 0.668 / 0.439 /
+///   0.267, 32 0.859 / 0.593 / 0.486, 64 1.18 / 0.922 / 0.924, 128 1.85 / 1.57 / 1.70; the AVX2 build
+///   (float, 4096²), n = 16 14.4 / 11.6 / 8.15, 32 19.9 / 17.1 / 15.8, 64 32.0 / 28.1 / 29.7, 128 52.9
+///   / 50.2 / 62.8; double (AVX-512, 4096²), n = 2 38.0 / 16.2 / 7.97, 16 38.5 / 23.3 / 15.5, 64 61.4
+///   / 40.9 / 47.0, 128 83.0 / 69.0 / 88.6. The sweep's blocks of 16 / 32 / 64 rows (n = 16, 4096²,
+///   float): 5.1–5.5 / 5.0–5.4 / 6.1–9.9 ms (n = 32: 9.9 / 8.2–8.6 / 8.5–10.0); 128–1024 rows
+///   (strips of W far down its columns) 10–16 ms. Software prefetch of W into L2, ahead along the
+///   rows or of the next block in either order, took 1.1–1.6× as long.
 /// - `gemm_kc`, `gemm_mc`, `gemm_nc`: the blocks of gemm_packed (BLIS loop order). A kc × 16
 ///   micro-panel of packed Bᵀ is 24 KiB in float at kc = 384 (L1: 32 KiB), an mc × kc block of
 ///   packed A 216 KiB (L2: 512 KiB), a kc × nc block of B 1.5 MiB (L3). X Wᵀ with X 128 × 4096,
@@ -728,6 +743,8 @@ struct blocking {
         const Index kc = stream_group_bytes / (std::max<Index>(lanes, 1) * Index(sizeof(T))) / line * line;
         return std::clamp(kc, stream_group_kc_min, stream_group_kc_max);
     }
+    static constexpr Index sweep_kc = 32;
+    static constexpr Index sweep_ab_rows = 48;
     static constexpr Index gemm_kc = 384;
     template <class T>
     static constexpr Index gemm_mc = 144 * 4 / Index(sizeof(T));

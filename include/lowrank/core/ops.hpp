@@ -19,8 +19,9 @@
 /// out · min(rows, blocking::stream_group_rows)), rank_update (V in strips, O(r · in)), input_grad from
 /// blocking::band_rows rows on (the same) and grad_shrink from blocking::band_width rows of dV on
 /// (Gᵀ and a block of X in strips, O(w · n + n · band_cols)); the last two keep them in their
-/// GemmWorkspace when given one. Aliasing: the destination of each operation must not overlap
-/// any of its sources.
+/// GemmWorkspace when given one; and base_input_grad (dX (+)= dY W) past blocking::sweep_ab_rows
+/// rows (gemm_packed_ab's blocks, in its GemmWorkspace when given one). Aliasing: the destination
+/// of each operation must not overlap any of its sources.
 
 #include <algorithm>
 #include <array>
@@ -111,16 +112,36 @@ void base_product(MatrixView<const T> x, MatrixView<const T> w, MatrixView<T> y)
     base_product<T, Arch>(x, w, y, ws);
 }
 
-/// dX (+)= dY W (the base part of the input gradient).
-template <class T>
-void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T> dx,
-                     bool accumulate) {
+/// dX (+)= dY W (the base part of the input gradient; W row-major out × in, read along its rows).
+/// One row: Eigen's GEMV (W streamed once at the read bandwidth). Up to blocking::sweep_ab_rows
+/// rows: gemm_bcast_sweep (W read once, in blocks of rows, no copy). More: gemm_packed_ab (BLIS
+/// blocks, B packed from W's rows; its buffers in `ws`). Against Eigen's product, see
+/// blocking::sweep_ab_rows.
+template <class T, class Arch = xsimd::default_arch>
+void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T> dx, bool accumulate,
+                     GemmWorkspace<T>& ws) {
     LOWRANK_ASSERT(dy.cols == w.rows && dx.rows == dy.rows && dx.cols == w.cols);
     if (dx.empty()) return;
-    if (accumulate)
-        eigen_map(dx).noalias() += eigen_map(dy) * eigen_map(w);
+    if (dy.rows == 1) {
+        if (accumulate)
+            eigen_map(dx).noalias() += eigen_map(dy) * eigen_map(w);
+        else
+            eigen_map(dx).noalias() = eigen_map(dy) * eigen_map(w);
+        return;
+    }
+    if (dy.rows <= blocking::sweep_ab_rows)
+        gemm_bcast_sweep<T, Arch>(dy.rows, w.cols, w.rows, T(1), dy.data, dy.ld, w.data, w.ld, dx.data, dx.ld,
+                                  accumulate);
     else
-        eigen_map(dx).noalias() = eigen_map(dy) * eigen_map(w);
+        gemm_packed_ab<T, Arch>(dy.rows, w.cols, w.rows, T(1), dy.data, dy.ld, w.data, w.ld, dx.data, dx.ld,
+                                accumulate, ws);
+}
+
+/// The same with buffers of its own (allocated for this call when gemm_packed_ab runs).
+template <class T, class Arch = xsimd::default_arch>
+void base_input_grad(MatrixView<const T> dy, MatrixView<const T> w, MatrixView<T> dx, bool accumulate) {
+    GemmWorkspace<T> ws;
+    base_input_grad<T, Arch>(dy, w, dx, accumulate, ws);
 }
 
 /// T = X Vᵀ. From 8 to 16 rows against a V of 32 rows or more on AVX-512
