@@ -615,9 +615,10 @@ void stream_rows_grouped(Index m, Index n, Index k, T alpha, const T* a, Index l
     using three = typename tiles::three;
     if constexpr (!blocking::wide_register_file<Arch>) {
         using four = typename tiles::four;
-        const Index v = (m + xsimd::batch<T, Arch>::size - 1) / xsimd::batch<T, Arch>::size;
-        const Index parts = (v + four::nv - 1) / four::nv;
-        if ((v + parts - 1) / parts == four::nv) {  // the largest of split_vectors' blocks
+        constexpr Index W = xsimd::batch<T, Arch>::size;
+        Index largest = 0;  // rows of the largest block of up to four::nv vectors (the first)
+        split_vectors(m, W, four::nv, [&](Index, Index rows) { largest = std::max(largest, rows); });
+        if (largest > (four::nv - 1) * W) {
             stream_rows_grouped_on<four, T, Arch>(m, n, k, alpha, a, lda, b, ldb, c, ldc, accumulate, ws);
             return;
         }
